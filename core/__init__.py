@@ -1,0 +1,1 @@
+"""domainclip core: backbones, data, losses, the training loop, evaluation and the CLI."""
