@@ -1,1 +1,5 @@
+"""Adaptation methods, each registered in one line; an unknown name fails loudly."""
+from .base import METHODS, AdaptationMethod, MethodConfig, build_method, register_method
+from . import full  # noqa: F401  (registers "full")
 
+__all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "build_method", "register_method"]

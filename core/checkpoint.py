@@ -1,0 +1,178 @@
+"""Crash-safe checkpoints in safetensors (weights, optimizer state, RNG) plus JSON metadata.
+
+A checkpoint is a folder ``checkpoints/step_NNNNNNN``. It is written under a temporary name, every
+file is flushed to disk, and only then renamed into place; the ``latest`` pointer is replaced
+atomically afterwards. A kill at any moment therefore leaves the previous checkpoint loadable.
+Nothing here unpickles: tensors live in safetensors, everything else in JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` so that readers see the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors save of contiguous CPU copies (shared storage is fine)."""
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(flat, str(path), metadata=metadata)
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def load_safetensors_into(model: nn.Module, path: str | Path, strict: bool = True, what: str = "weights") -> list[str]:
+    """Load a safetensors file into ``model``; returns missing keys. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{what}: {path} is not a .safetensors file (the kit never unpickles weights)")
+    state = load_file(str(path))
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise KeyError(f"{what}: {path} has {len(unexpected)} keys this model does not have, e.g. {unexpected[:5]}")
+    mismatched = [k for k, v in state.items() if own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"{what}: {path} key {k!r} has shape {tuple(state[k].shape)}, model expects {tuple(own[k].shape)}")
+    result = model.load_state_dict(state, strict=False)
+    if strict and result.missing_keys:
+        raise KeyError(f"{what}: {path} lacks {len(result.missing_keys)} keys, e.g. {result.missing_keys[:5]}")
+    return list(result.missing_keys)
+
+
+# --- optimizer and RNG state without pickle ------------------------------------------------------
+
+def optimizer_to_safetensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, *rest = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --- checkpoint folders ----------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def begin_checkpoint(root: str | Path, step: int) -> Path:
+    """A fresh temporary folder to write checkpoint ``step`` into."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, step: int, keep: int = 2) -> Path:
+    """Move a fully written temporary folder into place, point ``latest`` at it, prune old ones."""
+    root = tmp.parent
+    final = root / checkpoint_name(step)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    if keep > 0:
+        finished = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in finished[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The folder ``latest`` points at, or ``None`` when there is no finished checkpoint."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(root) / pointer.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as handle:
+        return json.load(handle)

@@ -1,0 +1,216 @@
+"""Typed, validated configuration: YAML recipes backed by dataclasses.
+
+A recipe is a YAML mapping whose shape is given by dataclasses with documented fields. Loading
+checks every key (an unknown key is an error naming the closest valid key and the file), applies
+``a.b.c=value`` overrides from the command line, and the resolved config is written into every
+run folder so a run can be rebuilt exactly.
+
+Sections whose fields depend on a name (``method: {name: lora, ...}``) are *tagged*: the base
+dataclass carries a registry, and the value of the tag field picks the subclass to validate with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override does not fit the config schema."""
+
+
+class TaggedConfig:
+    """Mixin for config sections whose subclass is chosen by a tag field.
+
+    Subclasses set ``TAG`` (the field name, e.g. ``"name"``) on the base and register concrete
+    classes with :func:`register_tagged`.
+    """
+
+    TAG: typing.ClassVar[str] = "name"
+    REGISTRY: typing.ClassVar[dict[str, type]] = {}
+
+
+def register_tagged(base: type, tag_value: str) -> typing.Callable[[type[T]], type[T]]:
+    """Class decorator: register ``cls`` as the config of ``base`` when its tag equals ``tag_value``."""
+
+    def decorator(cls: type[T]) -> type[T]:
+        if "REGISTRY" not in base.__dict__:
+            base.REGISTRY = {}
+        if tag_value in base.REGISTRY and base.REGISTRY[tag_value] is not cls:
+            raise ValueError(f"{base.__name__} {base.TAG}={tag_value!r} is registered twice")
+        base.REGISTRY[tag_value] = cls
+        return cls
+
+    return decorator
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    matches = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {matches[0]!r}?" if matches else ""
+
+
+def _describe(where: str, source: str) -> str:
+    location = f" in {source}" if source else ""
+    return f"{where or 'the top level'}{location}"
+
+
+def _resolve_tagged(cls: type, data: dict, where: str, source: str) -> type:
+    registry = cls.__dict__.get("REGISTRY") or getattr(cls, "REGISTRY", {})
+    tag = cls.TAG
+    if tag not in data:
+        default = next((f.default for f in dataclasses.fields(cls) if f.name == tag), None)
+        if isinstance(default, str) and default in registry:
+            return registry[default]
+        raise ConfigError(f"{_describe(where, source)}: missing key {tag!r}; one of {sorted(registry)}")
+    value = data[tag]
+    if value not in registry:
+        raise ConfigError(
+            f"{_describe(where + '.' + tag if where else tag, source)}: unknown value {value!r}; "
+            f"valid: {sorted(registry)}{_closest(str(value), registry)}"
+        )
+    return registry[value]
+
+
+def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where, source) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_describe(where, source)}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where, source)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{_describe(where, source)}: expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_describe(where, source)}: expected a mapping, got {value!r}")
+        _, val_tp = get_args(tp) or (Any, Any)
+        return {k: _convert(val_tp, v, f"{where}.{k}", source) for k, v in value.items()}
+    if tp in (int, float, str, bool):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is float and (is_number or isinstance(value, str)):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif tp in (bool, str) and isinstance(value, tp):
+            return value
+        raise ConfigError(
+            f"{_describe(where, source)}: expected {tp.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", source: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    if isinstance(cls, type) and issubclass(cls, TaggedConfig):
+        cls = _resolve_tagged(cls, data, where, source)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{_describe(where, source)}: unknown key {key!r}{_closest(key, fields)} "
+                f"(valid keys: {', '.join(sorted(fields))})"
+            )
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key, source)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{_describe(where, source)}: {err}") from err
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, YAML-safe mapping of a (nested) config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, for example train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: the key before '=' is empty")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` overrides in a raw mapping (list items by index: ``eval.0.name=x``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+        if isinstance(node, list):
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+         base: dict[str, Any] | None = None) -> T:
+    """Load ``cls`` from a YAML file (optional), a base mapping and command-line overrides."""
+    data = dict(base or {})
+    source = ""
+    if path is not None:
+        data.update(read_yaml(path))
+        source = str(path)
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data, source=source)
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (keys in field order)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))

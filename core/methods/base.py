@@ -1,0 +1,102 @@
+"""Adaptation methods: what to train and what to save, plugged into the one training loop.
+
+A method is a config dataclass plus an :class:`AdaptationMethod` subclass, registered in one line
+with :func:`register_method`. The loop asks a method to prepare the backbone (freeze, inject
+adapters or prompts), for its optimizer parameter groups, and for the state to save: a method
+saves only what it trains.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..backbones.base import Backbone
+from ..config import TaggedConfig, register_tagged
+
+
+@dataclass
+class MethodConfig(TaggedConfig):
+    """Base of every method's config section; ``name`` picks the method."""
+
+    TAG: ClassVar[str] = "name"
+    name: str = "full"
+
+
+METHODS: dict[str, type["AdaptationMethod"]] = {}
+
+
+def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[type["AdaptationMethod"]], type["AdaptationMethod"]]:
+    """Class decorator: make ``method: {name: NAME}`` build this method with ``config_class``."""
+
+    def decorator(cls: type[AdaptationMethod]) -> type[AdaptationMethod]:
+        register_tagged(MethodConfig, name)(config_class)
+        METHODS[name] = cls
+        cls.config_class = config_class
+        return cls
+
+    return decorator
+
+
+def build_method(cfg: MethodConfig) -> "AdaptationMethod":
+    if cfg.name not in METHODS:
+        close = difflib.get_close_matches(cfg.name, list(METHODS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"method.name {cfg.name!r} is not a method{hint} (valid: {sorted(METHODS)})")
+    return METHODS[cfg.name](cfg)
+
+
+def is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases, embeddings' 1-d tokens and the logit scale/bias get no weight decay."""
+    return param.ndim < 2 or name.endswith(".bias") or "logit_scale" in name or "logit_bias" in name
+
+
+class AdaptationMethod:
+    """Default behaviour: train whatever ``apply`` leaves with ``requires_grad``."""
+
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    def apply(self, model: Backbone) -> Backbone:
+        """Prepare ``model`` for training (freeze, wrap, inject) and return it."""
+        return model
+
+    def lr_scale(self, model: Backbone, name: str) -> float:
+        """Learning-rate multiplier for parameter ``name`` (layer-wise decay hooks in here)."""
+        return 1.0
+
+    def param_groups(self, model: Backbone, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups of the trainable parameters, split by weight decay and lr scale."""
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = 0.0 if is_no_decay(name, param) else weight_decay
+            groups.setdefault((decay, self.lr_scale(model, name)), []).append(param)
+        if not groups:
+            raise ValueError(f"method {self.cfg.name!r} left no trainable parameters")
+        return [{"params": params, "weight_decay": decay, "lr": lr * scale}
+                for (decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])]
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint of this method holds: the parameters it trains."""
+        return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> None:
+        own = dict(model.named_parameters())
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise KeyError(f"{source or 'checkpoint'}: {len(unknown)} keys are not parameters of this model, e.g. {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                if own[name].shape != value.shape:
+                    raise ValueError(f"{source or 'checkpoint'}: {name} has shape {tuple(value.shape)}, model expects {tuple(own[name].shape)}")
+                own[name].copy_(value)
+
+    def trainable_parameter_count(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,154 @@
+"""The recipe schema: one dataclass per section, every field documented."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .backbones.factory import ModelConfig
+from .data.sources import DataSourceConfig
+from .losses import LossConfig
+from .methods.base import MethodConfig
+from .methods.full import FullConfig
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Training data and how it is batched.
+
+    Attributes:
+        train: where the training images and captions come from.
+        batch_size: images per process per step (the global batch is this times the number of
+            processes; gradient accumulation does NOT add negatives, see docs/training.md).
+        num_workers: data-loader worker processes per training process.
+        max_bad_fraction: stop with an error once more than this fraction of the training items
+            were unreadable (they are skipped, counted and listed in ``bad_inputs.json``).
+        crop_scale: area range of the random resized crop used for training augmentation;
+            ``[1.0, 1.0]`` disables it.
+    """
+
+    train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    batch_size: int = 32
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control.
+
+    Attributes:
+        epochs: passes over the training data (ignored when ``max_steps`` is set).
+        max_steps: stop after this many optimizer steps (0 = run ``epochs``).
+        lr: peak learning rate (AdamW).
+        weight_decay: decoupled weight decay; never applied to norms, biases, logit scale/bias.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        grad_clip: clip the global gradient norm to this value (0 = off).
+        precision: ``no`` (fp32), ``bf16`` (CPU and GPU) or ``fp16`` (GPU, with a loss scaler).
+        grad_accum: micro-batches per optimizer step.
+        grad_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        seed: seeds model init, data order, caption sampling and augmentation.
+        log_every: log loss, learning rate and throughput every N steps.
+        save_every: write a checkpoint every N steps (0 = only at the end).
+        keep_checkpoints: finished checkpoints kept on disk (older ones are deleted).
+        resume: ``auto`` (continue from the run folder's latest checkpoint if any), ``never``, or
+            the path of a checkpoint folder.
+        cpu: train on the CPU even if a GPU is present.
+        tensorboard: write TensorBoard logs to ``RUN/logs``.
+        progress: show a progress bar (loss, samples/s, ETA) on the main process.
+        eval_every: run the ``eval`` tasks every N steps as well as at the end (0 = end only).
+    """
+
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    cpu: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ValueError("train.epochs or train.max_steps must be >= 1")
+
+
+EVAL_TASKS = ("zeroshot", "retrieval")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One evaluation run after (and optionally during) training.
+
+    Attributes:
+        name: data set name used in ``metrics.json`` (e.g. ``rsicd_test``).
+        task: ``zeroshot`` (classification with prompt ensembles; needs labels) or ``retrieval``
+            (image-text retrieval over every caption of each image).
+        data: the evaluation split.
+        templates: prompt templates for zeroshot (default: ``data.templates``).
+        batch_size: images per evaluation batch.
+    """
+
+    name: str = ""
+    task: str = "zeroshot"
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    templates: list[str] = field(default_factory=list)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.task not in EVAL_TASKS:
+            raise ValueError(f"eval task must be one of {EVAL_TASKS}, got {self.task!r}")
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe: model, adaptation method, data, loss, training and evaluation.
+
+    Attributes:
+        name: run name; the run folder is ``output_dir/name``.
+        output_dir: parent folder of run folders.
+        model: backbone and weights.
+        method: adaptation method and its settings (``name`` picks it).
+        data: training data.
+        loss: contrastive objective.
+        train: optimisation and run control.
+        eval: evaluation tasks run at the end of training (and by ``domainclip eval``).
+    """
+
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=FullConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: list[EvalTaskConfig] = field(default_factory=list)

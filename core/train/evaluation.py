@@ -1,0 +1,59 @@
+"""Run a recipe's ``eval`` tasks on a model and return CLIP_benchmark-style records."""
+from __future__ import annotations
+
+from typing import Any
+
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from ..backbones import Backbone
+from ..data.dataset import Collator, ImageTextDataset
+from ..data.sources import load_records
+from ..data.transforms import build_image_transform
+from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
+from ..run_config import EvalTaskConfig, RunConfig
+
+
+def eval_loader(task: EvalTaskConfig, model: Backbone, num_workers: int):
+    """Records, dataset and loader of one eval task (deterministic order, every image once)."""
+    records = load_records(task.data)
+    dataset = ImageTextDataset(records, build_image_transform(model.preprocess, train=False), train=False)
+    loader = DataLoader(dataset, batch_size=task.batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=Collator(None))
+    return records, loader
+
+
+def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerator | None = None,
+                  num_workers: int = 0, model_name: str = "", pretrained: str = "") -> dict[str, Any]:
+    """Evaluate one task; the result is one CLIP_benchmark record."""
+    records, loader = eval_loader(task, model, num_workers)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
+    name = task.name or task.data.path
+    if task.task == "zeroshot":
+        if not records.class_names:
+            raise ValueError(f"eval task {name!r}: zeroshot needs labelled data (data.label_key or a labelled format)")
+        metrics = evaluate_zeroshot(model, loader, records.class_names, task.templates or task.data.templates,
+                                    accelerator=accelerator)
+        kind = "zeroshot_classification"
+    else:
+        captions, text_to_image = captions_from_records(records.records)
+        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator)
+        kind = "zeroshot_retrieval"
+    if records.skipped:
+        metrics["n_skipped_records"] = len(records.skipped)
+    return benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
+
+
+def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,
+                   step: int | None = None) -> list[dict[str, Any]]:
+    """Every ``cfg.eval`` task; results carry the training step they were measured at."""
+    results = []
+    model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
+    for task in cfg.eval:
+        record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
+                               pretrained=f"{cfg.name}:{cfg.method.name}")
+        if step is not None:
+            record["step"] = step
+        results.append(record)
+    return results
