@@ -1,0 +1,117 @@
+"""``domainclip`` command line: train and evaluate recipes.
+
+    domainclip train RECIPE [KEY=VALUE ...]     train; writes runs/NAME
+    domainclip eval RECIPE|RUN [KEY=VALUE ...]  evaluate a base model (recipe) or a finished run
+    domainclip config RECIPE [KEY=VALUE ...]    print the resolved recipe
+
+RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_lib
+
+
+def resolve_recipe(spec: str) -> Path:
+    """A recipe path, or a bundled recipe name such as ``remote_sensing/full``."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    import domainclip.recipes as bundled
+
+    for root in bundled.__path__:
+        candidate = Path(root) / (spec if spec.endswith(".yaml") else f"{spec}.yaml")
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"recipe {spec!r}: no such file and no bundled recipe of that name "
+                            f"(bundled recipes: {', '.join(list_recipes()) or 'none'})")
+
+
+def list_recipes() -> list[str]:
+    import domainclip.recipes as bundled
+
+    names = []
+    for root in bundled.__path__:
+        names += [str(p.relative_to(root).with_suffix("")) for p in Path(root).rglob("*.yaml")]
+    return sorted(names)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_run_config, train
+
+    result = train(load_run_config(resolve_recipe(args.recipe), args.overrides))
+    print(json.dumps({"run_dir": str(result.run_dir), "global_step": result.global_step,
+                      "trainable_parameters": result.trainable_parameters,
+                      "samples_per_second": round(result.samples_per_second, 2)}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import write_metrics
+    from .run_config import RunConfig
+    from .train import build_model, load_trained
+    from .train.evaluation import run_eval_tasks
+
+    target = Path(args.target)
+    if target.is_dir():
+        model, _, cfg = load_trained(target)
+        if args.overrides:
+            cfg = config_lib.load(RunConfig, None, args.overrides, base=config_lib.to_dict(cfg))
+        out = Path(args.out) if args.out else target / "metrics_eval.json"
+    else:
+        cfg = config_lib.load(RunConfig, resolve_recipe(args.target), args.overrides)
+        model, _ = build_model(cfg)
+        out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "metrics_base.json"
+    if not cfg.eval:
+        raise SystemExit(f"{args.target}: the recipe has no eval tasks (add an 'eval:' list)")
+    results = run_eval_tasks(cfg, model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_metrics(out, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .run_config import RunConfig
+
+    cfg = config_lib.load(RunConfig, resolve_recipe(args.recipe), args.overrides)
+    import yaml
+
+    print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="domainclip", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a recipe (resumes automatically)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. train.lr=1e-4 data.batch_size=64")
+    train.set_defaults(func=_cmd_train)
+    evaluate = sub.add_parser("eval", help="evaluate a recipe's base model or a finished run folder")
+    evaluate.add_argument("target", help="recipe (base model) or run folder (trained model)")
+    evaluate.add_argument("overrides", nargs="*")
+    evaluate.add_argument("--out", default="", help="metrics JSON to write")
+    evaluate.set_defaults(func=_cmd_eval)
+    show = sub.add_parser("config", help="print the resolved recipe")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (config_lib.ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"domainclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

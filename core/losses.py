@@ -1,0 +1,251 @@
+"""Contrastive objectives (CLIP InfoNCE and SigLIP sigmoid) that are exact under several processes.
+
+Both losses take L2-normalised ``image_features`` and ``text_features`` of shape (B, D) where row
+``i`` of each is a matching pair, the already-exponentiated ``logit_scale``, an optional
+``logit_bias`` and optional class ``labels``.
+
+Multi-process scaling (why the numbers below are what they are). Let N be the global batch, W the
+number of processes and L the single-process loss on the global batch. Each rank gathers the
+features it needs with :func:`~domainclip.core.distributed.gather_with_grad`, whose backward sums
+the gradients of all ranks, so rank r's parameters receive the gradient of ``sum_s loss_s`` with
+respect to rank r's rows; DDP then divides by W. Both the reported value (averaged over ranks) and
+the averaged gradients therefore equal those of L exactly when ``sum_s loss_s = W * L``. With
+local rows, rank r returns ``W / N`` times the SUM of its rows' per-example losses (which is the
+familiar per-rank mean when ranks hold equal N / W rows, and stays exact when they do not); when
+every rank computes the whole global matrix, each returns L itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from domainclip.core.distributed import gather_no_grad, gather_with_grad, world_info
+
+__all__ = ["LossConfig", "ClipLoss", "SigLipLoss", "build_loss", "same_class_negatives", "LOSS_NAMES"]
+
+LOSS_NAMES: tuple[str, ...] = ("clip", "siglip")
+
+
+@dataclass
+class LossConfig:
+    """Contrastive objective.
+
+    Attributes:
+        name: "clip" (InfoNCE, softmax) or "siglip" (pairwise sigmoid).
+        label_aware: treat same-class captions in a batch as non-negatives.
+        local_loss: clip only: each process computes its own rows against the global batch
+            (less memory, same value and gradients) instead of the whole global matrix.
+    """
+
+    name: str = "clip"
+    label_aware: bool = False
+    local_loss: bool = True
+
+
+def build_loss(cfg: LossConfig) -> nn.Module:
+    """Build the loss module that ``cfg`` describes; raises ValueError for an unknown name."""
+    if cfg.name == "clip":
+        return ClipLoss(local_loss=cfg.local_loss, label_aware=cfg.label_aware)
+    if cfg.name == "siglip":
+        return SigLipLoss(label_aware=cfg.label_aware)
+    valid = ", ".join(repr(name) for name in LOSS_NAMES)
+    raise ValueError(f"unknown loss name {cfg.name!r} in LossConfig.name; valid names: {valid}")
+
+
+def _check_scalar(value: torch.Tensor | float, argument: str, loss_name: str) -> None:
+    if torch.is_tensor(value) and value.numel() != 1:
+        raise ValueError(
+            f"{loss_name}: {argument} must be a scalar (one element), got shape {tuple(value.shape)}"
+        )
+
+
+def _check_inputs(
+    loss_name: str,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None,
+    labels: torch.Tensor | None,
+    label_aware: bool,
+) -> None:
+    """Raise a clear error for inputs that would silently give a wrong loss."""
+    for argument, features in (("image_features", image_features), ("text_features", text_features)):
+        if features.dim() != 2:
+            raise ValueError(
+                f"{loss_name}: {argument} must have shape (B, D), got shape {tuple(features.shape)}"
+            )
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"{loss_name}: image_features and text_features must have the same shape (B, D) "
+            f"(row i of each is a matching pair), got {tuple(image_features.shape)} and "
+            f"{tuple(text_features.shape)}"
+        )
+    _check_scalar(logit_scale, "logit_scale", loss_name)
+    if logit_bias is not None:
+        _check_scalar(logit_bias, "logit_bias", loss_name)
+    if not label_aware:
+        return
+    if labels is None:
+        raise ValueError(
+            f"{loss_name}: label_aware=True needs labels (LongTensor of shape (B,), -1 = unlabelled), "
+            f"got labels=None"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise ValueError(
+            f"{loss_name}: label_aware=True needs integer class labels of shape (B,) (-1 = unlabelled), "
+            f"got dtype {labels.dtype} with shape {tuple(labels.shape)}; multi-label (B, L) float "
+            f"labels are not supported"
+        )
+    if labels.shape[0] != image_features.shape[0]:
+        raise ValueError(
+            f"{loss_name}: labels has {labels.shape[0]} entries but the batch has "
+            f"{image_features.shape[0]} image/text pairs"
+        )
+    if bool((labels < -1).any()):
+        raise ValueError(
+            f"{loss_name}: labels must be >= 0 or -1 (unlabelled), got values "
+            f"{sorted(set(labels[labels < -1].tolist()))}"
+        )
+
+
+def same_class_negatives(
+    row_labels: torch.Tensor, column_labels: torch.Tensor, row_offset: int
+) -> torch.Tensor:
+    """Boolean (rows, columns) mask of same-class pairs that are not the matching pair itself.
+
+    Row ``i`` is matched with column ``row_offset + i``; pairs where either label is -1 are never
+    marked.
+    """
+    same_class = row_labels[:, None] == column_labels[None, :]
+    both_labelled = (row_labels[:, None] >= 0) & (column_labels[None, :] >= 0)
+    columns = torch.arange(column_labels.shape[0], device=column_labels.device)
+    matching_column = row_offset + torch.arange(row_labels.shape[0], device=row_labels.device)
+    not_matching_pair = columns[None, :] != matching_column[:, None]
+    return same_class & both_labelled & not_matching_pair
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over ``logit_scale * image @ text.T (+ logit_bias)``.
+
+    The value is the mean of the image->text and text->image cross entropies with the matching
+    pair as target, over the GLOBAL batch when several processes run (features are gathered with
+    gradient, so every process uses all N pairs as negatives).
+
+    Args:
+        local_loss: each rank computes only its own n_r rows (images against all texts and texts
+            against all images, targets shifted by its row offset) and returns
+            ``W / N * (sum of its rows' two cross entropies) / 2``. With False every rank builds
+            the full N x N matrix and returns the global loss itself. Both give, after averaging
+            the value over ranks and DDP's gradient average, exactly the single-process loss and
+            gradients on the global batch (see the module docstring), even with uneven n_r.
+        label_aware: captions of the same class in the (global) batch are not negatives: the
+            off-diagonal pairs whose labels are equal and >= 0 are removed from the softmax
+            denominator (logit set to -inf) in both directions. Label -1 (unlabelled) is never
+            masked, so unlabelled pairs behave as in plain CLIP. ``labels`` are ignored when
+            False.
+    """
+
+    def __init__(self, local_loss: bool = True, label_aware: bool = False) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.label_aware = label_aware
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the scalar loss of this process (see the class docstring for its scaling)."""
+        _check_inputs(
+            "ClipLoss", image_features, text_features, logit_scale, logit_bias, labels, self.label_aware
+        )
+        _, world_size = world_info()
+        all_images, row_offset = gather_with_grad(image_features)
+        all_texts, _ = gather_with_grad(text_features)
+        global_size = all_images.shape[0]
+        if global_size == 0:
+            raise ValueError("ClipLoss: the global batch is empty (0 image/text pairs)")
+        all_labels = gather_no_grad(labels)[0] if self.label_aware else None
+
+        if self.local_loss:
+            rows_images, rows_texts, rows_labels = image_features, text_features, labels
+            scale_to_global = world_size / global_size
+        else:
+            rows_images, rows_texts, rows_labels = all_images, all_texts, all_labels
+            row_offset, scale_to_global = 0, 1.0 / global_size
+
+        logits_per_image = logit_scale * rows_images @ all_texts.T
+        logits_per_text = logit_scale * rows_texts @ all_images.T
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        if self.label_aware:
+            not_negative = same_class_negatives(rows_labels, all_labels, row_offset)
+            logits_per_image = logits_per_image.masked_fill(not_negative, float("-inf"))
+            logits_per_text = logits_per_text.masked_fill(not_negative, float("-inf"))
+
+        targets = row_offset + torch.arange(rows_images.shape[0], device=rows_images.device)
+        summed = F.cross_entropy(logits_per_image, targets, reduction="sum") + F.cross_entropy(
+            logits_per_text, targets, reduction="sum"
+        )
+        return summed * (scale_to_global / 2)
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023).
+
+    ``-1/N * sum_i sum_j logsigmoid(z_ij * (logit_scale * <img_i, txt_j> + logit_bias))`` with
+    ``z_ij = +1`` for the matching pair and -1 otherwise, i.e. summed over texts and averaged over
+    the N images, as open_clip's ``SigLipLoss``. Under W processes each rank gathers the texts with
+    gradient, scores its n_r local images against all N texts and returns ``W / N`` times its
+    partial sum; the value averaged over ranks and the DDP-averaged gradients then equal the
+    single-process ones on the global batch, even with uneven n_r (see the module docstring).
+
+    Args:
+        label_aware: off-diagonal pairs whose labels are equal and >= 0 get weight 0 (they are
+            neither positives nor negatives); the normalisation stays 1/N. Label -1 is never
+            masked. ``labels`` are ignored when False.
+    """
+
+    def __init__(self, label_aware: bool = False) -> None:
+        super().__init__()
+        self.label_aware = label_aware
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the scalar loss of this process (see the class docstring for its scaling)."""
+        _check_inputs(
+            "SigLipLoss", image_features, text_features, logit_scale, logit_bias, labels, self.label_aware
+        )
+        _, world_size = world_info()
+        all_texts, row_offset = gather_with_grad(text_features)
+        global_size = all_texts.shape[0]
+        if global_size == 0:
+            raise ValueError("SigLipLoss: the global batch is empty (0 image/text pairs)")
+
+        logits = logit_scale * image_features @ all_texts.T
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        local_size = image_features.shape[0]
+        local_rows = torch.arange(local_size, device=logits.device)
+        signs = -torch.ones_like(logits)
+        signs[local_rows, row_offset + local_rows] = 1.0
+        pair_losses = -F.logsigmoid(signs * logits)
+        if self.label_aware:
+            all_labels, _ = gather_no_grad(labels)
+            not_negative = same_class_negatives(labels, all_labels, row_offset)
+            pair_losses = pair_losses.masked_fill(not_negative, 0.0)
+        return pair_losses.sum() * (world_size / global_size)

@@ -1,0 +1,1 @@
+"""Bundled recipes: ``recipes/<domain>/<method>.yaml``, resolvable by name from the CLI."""
