@@ -1,6 +1,8 @@
 """Save and restore the whole training state so a resumed run continues exactly."""
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +13,19 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..data.bad_inputs import BadInputReport
 from ..methods import AdaptationMethod
+
+
+FAULT_ENV = "DOMAINCLIP_FAULT"
+
+
+def fault_point(name: str, step: int) -> None:
+    """SIGKILL this process when ``DOMAINCLIP_FAULT=name:step`` (crash-safety tests only).
+
+    Points: ``mid_save`` (half of checkpoint ``step`` written) and ``after_save`` (checkpoint
+    ``step`` committed). A real SIGKILL: no cleanup, no ``finally``, as a pre-empted job dies.
+    """
+    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -52,6 +67,7 @@ def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accel
         tensors, meta = ckpt.optimizer_to_safetensors(optimizer.state_dict())
         ckpt.save_tensors(tensors, tmp / "optimizer.safetensors")
         ckpt.write_json(tmp / "optimizer.json", meta)
+        fault_point("mid_save", state.global_step)
         ckpt.write_json(tmp / "scheduler.json", scheduler.state_dict())
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
@@ -63,6 +79,7 @@ def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accel
     if accelerator.is_main_process:
         ckpt.commit_checkpoint(tmp, state.global_step, keep=keep)
     accelerator.wait_for_everyone()
+    fault_point("after_save", state.global_step)
     return final
 
 

@@ -1,0 +1,86 @@
+"""Crash safety: a run killed (SIGKILL) and resumed ends with the same weights as an uninterrupted one."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from domainclip.core.checkpoint import latest_checkpoint
+
+from ..conftest import tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(recipe: Path, fault: str = "", overrides: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("DOMAINCLIP_FAULT", None)
+    if fault:
+        env["DOMAINCLIP_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "domainclip.core.cli", "train", str(recipe), *overrides],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "trainable.safetensors"))
+
+
+@pytest.fixture
+def recipes(colour_squares: Path, tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("straight", "killed_after", "killed_mid"):
+        data = tiny_recipe(colour_squares, tmp_path / "runs", save_every=3, seed=3)
+        data["name"] = name
+        data["data"]["num_workers"] = 1  # a worker process must not change the result either
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        out[name] = path
+    return out
+
+
+def test_kill_and_resume_matches_uninterrupted_run(recipes: dict[str, Path], tmp_path: Path) -> None:
+    straight = run_cli(recipes["straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = final_weights(tmp_path / "runs" / "straight")
+
+    # Killed right after checkpoint 3 was committed.
+    killed = run_cli(recipes["killed_after"], fault="after_save:3")
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "runs" / "killed_after"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000003"
+    assert not (run_dir / "model").exists()
+    resumed = run_cli(recipes["killed_after"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (run_dir / "logs" / "train.log").read_text()
+    got = final_weights(run_dir)
+    assert got.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(got[name], reference[name]), name
+
+    # Killed half-way through writing checkpoint 6: checkpoint 3 stays the loadable latest.
+    killed = run_cli(recipes["killed_mid"], fault="mid_save:6")
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "runs" / "killed_mid"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000003"
+    assert (run_dir / "checkpoints" / ".tmp-step_0000006").is_dir()
+    resumed = run_cli(recipes["killed_mid"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = final_weights(run_dir)
+    for name in reference:
+        assert torch.equal(got[name], reference[name]), name
+    assert not (run_dir / "checkpoints" / ".tmp-step_0000006").exists()
+
+
+def test_resume_refuses_a_changed_recipe(recipes: dict[str, Path], tmp_path: Path) -> None:
+    killed = run_cli(recipes["killed_after"], fault="after_save:3")
+    assert killed.returncode == -signal.SIGKILL
+    changed = run_cli(recipes["killed_after"], overrides=("data.batch_size=4",))
+    assert changed.returncode == 2
+    assert "data.batch_size changed" in changed.stderr
