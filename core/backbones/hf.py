@@ -50,7 +50,7 @@ class HFClipBackbone(Backbone):
             raise ValueError(f"model.name {cfg.name!r} is a {model_type!r} model; kind 'hf' supports {SUPPORTED_MODEL_TYPES}")
         self.is_siglip = model_type.startswith("siglip")
         self.preprocess = preprocess_from_image_processor(AutoImageProcessor.from_pretrained(cfg.name, **revision), cfg.preprocess)
-        self.context_length = cfg.context_length or (64 if self.is_siglip else self.model.config.text_config.max_position_embeddings)
+        self.context_length = cfg.context_length or self.model.config.text_config.max_position_embeddings
         # SigLIP was trained on max-length padding without an attention mask; CLIP pads per batch.
         self.text_tokenizer = HFTokenize(AutoTokenizer.from_pretrained(cfg.name, **revision), self.context_length,
                                          pad_to_max=self.is_siglip)

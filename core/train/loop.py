@@ -77,9 +77,22 @@ def build_train_loader(cfg: RunConfig, model: Backbone) -> tuple[DataLoader, Ima
     return loader, dataset
 
 
+def fresh_accelerator(**kwargs: Any) -> Accelerator:
+    """An Accelerator with this run's precision even if an earlier run in the process set another.
+
+    Accelerate keeps precision and accumulation state in process-wide singletons; ``compare`` and
+    the tests train several recipes in one process. The distributed (partial) state is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run a recipe: build, (resume,) train, checkpoint, evaluate, write the run folder."""
-    accelerator = Accelerator(
+    accelerator = fresh_accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=cfg.train.grad_accum,

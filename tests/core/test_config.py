@@ -1,0 +1,81 @@
+"""Recipe validation: unknown keys name the closest valid key, overrides, tagged sections, round trip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domainclip.core import config as config_lib
+from domainclip.core.config import ConfigError
+from domainclip.core.methods.full import FullConfig
+from domainclip.core.run_config import RunConfig
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_names_file_and_closest_key(tmp_path: Path) -> None:
+    path = write(tmp_path, {"train": {"learning_rate": 0.1, "lr": 0.2}})
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(RunConfig, path)
+    message = str(err.value)
+    assert str(path) in message and "train" in message
+    assert "unknown key 'learning_rate'" in message
+
+
+def test_typo_suggests_closest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'batchsize'; did you mean 'batch_size'\?"):
+        config_lib.load(RunConfig, write(tmp_path, {"data": {"batchsize": 4}}))
+
+
+def test_tagged_method_section_picks_subclass_and_validates_its_keys(tmp_path: Path) -> None:
+    cfg = config_lib.load(RunConfig, write(tmp_path, {"method": {"name": "full", "lock_image": True}}))
+    assert isinstance(cfg.method, FullConfig) and cfg.method.lock_image
+    with pytest.raises(ConfigError, match=r"unknown value 'ful'; valid: .*did you mean 'full'\?"):
+        config_lib.load(RunConfig, write(tmp_path, {"method": {"name": "ful"}}))
+    with pytest.raises(ConfigError, match=r"unknown key 'lock_images'; did you mean 'lock_image'\?"):
+        config_lib.load(RunConfig, write(tmp_path, {"method": {"name": "full", "lock_images": True}}))
+
+
+def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, {"train": {"lr": 0.1}})
+    cfg = config_lib.load(RunConfig, path, ["train.lr=3e-4", "data.batch_size=7", "method.lock_text=true",
+                                            "data.train.templates=['a {}', 'the {}']"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.data.batch_size == 7
+    assert cfg.method.lock_text is True and cfg.data.train.templates == ["a {}", "the {}"]
+    with pytest.raises(ConfigError, match=r"data.batch_size.*expected int, got 'many'"):
+        config_lib.load(RunConfig, path, ["data.batch_size=many"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config_lib.load(RunConfig, path, ["train.lr"])
+
+
+def test_value_checks_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.precision must be one of \('no', 'bf16', 'fp16'\), got 'fp8'"):
+        config_lib.load(RunConfig, write(tmp_path, {"train": {"precision": "fp8"}}))
+    with pytest.raises(ConfigError, match="data.max_bad_fraction must be in"):
+        config_lib.load(RunConfig, write(tmp_path, {"data": {"max_bad_fraction": 2}}))
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = config_lib.load(RunConfig, write(tmp_path, {"name": "x", "method": {"name": "full", "layer_decay": 0.8},
+                                                      "eval": [{"name": "e", "task": "retrieval"}]}))
+    saved = tmp_path / "resolved.yaml"
+    config_lib.save(cfg, saved)
+    again = config_lib.load(RunConfig, saved)
+    assert config_lib.to_dict(again) == config_lib.to_dict(cfg)
+    assert again.method.layer_decay == pytest.approx(0.8)
+    assert again.eval[0].task == "retrieval"
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        config_lib.load(RunConfig, path)
+    path.write_text("train: {lr: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_lib.load(RunConfig, path)

@@ -1,0 +1,106 @@
+"""The one training loop: precision, accumulation, schedule, bad inputs, run folder, evaluation."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainclip.core import config as config_lib
+from domainclip.core.data.bad_inputs import TooManyBadInputsError
+from domainclip.core.run_config import RunConfig
+from domainclip.core.train import load_trained, train
+from domainclip.core.train.optim import cosine_with_warmup
+
+from ..conftest import tiny_recipe
+
+
+def run(recipe: dict, *overrides: str):
+    return train(config_lib.load(RunConfig, None, overrides, base=recipe))
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_run_learns_and_writes_the_run_folder(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=8, precision="bf16", tensorboard=True)
+    recipe["eval"] = [{"name": "squares", "task": "zeroshot", "templates": ["a {} square"],
+                       "data": {"format": "csv", "path": str(colour_squares), "label_key": "label"}},
+                      {"name": "squares_retrieval", "task": "retrieval",
+                       "data": {"format": "csv", "path": str(colour_squares), "caption_separator": "|"}}]
+    result = run(recipe)
+    folder = result.run_dir
+    assert result.global_step == 8
+    losses = [row["train/loss"] for row in logged(folder)]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    for name in ("config.yaml", "metrics.json", "bad_inputs.json", "train_summary.json", "model/trainable.safetensors",
+                 "model/model.json", "logs/train.log"):
+        assert (folder / name).is_file(), name
+    assert list((folder / "logs").rglob("events.out.tfevents.*")), "TensorBoard events missing"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert [m["task"] for m in metrics] == ["zeroshot_classification", "zeroshot_retrieval"]
+    assert metrics[0]["dataset"] == "squares" and 0 <= metrics[0]["metrics"]["acc1"] <= 1
+    assert metrics[1]["metrics"]["n_captions"] == 48  # both captions of each image are scored
+    resolved = config_lib.load(RunConfig, folder / "config.yaml")
+    assert resolved.train.precision == "bf16" and resolved.train.max_steps == 8
+
+    model, _, _ = load_trained(folder)
+    saved = json.loads((folder / "train_summary.json").read_text())
+    assert saved["global_step"] == 8 and saved["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_gradient_accumulation_counts_optimizer_steps(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=3, grad_accum=2)
+    recipe["data"]["batch_size"] = 4
+    result = run(recipe)
+    assert result.global_step == 3
+    assert [row["step"] for row in logged(result.run_dir)] == [1, 2, 3]
+    assert json.loads((result.run_dir / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())[
+        "batches_in_epoch"] == 6
+
+
+def test_epochs_mode_covers_the_data(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=0, epochs=2)
+    result = run(recipe)
+    assert result.global_step == 2 * (24 // 8)
+
+
+def test_bad_images_are_skipped_counted_and_listed(colour_squares: Path, tmp_path: Path) -> None:
+    broken = colour_squares.parent / "img" / "5.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated JPEG
+    (colour_squares.parent / "img" / "7.jpg").unlink()  # missing file
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=3)
+    recipe["data"]["max_bad_fraction"] = 0.1
+    result = run(recipe)
+    report = json.loads((result.run_dir / "bad_inputs.json").read_text())
+    assert sorted(Path(item["path"]).name for item in report["items"]) == ["5.jpg", "7.jpg"]
+    assert all(item["reason"] for item in report["items"])
+
+    recipe["name"] = "strict"
+    recipe["data"]["max_bad_fraction"] = 0.01
+    with pytest.raises(TooManyBadInputsError, match=r"data.max_bad_fraction"):
+        run(recipe)
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = cosine_with_warmup(optimizer, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([1.0, 2.0] + [2.0 * c for c in cosine])
+
+
+def test_too_small_data_is_a_clear_error(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs")
+    recipe["data"]["batch_size"] = 64
+    with pytest.raises(ValueError, match=r"has 24 items, fewer than data.batch_size=64"):
+        run(recipe)
