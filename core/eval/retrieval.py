@@ -1,0 +1,138 @@
+"""Zero-shot image-text retrieval: encode a loader's images and a list of captions, then recall@k.
+
+Captions point at images by dataset index (``text_to_image``), the same index the loader's
+batches carry in ``indices``, so the result does not depend on loader order, on workers or on
+items the loader had to skip.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from domainclip.core.eval.metrics import retrieval_metrics
+from domainclip.core.eval.zeroshot import (
+    encode_loader_images,
+    encode_texts,
+    model_device,
+    unwrap_model,
+)
+
+__all__ = ["captions_from_records", "evaluate_retrieval"]
+
+
+def captions_from_records(records: Sequence[Any]) -> tuple[list[str], torch.Tensor]:
+    """Flatten every record's ``captions`` into one list and the index of each caption's record.
+
+    ``records[i]`` is an object with ``.captions: list[str]`` (or a mapping with a ``"captions"``
+    key); all its captions are used. Returns ``(captions, text_to_image)`` where
+    ``text_to_image[j] == i`` for each caption of record ``i``. A record without captions is
+    kept as an image (a distractor in text -> image retrieval).
+    """
+    captions: list[str] = []
+    owners: list[int] = []
+    for record_number, record in enumerate(records):
+        record_captions = _record_captions(record, record_number)
+        for caption_number, caption in enumerate(record_captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(
+                    f"record {record_number} ({_describe(record)}): caption {caption_number} is {caption!r}, "
+                    "expected a non-empty string"
+                )
+            captions.append(caption)
+            owners.append(record_number)
+    return captions, torch.tensor(owners, dtype=torch.long)
+
+
+def _record_captions(record: Any, record_number: int) -> Sequence[Any]:
+    if isinstance(record, Mapping):
+        record_captions = record.get("captions")
+    else:
+        record_captions = getattr(record, "captions", None)
+    if record_captions is None:
+        raise ValueError(f"record {record_number} ({_describe(record)}) has no 'captions'")
+    if isinstance(record_captions, (str, Mapping)) or not isinstance(record_captions, Sequence):
+        hint = "; pick one language first" if isinstance(record_captions, Mapping) else ""
+        raise ValueError(
+            f"record {record_number} ({_describe(record)}): captions must be a list of strings, "
+            f"got {type(record_captions).__name__}{hint}"
+        )
+    return record_captions
+
+
+def _describe(record: Any) -> str:
+    for attribute in ("path", "image", "filename"):
+        value = record.get(attribute) if isinstance(record, Mapping) else getattr(record, attribute, None)
+        if value is not None:
+            return f"{attribute}={value}"
+    return type(record).__name__
+
+
+def evaluate_retrieval(
+    model: nn.Module,
+    image_loader: Iterable[Mapping[str, Any]],
+    captions: Sequence[str],
+    text_to_image: torch.Tensor,
+    batch_size: int = 256,
+    accelerator: Any = None,
+    ks: Sequence[int] = (1, 5, 10),
+    block_size: int = 256,
+) -> dict[str, Any]:
+    """Recall@k both ways (see ``retrieval_metrics``) for ``model`` on the loader's images.
+
+    ``text_to_image[j]`` is the dataset index of caption ``j``'s image (as in the batches'
+    ``indices``; without ``indices``, the position in loader order). Captions whose image the
+    loader skipped cannot be scored: they are counted in ``n_captions_skipped`` and listed in
+    ``skipped_captions``; the skipped images are counted in ``n_bad`` and listed in ``bad``.
+    Captions are encoded ``batch_size`` at a time; with an accelerator every process encodes
+    all captions (the images are split across processes and gathered).
+    """
+    model = unwrap_model(model, accelerator)
+    text_to_image = _check_text_to_image(text_to_image, len(captions))
+    encoded = encode_loader_images(model, image_loader, accelerator, need_labels=False)
+    image_indices = encoded.indices
+    if image_indices is None:
+        if encoded.bad:
+            raise ValueError(
+                "the image loader skipped bad items but its batches carry no 'indices', "
+                "so captions cannot be matched to images"
+            )
+        image_indices = torch.arange(encoded.features.shape[0])
+
+    caption_rows, has_image = _rows_of_indices(image_indices, text_to_image)
+    if not has_image.any():
+        raise ValueError("none of the captions' images were encoded; check that text_to_image holds dataset indices")
+    kept_captions = [caption for caption, keep in zip(captions, has_image.tolist()) if keep]
+    text_features = encode_texts(model, kept_captions, batch_size)
+    metrics: dict[str, Any] = retrieval_metrics(
+        encoded.features.to(model_device(model)), text_features, caption_rows[has_image], ks=ks, block_size=block_size
+    )
+    metrics["n_captions_skipped"] = int((~has_image).sum())
+    metrics["skipped_captions"] = (~has_image).nonzero().flatten().tolist()
+    metrics["n_bad"] = len(encoded.bad)
+    metrics["bad"] = [list(item) for item in encoded.bad]
+    return metrics
+
+
+def _check_text_to_image(text_to_image: torch.Tensor | Sequence[int], num_captions: int) -> torch.Tensor:
+    text_to_image = torch.as_tensor(text_to_image)
+    if text_to_image.shape != (num_captions,):
+        raise ValueError(
+            f"text_to_image must have one entry per caption ({num_captions},), got {tuple(text_to_image.shape)}"
+        )
+    if text_to_image.is_floating_point() or text_to_image.dtype == torch.bool:
+        raise ValueError(f"text_to_image must hold integer dataset indices, got dtype {text_to_image.dtype}")
+    if num_captions == 0:
+        raise ValueError("evaluate_retrieval got no captions")
+    if (text_to_image < 0).any():
+        position = int((text_to_image < 0).nonzero()[0])
+        raise ValueError(f"text_to_image[{position}] = {int(text_to_image[position])} is not a dataset index (>= 0)")
+    return text_to_image.long().cpu()
+
+
+def _rows_of_indices(sorted_indices: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row of each wanted dataset index in ``sorted_indices`` and whether it is there at all."""
+    rows = torch.searchsorted(sorted_indices, wanted).clamp(max=sorted_indices.shape[0] - 1)
+    return rows, sorted_indices[rows] == wanted
