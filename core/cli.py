@@ -78,6 +78,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from .run_config import RunConfig
 
+    if args.reference:
+        from .reference import recipe_reference_markdown
+
+        print(recipe_reference_markdown(), end="")
+        return 0
+    if not args.recipe:
+        raise ValueError("config: give a RECIPE, or --reference for the documentation of every key")
+
     cfg = config_lib.load(RunConfig, resolve_recipe(args.recipe), args.overrides)
     import yaml
 
@@ -98,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="", help="metrics JSON to write")
     evaluate.set_defaults(func=_cmd_eval)
     show = sub.add_parser("config", help="print the resolved recipe")
-    show.add_argument("recipe")
+    show.add_argument("recipe", nargs="?", default="")
     show.add_argument("overrides", nargs="*")
+    show.add_argument("--reference", action="store_true", help="print the documentation of every recipe key")
     show.set_defaults(func=_cmd_config)
     return parser
 

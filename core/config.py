@@ -199,6 +199,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+RECIPE_DIR = "${recipe_dir}"
+
+
+def expand_recipe_dir(data: Any, recipe_dir: Path) -> Any:
+    """Replace ``${recipe_dir}`` in every string with the recipe file's folder.
+
+    Bundled recipes point at their sample data this way, so they run from any working directory.
+    """
+    if isinstance(data, str):
+        return data.replace(RECIPE_DIR, str(recipe_dir))
+    if isinstance(data, list):
+        return [expand_recipe_dir(v, recipe_dir) for v in data]
+    if isinstance(data, dict):
+        return {k: expand_recipe_dir(v, recipe_dir) for k, v in data.items()}
+    return data
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
          base: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from a YAML file (optional), a base mapping and command-line overrides."""
@@ -208,6 +225,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
         data.update(read_yaml(path))
         source = str(path)
     data = apply_overrides(data, overrides)
+    if path is not None:
+        data = expand_recipe_dir(data, Path(path).resolve().parent)
     return from_dict(cls, data, source=source)
 
 

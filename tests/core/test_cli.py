@@ -1,0 +1,68 @@
+"""The command line: train, eval (base and run), config, errors, and the docs it generates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domainclip.core.cli import list_recipes, main, resolve_recipe
+from domainclip.core.reference import recipe_reference_markdown
+
+from ..conftest import tiny_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_recipe_reference_in_docs_is_current() -> None:
+    assert (REPO / "docs" / "recipes.md").read_text() == recipe_reference_markdown(), \
+        "docs/recipes.md is stale: run `domainclip config --reference > docs/recipes.md`"
+
+
+def test_reference_documents_every_key() -> None:
+    text = recipe_reference_markdown()
+    for key in ("max_bad_fraction", "grad_accum", "unlocked_image_blocks", "caption_separator", "label_aware"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{key}`"))
+        assert row.rstrip(" |").split("|")[-1].strip(), f"{key} has no description"
+
+
+def test_bundled_recipes_resolve_by_name() -> None:
+    assert "examples/smoke" in list_recipes()
+    assert resolve_recipe("examples/smoke").name == "smoke.yaml"
+    with pytest.raises(FileNotFoundError, match="no bundled recipe of that name"):
+        resolve_recipe("examples/nope")
+
+
+def test_config_prints_resolved_recipe_with_overrides(capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "examples/smoke", "train.lr=0.5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["lr"] == 0.5
+    assert Path(resolved["data"]["train"]["path"]).is_file()  # ${recipe_dir} expanded
+
+
+def test_errors_exit_2_with_the_key(capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "examples/smoke", "train.lrr=0.5"]) == 2
+    assert "unknown key 'lrr'; did you mean 'lr'?" in capsys.readouterr().err
+
+
+def test_train_then_eval_run_and_base(colour_squares: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2)
+    recipe["eval"] = [{"name": "squares", "task": "zeroshot", "templates": ["a {} square"],
+                       "data": {"format": "csv", "path": str(colour_squares), "label_key": "label"}}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run_dir = Path(summary["run_dir"])
+    assert summary["global_step"] == 2
+    trained = json.loads((run_dir / "metrics.json").read_text())[0]["metrics"]["acc1"]
+
+    assert main(["eval", str(run_dir)]) == 0
+    capsys.readouterr()
+    again = json.loads((run_dir / "metrics_eval.json").read_text())[0]["metrics"]["acc1"]
+    assert again == pytest.approx(trained)  # the saved weights reproduce the run's own numbers
+
+    assert main(["eval", str(path), "--out", str(tmp_path / "base.json")]) == 0
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert base[0]["task"] == "zeroshot_classification" and base[0]["dataset"] == "squares"
