@@ -118,7 +118,9 @@ def train(cfg: RunConfig) -> TrainResult:
     run.log(f"method={cfg.method.name} trainable parameters={trainable:,} steps={total_steps} "
             f"global batch={cfg.data.batch_size * accelerator.num_processes} processes={accelerator.num_processes}")
 
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler is stepped by hand once per optimizer step (Accelerate would step a prepared
+    # scheduler once per process, but total_steps already counts global optimizer steps).
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainerState()
     bad = BadInputReport()
     resume_from = resolve_resume(cfg.train.resume, run.checkpoints)
@@ -150,7 +152,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             samples_this_session += len(batch["indices"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -160,10 +163,13 @@ def train(cfg: RunConfig) -> TrainResult:
             state.global_step += 1
             elapsed = time.perf_counter() - started
             throughput = samples_this_session / max(elapsed, 1e-9)
+            log_now = state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps
+            # each process holds its share of the global loss; the mean over processes is the loss
+            global_loss = accelerator.reduce(loss.detach(), reduction="mean").item() if log_now else loss.item()
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{throughput:.1f}")
-            if state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps:
-                values = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
+            progress.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{throughput:.1f}")
+            if log_now:
+                values = {"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
                           "train/logit_scale": unwrapped.logit_scale.exp().item(), "train/samples_per_s": throughput}
                 accelerator.log(values, step=state.global_step)
                 run.log_metrics(state.global_step, values)

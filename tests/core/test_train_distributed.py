@@ -1,0 +1,74 @@
+"""The training loop on 2 processes (gloo, CPU) ends with the weights of 1 process on the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ..conftest import tiny_recipe
+
+pytestmark = pytest.mark.slow
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_recipe(path: Path, manifest: Path, out: Path, name: str, batch_size: int) -> Path:
+    recipe = tiny_recipe(manifest, out, max_steps=4, save_every=2, cpu=True)
+    recipe["name"] = name
+    recipe["data"]["batch_size"] = batch_size
+    recipe["loss"] = {"name": "clip", "label_aware": True}
+    recipe["eval"] = [{"name": "squares", "task": "zeroshot", "templates": ["a {} square"],
+                       "data": {"format": "csv", "path": str(manifest), "label_key": "label"}}]
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_two_processes_train_like_one(colour_squares: Path, tmp_path: Path) -> None:
+    if not ACCELERATE.exists():
+        pytest.skip(f"no accelerate launcher at {ACCELERATE}")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("DOMAINCLIP_FAULT", None)
+    # 2 processes x 4 images: Accelerate gives process 0 batches 0, 2, ... and process 1 batches 1, 3, ...
+    # of the same order, so each global step holds exactly the 8 images of the 1-process batch.
+    two = write_recipe(tmp_path / "two.yaml", colour_squares, tmp_path / "runs", "two", batch_size=4)
+    launched = subprocess.run(
+        [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train", str(two)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    one = write_recipe(tmp_path / "one.yaml", colour_squares, tmp_path / "runs", "one", batch_size=8)
+    single = subprocess.run([sys.executable, "-m", "domainclip.core.cli", "train", str(one)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    runs = tmp_path / "runs"
+    a = load_file(str(runs / "one" / "model" / "trainable.safetensors"))
+    b = load_file(str(runs / "two" / "model" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert not torch.equal(a["model.visual.proj"], load_file(str(runs / "one" / "checkpoints" / "step_0000002" /
+                                                                  "trainable.safetensors"))["model.visual.proj"])
+    losses = [[json.loads(line)["train/loss"] for line in (runs / name / "logs" / "train_metrics.jsonl").open()]
+              for name in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the logged loss is the global loss
+    state = json.loads((runs / "two" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert {p.name for p in (runs / "two" / "checkpoints" / "step_0000004").glob("rng_*.safetensors")} == \
+        {"rng_0.safetensors", "rng_1.safetensors"}
+    metrics = [json.loads((runs / name / "metrics.json").read_text())[0]["metrics"]["acc1"] for name in ("one", "two")]
+    assert metrics[0] == pytest.approx(metrics[1])
