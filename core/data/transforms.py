@@ -1,0 +1,54 @@
+"""Image transforms built from a backbone's ``PreprocessConfig`` (torchvision v2).
+
+Evaluation reproduces the preprocessing the weights were trained with: resize the shortest
+side to ``image_size`` then centre-crop (``resize_mode="shortest"``), or resize both sides
+(``"squash"``); scale pixels to [0, 1]; normalise with the config's mean and std. Training
+replaces the resize/crop with ``RandomResizedCrop(scale)``; the default scale (0.9, 1.0) is a
+mild crop suited to fine-tuning, where strong augmentation costs zero-shot robustness.
+
+Geometric steps run on the PIL image (as open_clip's preprocessing does, so a fine-tuned model
+sees the same pixels at training and inference time); then the image becomes a float tensor.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from domainclip.core.backbones.base import PreprocessConfig
+
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+def build_image_transform(
+    preprocess: PreprocessConfig, train: bool, scale: tuple[float, float] = (0.9, 1.0)
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalised float tensor ``(preprocess.channels, S, S)``, S = image_size."""
+    size = preprocess.image_size
+    if size <= 0:
+        raise ValueError(f"preprocess image_size must be positive, got {size}")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+    interpolation = INTERPOLATIONS[preprocess.interpolation]
+    steps: list[Callable] = []
+    if train:
+        steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True))
+    elif preprocess.resize_mode == "squash":
+        steps.append(v2.Resize((size, size), interpolation=interpolation, antialias=True))
+    else:
+        steps += [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+    if preprocess.channels == 1:
+        steps.append(v2.Grayscale(num_output_channels=1))
+    elif preprocess.channels != 3:
+        raise ValueError(
+            f"preprocess has {preprocess.channels} channels (len(mean)); images are RGB, so only 1 or 3 are supported"
+        )
+    steps += [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
+    ]
+    return v2.Compose(steps)
