@@ -57,8 +57,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluation import run_eval_tasks
 
     target = Path(args.target)
+    method = None
     if target.is_dir():
-        model, _, cfg = load_trained(target)
+        model, method, cfg = load_trained(target)
         if args.overrides:
             cfg = config_lib.load(RunConfig, None, args.overrides, base=config_lib.to_dict(cfg))
         out = Path(args.out) if args.out else target / "metrics_eval.json"
@@ -68,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "metrics_base.json"
     if not cfg.eval:
         raise SystemExit(f"{args.target}: the recipe has no eval tasks (add an 'eval:' list)")
-    results = run_eval_tasks(cfg, model)
+    results = run_eval_tasks(cfg, model, method=method)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_metrics(out, results)
     print(json.dumps(results, indent=2))

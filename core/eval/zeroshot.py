@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,8 +289,13 @@ def evaluate_zeroshot(
     templates: Templates,
     accelerator: Any = None,
     text_batch_size: int = 256,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot classification metrics of ``model`` on ``loader`` (see ``classification_metrics``).
+
+    ``logits_fn`` maps normalised image features (N, D) to class logits (N, C) for adaptation
+    methods with their own classifier (learned prompts, a linear probe, a Tip-Adapter cache);
+    without it the prompt-template ensemble of ``templates`` is the classifier.
 
     Labels of -1 mean "no label": those images are left out of the metrics and counted in
     ``n_unlabeled`` with their dataset indices in ``unlabeled_indices``. Items the loader
@@ -298,7 +303,12 @@ def evaluate_zeroshot(
     """
     model = unwrap_model(model, accelerator)
     class_names = list(class_names)
-    classifier = build_zeroshot_classifier(model, class_names, templates, text_batch_size).cpu()
+    if logits_fn is None:
+        classifier = build_zeroshot_classifier(model, class_names, templates, text_batch_size).cpu()
+
+        def logits_fn(features: torch.Tensor) -> torch.Tensor:
+            return ZEROSHOT_LOGIT_SCALE * features @ classifier
+
     encoded = encode_loader_images(model, loader, accelerator, need_labels=True)
     labels = _check_single_labels(encoded, len(class_names))
     indices = encoded.indices if encoded.indices is not None else torch.arange(labels.shape[0])
@@ -307,7 +317,8 @@ def evaluate_zeroshot(
         raise ValueError(
             f"no labelled images to evaluate: {int((~labelled).sum())} unlabelled, {len(encoded.bad)} skipped as bad"
         )
-    logits = ZEROSHOT_LOGIT_SCALE * encoded.features[labelled] @ classifier
+    with torch.no_grad():
+        logits = logits_fn(encoded.features[labelled]).float().cpu()
     metrics = classification_metrics(logits, labels[labelled], class_names)
     metrics["n_unlabeled"] = int((~labelled).sum())
     metrics["unlabeled_indices"] = indices[~labelled].tolist()

@@ -1,5 +1,5 @@
 """Adaptation methods, each registered in one line; an unknown name fails loudly."""
-from .base import METHODS, AdaptationMethod, MethodConfig, build_method, register_method
+from .base import METHODS, AdaptationMethod, MethodConfig, TaskInfo, build_method, register_method
 from . import full  # noqa: F401  (registers "full")
 
-__all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "TaskInfo", "build_method", "register_method"]

@@ -8,7 +8,7 @@ saves only what it trains.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -27,6 +27,20 @@ class MethodConfig(TaggedConfig):
 
 
 METHODS: dict[str, type["AdaptationMethod"]] = {}
+
+
+@dataclass
+class TaskInfo:
+    """What a method may know about the training task before it prepares the model.
+
+    Attributes:
+        class_names: natural-language names of the training classes, in label order (empty for
+            caption data); prompt-learning and classifier methods build on them.
+        templates: the prompt templates of the training data ("a photo of a {}.").
+    """
+
+    class_names: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
 
 
 def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[type["AdaptationMethod"]], type["AdaptationMethod"]]:
@@ -55,16 +69,44 @@ def is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 class AdaptationMethod:
-    """Default behaviour: train whatever ``apply`` leaves with ``requires_grad``."""
+    """Default behaviour: train whatever ``apply`` leaves with ``requires_grad``.
+
+    Hooks a method may override, all called by the one training loop:
+
+    - ``apply(model, task)``: freeze, inject adapters or prompts; return the model to train.
+    - ``compute_loss(model, batch, loss_fn)``: the training objective of one batch (default: the
+      recipe's contrastive loss between the batch's images and captions).
+    - ``fits_in_closed_form`` + ``fit(model, loader, task)``: methods that need no SGD (a linear
+      probe solved by logistic regression, a training-free Tip-Adapter cache) are fitted once
+      instead of running optimizer steps.
+    - ``logits_fn(model, class_names, templates)``: a classifier of its own for zero-shot
+      evaluation (learned prompts, a probe, a cache); ``None`` keeps the prompt ensemble.
+    - ``trainable_state`` / ``load_trainable_state``: what is saved (only what the method trains).
+    """
 
     config_class: ClassVar[type[MethodConfig]]
+    fits_in_closed_form: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
 
-    def apply(self, model: Backbone) -> Backbone:
+    def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         """Prepare ``model`` for training (freeze, wrap, inject) and return it."""
         return model
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module) -> torch.Tensor:
+        """Contrastive loss of the batch's images against its captions."""
+        out = model(batch["images"], batch["tokens"])
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
+                       labels=batch["labels"])
+
+    def fit(self, model: Backbone, loader: Any, task: TaskInfo) -> dict[str, Any]:
+        """Closed-form fitting for methods with ``fits_in_closed_form``; returns a summary."""
+        raise NotImplementedError(f"method {self.cfg.name!r} trains with SGD, it has no closed-form fit")
+
+    def logits_fn(self, model: Backbone, class_names: list[str], templates: list[str]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Class logits from normalised image features (on the CPU), or None for the prompt ensemble."""
+        return None
 
     def lr_scale(self, model: Backbone, name: str) -> float:
         """Learning-rate multiplier for parameter ``name`` (layer-wise decay hooks in here)."""

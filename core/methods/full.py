@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backbones.base import Backbone
-from .base import AdaptationMethod, MethodConfig, register_method
+from .base import AdaptationMethod, MethodConfig, TaskInfo, register_method
 
 
 @dataclass
@@ -42,7 +42,7 @@ class FullConfig(MethodConfig):
 class FullFineTune(AdaptationMethod):
     cfg: FullConfig
 
-    def apply(self, model: Backbone) -> Backbone:
+    def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         params = dict(model.named_parameters())
         for param in params.values():
             param.requires_grad_(True)

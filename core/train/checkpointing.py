@@ -100,7 +100,5 @@ def load_training_checkpoint(folder: Path, accelerator: Accelerator, model: nn.M
         scaler.load_state_dict(ckpt.read_json(folder / "scaler.json"))
     rank = accelerator.process_index
     ckpt.restore_rng(load_file(str(folder / f"rng_{rank}.safetensors")), ckpt.read_json(folder / f"rng_{rank}.json"))
-    saved_bad = meta["bad_inputs"]
-    restored = BadInputReport.from_items(((i["path"], i["reason"]) for i in saved_bad["items"]), seen=saved_bad["seen"])
-    bad.merge(restored)
+    bad.merge(BadInputReport.from_dict(meta["bad_inputs"]))
     return TrainerState(meta["global_step"], meta["epoch"], meta["batches_in_epoch"])

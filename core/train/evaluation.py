@@ -11,6 +11,7 @@ from ..data.dataset import Collator, ImageTextDataset
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
+from ..methods import AdaptationMethod
 from ..run_config import EvalTaskConfig, RunConfig
 
 
@@ -24,8 +25,12 @@ def eval_loader(task: EvalTaskConfig, model: Backbone, num_workers: int):
 
 
 def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerator | None = None,
-                  num_workers: int = 0, model_name: str = "", pretrained: str = "") -> dict[str, Any]:
-    """Evaluate one task; the result is one CLIP_benchmark record."""
+                  num_workers: int = 0, model_name: str = "", pretrained: str = "",
+                  method: AdaptationMethod | None = None) -> dict[str, Any]:
+    """Evaluate one task; the result is one CLIP_benchmark record.
+
+    A method with a classifier of its own (learned prompts, a probe, a cache) classifies with it.
+    """
     records, loader = eval_loader(task, model, num_workers)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
@@ -33,8 +38,10 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     if task.task == "zeroshot":
         if not records.class_names:
             raise ValueError(f"eval task {name!r}: zeroshot needs labelled data (data.label_key or a labelled format)")
-        metrics = evaluate_zeroshot(model, loader, records.class_names, task.templates or task.data.templates,
-                                    accelerator=accelerator)
+        templates = task.templates or task.data.templates
+        logits_fn = method.logits_fn(model, list(records.class_names), list(templates)) if method else None
+        metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
+                                    logits_fn=logits_fn)
         kind = "zeroshot_classification"
     else:
         captions, text_to_image = captions_from_records(records.records)
@@ -46,13 +53,13 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
 
 
 def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,
-                   step: int | None = None) -> list[dict[str, Any]]:
+                   step: int | None = None, method: AdaptationMethod | None = None) -> list[dict[str, Any]]:
     """Every ``cfg.eval`` task; results carry the training step they were measured at."""
     results = []
     model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
     for task in cfg.eval:
         record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
-                               pretrained=f"{cfg.name}:{cfg.method.name}")
+                               pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
         if step is not None:
             record["step"] = step
         results.append(record)

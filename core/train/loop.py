@@ -6,26 +6,29 @@ accumulation, checkpointing, logging and evaluation are the same for all of them
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from torch.utils.data import DataLoader
 
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
 from ..data.bad_inputs import BadInputReport
 from ..data.dataset import Collator, ImageTextDataset
-from ..data.sources import load_records
+from ..data.sources import STREAM_FORMATS, load_records
+from ..data.webdataset import build_webdataset
 from ..data.transforms import build_image_transform
 from ..losses import build_loss
-from ..methods import AdaptationMethod, build_method
+from ..data.records import RecordSet
+from ..methods import AdaptationMethod, TaskInfo, build_method
 from ..run_config import RunConfig
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .evaluation import run_eval_tasks
@@ -48,17 +51,23 @@ class TrainResult:
     samples_per_second: float = 0.0
 
 
-def build_model(cfg: RunConfig) -> tuple[Backbone, AdaptationMethod]:
-    """The backbone with the recipe's adaptation method applied."""
+def build_model(cfg: RunConfig, task: TaskInfo | None = None) -> tuple[Backbone, AdaptationMethod]:
+    """The backbone with the recipe's adaptation method applied for ``task``."""
     model = create_backbone(cfg.model)
     method = build_method(cfg.method)
-    model = method.apply(model)
+    model = method.apply(model, task or TaskInfo())
     return model, method
 
 
-def build_train_loader(cfg: RunConfig, model: Backbone) -> tuple[DataLoader, ImageTextDataset]:
-    records = load_records(cfg.data.train)
-    transform = build_image_transform(model.preprocess, train=True, scale=tuple(cfg.data.crop_scale))
+def task_of(cfg: RunConfig, records: RecordSet) -> TaskInfo:
+    """The training task a method sees: class names and templates of labelled data."""
+    return TaskInfo(list(records.class_names), list(cfg.data.train.templates) if records.class_names else [])
+
+
+def build_train_loader(cfg: RunConfig, model: Backbone, records: RecordSet, shuffle: bool = True,
+                       augment: bool = True) -> tuple[DataLoader, ImageTextDataset]:
+    """A map-style loader over ``records`` with per-(seed, epoch) shuffling."""
+    transform = build_image_transform(model.preprocess, train=augment, scale=tuple(cfg.data.crop_scale))
     dataset = ImageTextDataset(records, transform, seed=cfg.train.seed, train=True)
     if len(dataset) < cfg.data.batch_size:
         raise ValueError(f"data.train ({cfg.data.train.path}) has {len(dataset)} items, fewer than "
@@ -66,15 +75,58 @@ def build_train_loader(cfg: RunConfig, model: Backbone) -> tuple[DataLoader, Ima
     loader = DataLoader(
         dataset,
         batch_size=cfg.data.batch_size,
-        sampler=EpochSampler(len(dataset), seed=cfg.train.seed),
+        sampler=EpochSampler(len(dataset), seed=cfg.train.seed) if shuffle else None,
         num_workers=cfg.data.num_workers,
         collate_fn=Collator(model.text_tokenizer),
-        drop_last=True,
+        drop_last=shuffle,
         pin_memory=torch.cuda.is_available(),
         # the loader's own generator keeps worker seeding from consuming the global RNG
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     return loader, dataset
+
+
+class TrainData:
+    """The training batches of one run: a map-style data set or a stream of tar shards.
+
+    Map-style loaders go through ``accelerator.prepare`` (Accelerate shards them across
+    processes); streams shard themselves by node and worker, so their batches are only moved to
+    the device. ``size`` is the data set's length, ``None`` for a stream.
+    """
+
+    def __init__(self, cfg: RunConfig, model: Backbone, records: RecordSet | None, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.streaming = records is None
+        if self.streaming:
+            source = cfg.data.train
+            if source.num_samples < 1:
+                raise ValueError("data.train.num_samples must be set for webdataset training (streams have no length)")
+            transform = build_image_transform(model.preprocess, train=True, scale=tuple(cfg.data.crop_scale))
+            self.dataset = build_webdataset(source, transform, seed=cfg.train.seed,
+                                            collate=Collator(model.text_tokenizer), batch_size=cfg.data.batch_size,
+                                            train=True, resampled=accelerator.num_processes > 1)
+            self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.data.num_workers)
+            self.size = None
+            self.batches_per_epoch = math.ceil(source.num_samples / (cfg.data.batch_size * accelerator.num_processes))
+        else:
+            loader, self.dataset = build_train_loader(cfg, model, records)
+            self.size = len(self.dataset)
+            self.batches_per_epoch = len(loader) // accelerator.num_processes
+            self.loader = loader
+
+    def prepare(self) -> None:
+        if not self.streaming:
+            self.loader = self.accelerator.prepare(self.loader)
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch`` after the first ``skip`` (a resumed run's position)."""
+        self.dataset.set_epoch(epoch)
+        if not self.streaming:
+            self.loader.set_epoch(epoch)
+            yield from (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+            return
+        for batch in itertools.islice(self.loader, skip, None):
+            yield send_to_device(batch, self.accelerator.device)
 
 
 def fresh_accelerator(**kwargs: Any) -> Accelerator:
@@ -91,7 +143,7 @@ def fresh_accelerator(**kwargs: Any) -> Accelerator:
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Run a recipe: build, (resume,) train, checkpoint, evaluate, write the run folder."""
+    """Run a recipe: build, (resume,) train or fit, checkpoint, evaluate, write the run folder."""
     accelerator = fresh_accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.precision,
@@ -103,26 +155,61 @@ def train(cfg: RunConfig) -> TrainResult:
     run.prepare(cfg)
     set_seed(cfg.train.seed)
 
-    model, method = build_model(cfg)
+    records = None if cfg.data.train.format in STREAM_FORMATS else load_records(cfg.data.train)
+    task = task_of(cfg, records) if records is not None else TaskInfo()
+    model, method = build_model(cfg, task)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    loader, dataset = build_train_loader(cfg, model)
+    trainable = method.trainable_parameter_count(model)
+    started = time.perf_counter()
+    if method.fits_in_closed_form:
+        if records is None:
+            raise ValueError(f"method {cfg.method.name!r} fits on a data set with a length; "
+                             f"data.train.format=webdataset streams have none")
+        loader, dataset = build_train_loader(cfg, model, records, shuffle=False, augment=False)
+        model = model.to(accelerator.device)
+        summary = method.fit(model, loader, task)
+        state, bad, samples = TrainerState(), BadInputReport(total=len(dataset)), len(dataset)
+        trainable = method.trainable_parameter_count(model)
+        run.log(f"method={cfg.method.name} fitted in closed form: {summary}")
+        unwrapped = model
+    else:
+        unwrapped, state, bad, samples = _sgd(cfg, accelerator, run, model, method, records)
+    train_seconds = time.perf_counter() - started
+
+    run.save_model(unwrapped, method, cfg, task)
+    run.write_bad_inputs(bad, skipped_records=records.skipped if records is not None else [])
+    metrics = run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
+    throughput = samples / max(train_seconds, 1e-9)
+    run.write_metrics(metrics, extra={"method": cfg.method.name, "trainable_parameters": trainable,
+                                      "train_seconds": train_seconds, "samples_per_second": throughput,
+                                      "global_step": state.global_step})
+    accelerator.end_training()
+    return TrainResult(run.path, state.global_step, metrics, trainable, train_seconds, throughput)
+
+
+def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbone, method: AdaptationMethod,
+         records: RecordSet | None) -> tuple[Backbone, TrainerState, BadInputReport, int]:
+    """Optimizer steps until ``total_steps``, with accumulation, checkpoints, logs and resume."""
+    data = TrainData(cfg, model, records, accelerator)
     loss_fn = build_loss(cfg.loss)
-    steps_per_epoch = len(loader) // (cfg.train.grad_accum * accelerator.num_processes)
+    steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum
     if steps_per_epoch < 1:
-        raise ValueError(f"one epoch of data.train has {len(loader)} batches: fewer than grad_accum x processes")
+        raise ValueError(f"one epoch of data.train has {data.batches_per_epoch} batches per process: "
+                         f"fewer than train.grad_accum={cfg.train.grad_accum}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     optimizer = build_optimizer(method.param_groups(model, cfg.train.lr, cfg.train.weight_decay), cfg.train)
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
-    trainable = method.trainable_parameter_count(model)
-    run.log(f"method={cfg.method.name} trainable parameters={trainable:,} steps={total_steps} "
-            f"global batch={cfg.data.batch_size * accelerator.num_processes} processes={accelerator.num_processes}")
+    run.log(f"method={cfg.method.name} trainable parameters={method.trainable_parameter_count(model):,} "
+            f"steps={total_steps} global batch={cfg.data.batch_size * accelerator.num_processes} "
+            f"processes={accelerator.num_processes}")
 
     # The scheduler is stepped by hand once per optimizer step (Accelerate would step a prepared
     # scheduler once per process, but total_steps already counts global optimizer steps).
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    data.prepare()
     state = TrainerState()
-    bad = BadInputReport()
+    bad = BadInputReport(total=data.size)
     resume_from = resolve_resume(cfg.train.resume, run.checkpoints)
     if resume_from is not None:
         state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
@@ -130,24 +217,23 @@ def train(cfg: RunConfig) -> TrainResult:
     if cfg.train.tensorboard:
         accelerator.init_trackers("train")
 
+    def checkpoint() -> None:
+        save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler, bad,
+                                 keep=cfg.train.keep_checkpoints)
+
     progress = run.progress_bar(total_steps, state.global_step, enabled=cfg.train.progress)
-    started, samples_this_session = time.perf_counter(), 0
+    started, samples = time.perf_counter(), 0
     unwrapped: Backbone = accelerator.unwrap_model(model)
     model.train()
     while state.global_step < total_steps:
-        loader.set_epoch(state.epoch)
-        dataset.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
-        for batch in batches:
+        for batch in data.epoch(state.epoch, state.batches_in_epoch):
             state.batches_in_epoch += 1
-            bad.add_seen(len(batch["indices"]) + len(batch["bad"]))
-            for path, reason in batch["bad"]:
-                bad.add_bad(path, reason)
-            bad.check(cfg.data.max_bad_fraction, total=len(dataset))
+            bad.add_batch(batch)
+            bad.check(cfg.data.max_bad_fraction, total=data.size)
+            if len(batch["indices"]) == 0 and accelerator.num_processes == 1:
+                continue  # every item of this batch was unreadable (counted above)
             with accelerator.accumulate(model):
-                out = model(batch["images"], batch["tokens"])
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                               out["logit_bias"], labels=batch["labels"])
+                loss = method.compute_loss(model, batch, loss_fn)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -155,14 +241,13 @@ def train(cfg: RunConfig) -> TrainResult:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            samples_this_session += len(batch["indices"]) * accelerator.num_processes
+            samples += len(batch["indices"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             with torch.no_grad():
                 unwrapped.logit_scale.clamp_(0, math.log(100))
             state.global_step += 1
-            elapsed = time.perf_counter() - started
-            throughput = samples_this_session / max(elapsed, 1e-9)
+            throughput = samples / max(time.perf_counter() - started, 1e-9)
             log_now = state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps
             # each process holds its share of the global loss; the mean over processes is the loss
             global_loss = accelerator.reduce(loss.detach(), reduction="mean").item() if log_now else loss.item()
@@ -173,31 +258,20 @@ def train(cfg: RunConfig) -> TrainResult:
                           "train/logit_scale": unwrapped.logit_scale.exp().item(), "train/samples_per_s": throughput}
                 accelerator.log(values, step=state.global_step)
                 run.log_metrics(state.global_step, values)
-            if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and state.global_step < total_steps:
-                save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler, bad,
-                                         keep=cfg.train.keep_checkpoints)
-            if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and state.global_step < total_steps:
-                run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step)
+            finished = state.global_step >= total_steps
+            if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and not finished:
+                checkpoint()
+            if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not finished:
+                run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
                 model.train()
-            if state.global_step >= total_steps:
+            if finished:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
-    train_seconds = time.perf_counter() - started
-
-    save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler, bad,
-                             keep=cfg.train.keep_checkpoints)
-    run.save_model(unwrapped, method, cfg)
-    run.write_bad_inputs(bad)
-    metrics = run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step)
-    run.write_metrics(metrics, extra={"trainable_parameters": trainable, "train_seconds": train_seconds,
-                                      "samples_per_second": samples_this_session / max(train_seconds, 1e-9),
-                                      "global_step": state.global_step})
-    accelerator.end_training()
-    return TrainResult(run.path, state.global_step, metrics, trainable, train_seconds,
-                       samples_this_session / max(train_seconds, 1e-9))
+    checkpoint()
+    return unwrapped, state, bad, samples
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .. import config as config_lib
 from ..checkpoint import atomic_write_text, save_tensors
 from ..data.bad_inputs import BadInputReport
 from ..eval import write_metrics
-from ..methods import AdaptationMethod
+from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
 
 # Changing these between a run and its resume would make "continue exactly" a lie.
@@ -73,7 +74,7 @@ class RunFolder:
             with open(self.logs / "train_metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
 
-    def save_model(self, model, method: AdaptationMethod, cfg: RunConfig) -> None:
+    def save_model(self, model, method: AdaptationMethod, cfg: RunConfig, task: TaskInfo) -> None:
         """Final weights: only what the method trained, plus how to rebuild the rest."""
         if not self.is_main:
             return
@@ -81,17 +82,22 @@ class RunFolder:
         folder.mkdir(exist_ok=True)
         save_tensors(method.trainable_state(model), folder / "trainable.safetensors")
         info = {"model": config_lib.to_dict(cfg.model), "method": config_lib.to_dict(cfg.method),
-                "backbone": model.config_dict()}
+                "backbone": model.config_dict(), "task": asdict(task)}
         atomic_write_text(folder / "model.json", json.dumps(info, indent=2))
 
-    def write_bad_inputs(self, bad: BadInputReport) -> None:
+    def write_bad_inputs(self, bad: BadInputReport, skipped_records: list[tuple[str, str]] = ()) -> None:
+        """``bad_inputs.json``: unreadable items of all processes, plus manifest rows not loaded."""
         reports = gather_object([bad.to_dict()]) if self.accelerator.num_processes > 1 else [bad.to_dict()]
         if not self.is_main:
             return
         merged = BadInputReport(total=bad.total)
         for report in reports:
-            merged.merge(BadInputReport.from_items(((i["path"], i["reason"]) for i in report["items"]), seen=report["seen"]))
+            merged.merge(BadInputReport.from_dict(report))
         merged.write_json(self.path / "bad_inputs.json")
+        if skipped_records:
+            data = json.loads((self.path / "bad_inputs.json").read_text())
+            data["skipped_records"] = [{"item": item, "reason": reason} for item, reason in skipped_records]
+            atomic_write_text(self.path / "bad_inputs.json", json.dumps(data, indent=2))
 
     def write_metrics(self, metrics: list[dict[str, Any]], extra: dict[str, Any]) -> None:
         if not self.is_main:
@@ -126,9 +132,10 @@ def load_trained(run_dir: str | Path):
 
     run_dir = Path(run_dir)
     cfg = config_lib.load(RunConfig, run_dir / "config.yaml")
-    model, method = build_model(cfg)
     weights = run_dir / "model" / "trainable.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir} has no finished model ({weights} is missing); did training complete?")
+    info = json.loads((run_dir / "model" / "model.json").read_text())
+    model, method = build_model(cfg, TaskInfo(**info.get("task", {})))
     method.load_trainable_state(model, load_file(str(weights)), source=str(weights))
     return model, method, cfg

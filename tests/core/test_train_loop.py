@@ -104,3 +104,22 @@ def test_too_small_data_is_a_clear_error(colour_squares: Path, tmp_path: Path) -
     recipe["data"]["batch_size"] = 64
     with pytest.raises(ValueError, match=r"has 24 items, fewer than data.batch_size=64"):
         run(recipe)
+
+
+def test_training_streams_webdataset_shards(colour_squares: Path, tmp_path: Path) -> None:
+    from domainclip.core.data import DataSourceConfig, load_records, write_shards
+
+    records = load_records(DataSourceConfig(format="csv", path=str(colour_squares), caption_separator="|"))
+    broken = Path(records.records[3].image)
+    broken.write_bytes(broken.read_bytes()[:150])  # lands in the shard as an undecodable image
+    written = write_shards(records, str(tmp_path / "shards" / "train-%04d.tar"), samples_per_shard=10)
+    assert len(written.shards) == 3
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=0, epochs=2)
+    recipe["data"]["train"] = {"format": "webdataset", "path": written.pattern, "num_samples": 24}
+    recipe["data"]["num_workers"] = 2
+    recipe["data"]["max_bad_fraction"] = 0.1
+    result = run(recipe)
+    assert result.global_step == 2 * 3  # ceil(24 / 8) batches per epoch
+    report = json.loads((result.run_dir / "bad_inputs.json").read_text())
+    assert report["bad"] == 1 and report["items"][0]["path"].endswith("train-0000.tar#000000003")
+    assert report["seen"] == 2 * 24
