@@ -38,6 +38,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import random
+import re
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +72,12 @@ class DataSourceConfig:
         templates: prompt templates with one ``{}`` turning a class name into a caption.
         num_samples: webdataset only: samples in one epoch (streams have no length).
         limit: keep only the first N records (0 = all); for smoke tests.
+        shots: k-shot protocol: keep ``shots`` records per class, drawn with ``shot_seed``
+            (0 = all records). Unlabelled records are left out.
+        shot_seed: seed of the k-shot draw (results are reported as mean and std over seeds).
+        class_subset: base-to-novel protocol: ``base`` keeps the first half of the classes (in
+            class-index order, rounded up), ``novel`` the rest, ``""`` all; labels are renumbered
+            within the subset.
     """
     format: str = "csv"
     path: str = ""
@@ -83,6 +91,9 @@ class DataSourceConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     num_samples: int = 0
     limit: int = 0
+    shots: int = 0
+    shot_seed: int = 0
+    class_subset: str = ""
 
 
 class MissingColumnError(KeyError, ValueError):
@@ -132,10 +143,52 @@ def load_records(cfg: DataSourceConfig) -> RecordSet:
         )
     if cfg.limit < 0:
         raise ValueError(f"limit must be >= 0 (0 keeps all records), got {cfg.limit}")
+    if cfg.class_subset not in CLASS_SUBSETS:
+        raise ValueError(f"class_subset must be one of {CLASS_SUBSETS}, got {cfg.class_subset!r}")
+    if cfg.shots < 0:
+        raise ValueError(f"shots must be >= 0 (0 keeps all records), got {cfg.shots}")
     record_set = FORMAT_LOADERS[cfg.format](cfg)
+    if cfg.class_subset:
+        record_set = select_class_subset(record_set, cfg.class_subset, cfg.path)
+    if cfg.shots:
+        record_set = select_shots(record_set, cfg.shots, cfg.shot_seed, cfg.path)
     if cfg.limit:
         record_set.records = record_set.records[: cfg.limit]
     return record_set
+
+
+CLASS_SUBSETS = ("", "base", "novel")
+
+
+def select_class_subset(record_set: RecordSet, subset: str, source: str) -> RecordSet:
+    """The base (first half, rounded up) or novel (second half) classes, labels renumbered."""
+    if not record_set.class_names:
+        raise ValueError(f"class_subset={subset!r} needs labelled data, but {source} has no classes")
+    count = len(record_set.class_names)
+    split = math.ceil(count / 2)
+    kept = range(0, split) if subset == "base" else range(split, count)
+    renumber = {old: new for new, old in enumerate(kept)}
+    records = [ImageTextRecord(r.image, r.captions, renumber[r.label]) for r in record_set.records if r.label in renumber]
+    return RecordSet(records, [record_set.class_names[i] for i in kept],
+                     [record_set.raw_class_names[i] for i in kept] if record_set.raw_class_names else [],
+                     record_set.skipped)
+
+
+def select_shots(record_set: RecordSet, shots: int, seed: int, source: str) -> RecordSet:
+    """``shots`` records per class drawn with ``seed``, in their original order."""
+    if not record_set.class_names:
+        raise ValueError(f"shots={shots} needs labelled data, but {source} has no classes")
+    by_class: dict[int, list[int]] = {}
+    for position, record in enumerate(record_set.records):
+        if record.label >= 0:
+            by_class.setdefault(record.label, []).append(position)
+    short = {record_set.class_names[c]: len(p) for c, p in by_class.items() if len(p) < shots}
+    if short:
+        raise ValueError(f"shots={shots}: {source} has fewer records for classes {short}")
+    rng = random.Random(seed)
+    chosen = sorted(p for positions in by_class.values() for p in rng.sample(positions, shots))
+    return RecordSet([record_set.records[p] for p in chosen], record_set.class_names, record_set.raw_class_names,
+                     record_set.skipped)
 
 
 # --- helpers shared by the formats ----------------------------------------------------------------
@@ -373,6 +426,21 @@ def karpathy_image_root(cfg: DataSourceConfig, manifest: Path, first_image: str 
     return base / "images" if (base / "images").is_dir() else base
 
 
+FILENAME_PREFIX = "@filename_prefix"
+
+
+def filename_prefix(filename: str) -> str | None:
+    """Scene class from a file name such as ``airport_348.jpg`` -> ``airport``; None if numeric only.
+
+    Use ``label_key: "@filename_prefix"`` (Karpathy JSON): RSICD's scene classes live in its file
+    names, and images with purely numeric names have no class (unlabelled, never mislabelled).
+    """
+    stem = Path(filename).stem
+    match = re.match(r"^(.*?)[_\-]?\d+$", stem)
+    prefix = match.group(1) if match else stem
+    return prefix or None
+
+
 @register_format("karpathy")
 def load_karpathy(cfg: DataSourceConfig) -> RecordSet:
     """Karpathy caption JSON: ``{"images": [{"filename", "split", "sentences": [{"raw"}]}]}``."""
@@ -397,7 +465,9 @@ def load_karpathy(cfg: DataSourceConfig) -> RecordSet:
         if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
             raise ValueError(f"{where}: 'sentences' must be a list of objects with 'raw'")
         row = {"image": relative, "split": entry.get("split", ""), "captions": [s.get("raw") or "" for s in sentences]}
-        if cfg.label_key:
+        if cfg.label_key == FILENAME_PREFIX:
+            row[cfg.label_key] = filename_prefix(entry["filename"])
+        elif cfg.label_key:
             row[cfg.label_key] = entry.get(cfg.label_key)
         rows.append(row)
         names.append(f"{where} ({relative})")
