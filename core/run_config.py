@@ -18,6 +18,8 @@ class DataConfig:
 
     Attributes:
         train: where the training images and captions come from.
+        train_extra: more sources concatenated to ``train`` (e.g. two caption data sets); their
+            class labels are ignored (captions only).
         batch_size: images per process per step (the global batch is this times the number of
             processes; gradient accumulation does NOT add negatives, see docs/training.md).
         num_workers: data-loader worker processes per training process.
@@ -28,6 +30,7 @@ class DataConfig:
     """
 
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    train_extra: list[DataSourceConfig] = field(default_factory=list)
     batch_size: int = 32
     num_workers: int = 2
     max_bad_fraction: float = 0.01
@@ -116,6 +119,8 @@ class EvalTaskConfig:
         data: the evaluation split.
         templates: prompt templates for zeroshot (default: ``data.templates``).
         batch_size: images per evaluation batch.
+        retention: also evaluate the base model before training and report the change, so you
+            see what the domain model forgot on a reference task (WiSE-FT wins it back).
     """
 
     name: str = ""
@@ -123,6 +128,7 @@ class EvalTaskConfig:
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
     templates: list[str] = field(default_factory=list)
     batch_size: int = 64
+    retention: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:

@@ -52,12 +52,33 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     return benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
 
 
+MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall"}
+
+
+def main_metric(record: dict[str, Any]) -> float:
+    """The headline number of a result: acc1 for classification, mean recall for retrieval."""
+    return float(record["metrics"][MAIN_METRIC[record["task"]]])
+
+
+def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
+    """Attach ``retention: {metric, before, after, change}`` to the tasks measured before training."""
+    earlier = {record["dataset"]: record for record in before}
+    for record in results:
+        if record["dataset"] in earlier:
+            old, new = main_metric(earlier[record["dataset"]]), main_metric(record)
+            record["retention"] = {"metric": MAIN_METRIC[record["task"]], "before": old, "after": new,
+                                   "change": new - old}
+
+
 def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,
-                   step: int | None = None, method: AdaptationMethod | None = None) -> list[dict[str, Any]]:
-    """Every ``cfg.eval`` task; results carry the training step they were measured at."""
+                   step: int | None = None, method: AdaptationMethod | None = None,
+                   only_retention: bool = False) -> list[dict[str, Any]]:
+    """Every ``cfg.eval`` task (or only those marked ``retention``); results carry their step."""
     results = []
     model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
     for task in cfg.eval:
+        if only_retention and not task.retention:
+            continue
         record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
                                pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
         if step is not None:

@@ -27,11 +27,11 @@ from ..data.sources import STREAM_FORMATS, load_records
 from ..data.webdataset import build_webdataset
 from ..data.transforms import build_image_transform
 from ..losses import build_loss
-from ..data.records import RecordSet
+from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo, build_method
 from ..run_config import RunConfig
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
-from .evaluation import run_eval_tasks
+from .evaluation import add_retention, run_eval_tasks
 from .optim import build_optimizer, cosine_with_warmup
 from .run_folder import RunFolder
 from .sampler import EpochSampler
@@ -51,12 +51,27 @@ class TrainResult:
     samples_per_second: float = 0.0
 
 
-def build_model(cfg: RunConfig, task: TaskInfo | None = None) -> tuple[Backbone, AdaptationMethod]:
-    """The backbone with the recipe's adaptation method applied for ``task``."""
-    model = create_backbone(cfg.model)
+def build_model(cfg: RunConfig, task: TaskInfo | None = None,
+                base: Backbone | None = None) -> tuple[Backbone, AdaptationMethod]:
+    """The backbone (``base`` or a new one) with the recipe's method applied for ``task``."""
+    model = base if base is not None else create_backbone(cfg.model)
     method = build_method(cfg.method)
     model = method.apply(model, task or TaskInfo())
     return model, method
+
+
+def load_train_records(cfg: RunConfig) -> RecordSet | None:
+    """``data.train`` plus ``data.train_extra`` (captions only), or None for a stream."""
+    if cfg.data.train.format in STREAM_FORMATS:
+        if cfg.data.train_extra:
+            raise ValueError("data.train_extra cannot be combined with a webdataset data.train")
+        return None
+    records = load_records(cfg.data.train)
+    for extra in cfg.data.train_extra:
+        more = load_records(extra)
+        records.records += [ImageTextRecord(r.image, r.captions, -1) for r in more.records]
+        records.skipped += more.skipped
+    return records
 
 
 def task_of(cfg: RunConfig, records: RecordSet) -> TaskInfo:
@@ -155,9 +170,11 @@ def train(cfg: RunConfig) -> TrainResult:
     run.prepare(cfg)
     set_seed(cfg.train.seed)
 
-    records = None if cfg.data.train.format in STREAM_FORMATS else load_records(cfg.data.train)
+    records = load_train_records(cfg)
     task = task_of(cfg, records) if records is not None else TaskInfo()
-    model, method = build_model(cfg, task)
+    base = create_backbone(cfg.model)
+    before = run_eval_tasks(cfg, base, accelerator, method=None, only_retention=True)
+    model, method = build_model(cfg, task, base=base)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     trainable = method.trainable_parameter_count(model)
@@ -180,6 +197,7 @@ def train(cfg: RunConfig) -> TrainResult:
     run.save_model(unwrapped, method, cfg, task)
     run.write_bad_inputs(bad, skipped_records=records.skipped if records is not None else [])
     metrics = run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
+    add_retention(metrics, before)
     throughput = samples / max(train_seconds, 1e-9)
     run.write_metrics(metrics, extra={"method": cfg.method.name, "trainable_parameters": trainable,
                                       "train_seconds": train_seconds, "samples_per_second": throughput,

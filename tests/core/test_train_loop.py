@@ -125,3 +125,34 @@ def test_training_streams_webdataset_shards(colour_squares: Path, tmp_path: Path
     # workers batch their own shards, so a pass can end in short batches: the step budget comes
     # from num_samples, and the first pass over all 24 samples was complete
     assert 24 < report["seen"] <= 2 * 24
+
+
+def test_retention_reports_the_change_on_a_reference_task(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=4)
+    recipe["eval"] = [{"name": "reference", "task": "zeroshot", "templates": ["a {} square"], "retention": True,
+                       "data": {"format": "csv", "path": str(colour_squares), "label_key": "label"}},
+                      {"name": "target", "task": "retrieval",
+                       "data": {"format": "csv", "path": str(colour_squares)}}]
+    result = run(recipe)
+    reference, target = result.metrics
+    assert "retention" not in target
+    retention = reference["retention"]
+    assert retention["metric"] == "acc1" and retention["after"] == reference["metrics"]["acc1"]
+    assert retention["change"] == pytest.approx(retention["after"] - retention["before"])
+    # "before" is the untrained base: evaluating a freshly built base gives the same number
+    from domainclip.core.backbones import create_backbone
+    from domainclip.core.train.evaluation import run_eval_tasks
+
+    cfg = config_lib.load(RunConfig, None, (), base=recipe)
+    torch.manual_seed(cfg.train.seed)
+    base = run_eval_tasks(cfg, create_backbone(cfg.model), only_retention=True)
+    assert base[0]["metrics"]["acc1"] == pytest.approx(retention["before"])
+
+
+def test_extra_training_sources_are_concatenated(colour_squares: Path, tmp_path: Path) -> None:
+    from domainclip.core.train.loop import load_train_records
+
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs")
+    recipe["data"]["train_extra"] = [{"format": "csv", "path": str(colour_squares), "limit": 5}]
+    records = load_train_records(config_lib.load(RunConfig, None, (), base=recipe))
+    assert len(records) == 29 and [r.label for r in records.records[24:]] == [-1] * 5
