@@ -72,6 +72,9 @@ class TrainConfig:
         tensorboard: write TensorBoard logs to ``RUN/logs``.
         progress: show a progress bar (loss, samples/s, ETA) on the main process.
         eval_every: run the ``eval`` tasks every N steps as well as at the end (0 = end only).
+        cache_text_features: when the text tower is frozen (and the method keeps the contrastive
+            objective), encode each distinct caption once and reuse its features (exact: frozen
+            towers run in eval mode).
     """
 
     epochs: int = 1
@@ -95,6 +98,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     eval_every: int = 0
+    cache_text_features: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -160,10 +160,12 @@ class Backbone(nn.Module):
         features = self._text_features(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: Tokens) -> dict[str, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor, tokens: Tokens | None,
+                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """Normalised features of both towers; ``text_features`` given = a frozen text tower's cache."""
         return {
             "image_features": self.encode_image(images),
-            "text_features": self.encode_text(tokens),
+            "text_features": F.normalize(text_features, dim=-1) if text_features is not None else self.encode_text(tokens),
             "logit_scale": self.logit_scale.exp(),
             "logit_bias": self.logit_bias,
         }

@@ -37,12 +37,16 @@ def resolve_text_path(spec: str) -> str:
 
 
 def build_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "identity":
+        if in_dim != out_dim:
+            raise ValueError(f"an identity projection needs model.embed_dim == the tower's width ({in_dim}), got {out_dim}")
+        return nn.Identity()
     if kind == "linear":
         return nn.Linear(in_dim, out_dim, bias=False)
     if kind == "mlp":
         hidden = max(in_dim, out_dim)
         return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-    raise ValueError(f"model.projection must be 'linear' or 'mlp', got {kind!r}")
+    raise ValueError(f"model.projection must be 'linear', 'mlp' or 'identity', got {kind!r}")
 
 
 class _TimmVision(nn.Module):
@@ -118,7 +122,8 @@ class DualEncoder(Backbone):
         self.context_length = cfg.context_length or min(int(tokenizer.model_max_length), 512)
         self.text_tokenizer = HFTokenize(tokenizer, self.context_length)
         self.image_projection = build_projection(cfg.projection, self.vision.output_dim, cfg.embed_dim)
-        self.text_projection = build_projection(cfg.projection, int(self.text.config.hidden_size), cfg.embed_dim)
+        self.text_projection = build_projection(cfg.text_projection or cfg.projection, int(self.text.config.hidden_size),
+                                                cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.preprocess = PreprocessConfig(**{**self.vision.preprocess.to_dict(), **cfg.preprocess})
         self._cfg = cfg
@@ -153,7 +158,7 @@ class DualEncoder(Backbone):
 
     def config_dict(self) -> dict[str, Any]:
         keys = ("vision", "vision_pretrained", "vision_kwargs", "text", "text_pooling", "embed_dim",
-                "projection", "context_length")
+                "projection", "text_projection", "context_length")
         return {"kind": self.kind, **{k: getattr(self._cfg, k) for k in keys}, "preprocess": self.preprocess.to_dict()}
 
 

@@ -29,6 +29,9 @@ class ModelConfig:
         text_pooling: dual_encoder: ``mean`` (sentence-transformers) or ``cls``.
         embed_dim: dual_encoder: size of the shared embedding space.
         projection: dual_encoder: ``linear`` or ``mlp`` projection heads.
+        text_projection: dual_encoder: the text head if it differs from ``projection``:
+            ``identity`` keeps the text encoder's own sentence-embedding space (needs
+            ``embed_dim`` equal to its hidden size; the compact base uses it).
         weights: a safetensors file of trained weights loaded on top (a dual encoder's heads and
             towers, e.g. the compact base); empty for none.
         preprocess: overrides for the weights' preprocessing (``image_size``, ``mean``, ``std``,
@@ -47,6 +50,7 @@ class ModelConfig:
     text_pooling: str = "mean"
     embed_dim: int = 512
     projection: str = "linear"
+    text_projection: str = ""
     weights: str = ""
     preprocess: dict[str, Any] = field(default_factory=dict)
     context_length: int = 0

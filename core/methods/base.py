@@ -95,8 +95,11 @@ class AdaptationMethod:
         return model
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module) -> torch.Tensor:
-        """Contrastive loss of the batch's images against its captions."""
-        out = model(batch["images"], batch["tokens"])
+        """Contrastive loss of the batch's images against its captions.
+
+        ``batch["text_features"]`` is set by the loop when the text tower is frozen (cached).
+        """
+        out = model(batch["images"], batch.get("tokens"), batch.get("text_features"))
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
                        labels=batch["labels"])
 

@@ -32,6 +32,7 @@ from ..methods import AdaptationMethod, TaskInfo, build_method
 from ..run_config import RunConfig
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .evaluation import add_retention, run_eval_tasks
+from .frozen import TextFeatureCache, frozen_towers, set_frozen_towers_eval, uses_text_cache
 from .optim import build_optimizer, cosine_with_warmup
 from .run_folder import RunFolder
 from .sampler import EpochSampler
@@ -235,14 +236,24 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     if cfg.train.tensorboard:
         accelerator.init_trackers("train")
 
+    unwrapped: Backbone = accelerator.unwrap_model(model)
+    towers = frozen_towers(unwrapped)
+    cache_text = cfg.train.cache_text_features and uses_text_cache(unwrapped, method)
+    text_cache = TextFeatureCache(unwrapped) if cache_text else None
+    if towers:
+        run.log(f"frozen towers (eval mode): {towers}; cached text features: {text_cache is not None}")
+
+    def train_mode() -> None:
+        model.train()
+        set_frozen_towers_eval(unwrapped, towers)
+
     def checkpoint() -> None:
         save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler, bad,
                                  keep=cfg.train.keep_checkpoints)
 
     progress = run.progress_bar(total_steps, state.global_step, enabled=cfg.train.progress)
     started, samples = time.perf_counter(), 0
-    unwrapped: Backbone = accelerator.unwrap_model(model)
-    model.train()
+    train_mode()
     while state.global_step < total_steps:
         for batch in data.epoch(state.epoch, state.batches_in_epoch):
             state.batches_in_epoch += 1
@@ -250,6 +261,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             bad.check(cfg.data.max_bad_fraction, total=data.size)
             if len(batch["indices"]) == 0 and accelerator.num_processes == 1:
                 continue  # every item of this batch was unreadable (counted above)
+            if text_cache is not None:
+                batch["text_features"] = text_cache(batch["captions"], accelerator.device)
             with accelerator.accumulate(model):
                 loss = method.compute_loss(model, batch, loss_fn)
                 accelerator.backward(loss)
@@ -281,7 +294,7 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
                 checkpoint()
             if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not finished:
                 run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
-                model.train()
+                train_mode()
             if finished:
                 break
         else:

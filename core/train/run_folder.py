@@ -56,7 +56,11 @@ class RunFolder:
                 if saved.is_file() and cfg.train.resume != "never":
                     _check_same_recipe(yaml.safe_load(saved.read_text()), config_lib.to_dict(cfg), saved)
                 atomic_write_text(saved, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False, allow_unicode=True))
+                for old in [h for h in log.handlers if getattr(h, "domainclip_run", False)]:
+                    log.removeHandler(old)  # an earlier run in this process
+                    old.close()
                 handler = logging.FileHandler(self.logs / "train.log")
+                handler.domainclip_run = True
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
                 log.addHandler(handler)
                 log.setLevel(logging.INFO)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from domainclip.core import config as config_lib
 from domainclip.core.data.bad_inputs import TooManyBadInputsError
@@ -156,3 +157,39 @@ def test_extra_training_sources_are_concatenated(colour_squares: Path, tmp_path:
     recipe["data"]["train_extra"] = [{"format": "csv", "path": str(colour_squares), "limit": 5}]
     records = load_train_records(config_lib.load(RunConfig, None, (), base=recipe))
     assert len(records) == 29 and [r.label for r in records.records[24:]] == [-1] * 5
+
+
+def test_locked_text_tower_runs_in_eval_mode_and_its_features_are_cached_exactly(colour_squares: Path,
+                                                                                 tmp_path: Path) -> None:
+    from domainclip.core.backbones import ModelConfig, create_backbone
+    from domainclip.core.methods import build_method
+    from domainclip.core.methods.full import FullConfig
+    from domainclip.core.train.frozen import TextFeatureCache, frozen_towers, set_frozen_towers_eval
+
+    model = create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit"))
+    build_method(FullConfig(lock_text=True)).apply(model)
+    assert frozen_towers(model) == ["text"]
+    model.train()
+    set_frozen_towers_eval(model, ["text"])
+    assert not model.model.transformer.training and model.model.visual.training
+    cache = TextFeatureCache(model)
+    first = cache(["a red square", "a blue square", "a red square"], torch.device("cpu"))
+    assert (cache.misses, cache.hits) == (2, 1) and torch.equal(first[0], first[2])
+    cache(["a blue square"], torch.device("cpu"))
+    assert cache.hits == 2
+    with torch.no_grad():
+        direct = model.encode_text(model.tokenize(["a blue square"]))
+    assert torch.allclose(first[1], direct[0], atol=1e-6)
+
+    weights = {}
+    for cached in (True, False):
+        recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=4, cache_text_features=cached)
+        recipe["name"] = f"cached_{cached}"
+        recipe["method"] = {"name": "full", "lock_text": True}
+        result = run(recipe)
+        weights[cached] = load_file(str(result.run_dir / "model" / "trainable.safetensors"))
+        assert "cached text features: " + str(cached) in (result.run_dir / "logs" / "train.log").read_text()
+    assert weights[True].keys() == weights[False].keys()
+    assert not any(k.startswith("model.transformer.") for k in weights[True])  # saves only what it trains
+    for key in weights[True]:
+        assert torch.allclose(weights[True][key], weights[False][key], atol=1e-6), key
