@@ -36,6 +36,7 @@ Choices (documented here because ``DataSourceConfig``'s docstring is shared with
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import random
@@ -78,6 +79,10 @@ class DataSourceConfig:
         class_subset: base-to-novel protocol: ``base`` keeps the first half of the classes (in
             class-index order, rounded up), ``novel`` the rest, ``""`` all; labels are renumbered
             within the subset.
+        holdout: carve a deterministic hold-out from data without a usable split: ``test`` keeps
+            the records whose image file name hashes below ``holdout_fraction``, ``train`` keeps
+            the others, ``""`` keeps all. The same file always lands on the same side.
+        holdout_fraction: share of the records in the hold-out (by file-name hash).
     """
     format: str = "csv"
     path: str = ""
@@ -94,6 +99,8 @@ class DataSourceConfig:
     shots: int = 0
     shot_seed: int = 0
     class_subset: str = ""
+    holdout: str = ""
+    holdout_fraction: float = 0.0
 
 
 class MissingColumnError(KeyError, ValueError):
@@ -147,7 +154,13 @@ def load_records(cfg: DataSourceConfig) -> RecordSet:
         raise ValueError(f"class_subset must be one of {CLASS_SUBSETS}, got {cfg.class_subset!r}")
     if cfg.shots < 0:
         raise ValueError(f"shots must be >= 0 (0 keeps all records), got {cfg.shots}")
+    if cfg.holdout not in ("", "train", "test") or not 0.0 <= cfg.holdout_fraction < 1.0:
+        raise ValueError(f"holdout must be '', 'train' or 'test' and holdout_fraction in [0, 1), "
+                         f"got {cfg.holdout!r} and {cfg.holdout_fraction}")
     record_set = FORMAT_LOADERS[cfg.format](cfg)
+    if cfg.holdout:
+        record_set.records = [r for r in record_set.records
+                              if in_holdout(r.image, cfg.holdout_fraction) == (cfg.holdout == "test")]
     if cfg.class_subset:
         record_set = select_class_subset(record_set, cfg.class_subset, cfg.path)
     if cfg.shots:
@@ -158,6 +171,12 @@ def load_records(cfg: DataSourceConfig) -> RecordSet:
 
 
 CLASS_SUBSETS = ("", "base", "novel")
+
+
+def in_holdout(image: str, fraction: float) -> bool:
+    """Whether an image file belongs to the hash hold-out (depends on its file name only)."""
+    digest = hashlib.sha1(Path(image).name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def select_class_subset(record_set: RecordSet, subset: str, source: str) -> RecordSet:

@@ -71,3 +71,15 @@ def test_real_rsicd_has_30_scene_classes() -> None:
     records = load_records(DataSourceConfig(format="karpathy", path=str(path), label_key="@filename_prefix"))
     assert len(records.class_names) == 30
     assert sum(1 for r in records if r.label < 0) == 921
+
+
+def test_hash_holdout_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    root = folders(tmp_path, {"a": 40, "b": 40})
+    cfg = lambda side: DataSourceConfig(format="folders", path=str(root), holdout=side, holdout_fraction=0.25)
+    train, test, everything = load_records(cfg("train")), load_records(cfg("test")), load_records(cfg(""))
+    assert {r.image for r in train} | {r.image for r in test} == {r.image for r in everything}
+    assert not {r.image for r in train} & {r.image for r in test}
+    assert 8 <= len(test) <= 32  # about a quarter of 80
+    assert [r.image for r in load_records(cfg("test"))] == [r.image for r in test]
+    with pytest.raises(ValueError, match="holdout must be"):
+        load_records(DataSourceConfig(format="folders", path=str(root), holdout="val", holdout_fraction=0.2))
