@@ -3,6 +3,8 @@
     domainclip train RECIPE [KEY=VALUE ...]     train; writes runs/NAME
     domainclip eval RECIPE|RUN [KEY=VALUE ...]  evaluate a base model (recipe) or a finished run
     domainclip config RECIPE [KEY=VALUE ...]    print the resolved recipe
+    domainclip quickstart [KEY=VALUE ...]       offline demo on the bundled sample
+    domainclip compare SPEC [KEY=VALUE ...]     methods side by side (k-shot or base-to-novel)
     domainclip build-base [KEY=VALUE ...]       rebuild the offline compact base
 
 RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
@@ -95,6 +97,34 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .cards import write_run_card
+    from .plots import plot_run
+    from .train import load_run_config, train
+
+    overrides = [f"output_dir={args.out}", *args.overrides] if args.out else list(args.overrides)
+    result = train(load_run_config(resolve_recipe("examples/quickstart"), overrides))
+    print(f"\nquickstart: {result.global_step} steps, {result.trainable_parameters:,} trained parameters, "
+          f"{result.train_seconds:.0f} s")
+    for record in result.metrics:
+        retention = record.get("retention")
+        if retention:
+            print(f"  {record['dataset']}: zero-shot {retention['metric']} before {retention['before']:.3f} "
+                  f"-> after {retention['after']:.3f} ({retention['change']:+.3f})")
+    card = write_run_card(result.run_dir, name="quickstart-plantvillage-lora")
+    print(f"  run folder: {result.run_dir}\n  plot: {plot_run(result.run_dir)}\n  model card: {card}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, load_spec
+
+    spec_path = resolve_recipe(args.spec)
+    out = compare(load_spec(spec_path, args.overrides), spec_path.parent)
+    print((out / "compare.md").read_text())
+    return 0
+
+
 def _cmd_build_base(args: argparse.Namespace) -> int:
     from .train.build_base import build_base
 
@@ -120,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*")
     show.add_argument("--reference", action="store_true", help="print the documentation of every recipe key")
     show.set_defaults(func=_cmd_config)
+    quick = sub.add_parser("quickstart", help="offline demo: LoRA-adapt the compact base to the bundled sample")
+    quick.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of recipes/examples/quickstart.yaml")
+    quick.add_argument("--out", default="", help="parent folder of the run (default: runs)")
+    quick.set_defaults(func=_cmd_quickstart)
+    comp = sub.add_parser("compare", help="run several methods on the same data and tabulate them")
+    comp.add_argument("spec", help="comparison spec YAML (or a bundled name such as compare/plantvillage)")
+    comp.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. seeds=[0] shots=[4]")
+    comp.set_defaults(func=_cmd_compare)
     base = sub.add_parser("build-base", help="rebuild the offline compact base (model_cards/compact_base)")
     base.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of recipes/base/compact_base.yaml")
     base.add_argument("--out", default="", help="folder to write (default: the package's model_cards/compact_base)")

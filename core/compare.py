@@ -1,0 +1,225 @@
+"""``domainclip compare``: every method on the same data from the same base, side by side.
+
+A comparison spec names one base recipe (model, full training data, evaluation tasks) and the
+methods to run as recipe overrides. Few-shot protocol: every method trains on k-shot draws
+(``shots``) for several seeds (``seeds``); the table reports the mean and standard deviation of
+the headline metric, trained parameters, training time and the retention change. Base-to-novel
+protocol: methods train on the first half of the classes and are evaluated on the base and the
+novel half, reporting both and their harmonic mean (the CoOp / MaPLe protocol). The zero-shot
+base is always included as the reference row.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_lib
+from .checkpoint import atomic_write_text
+from .run_config import RunConfig
+
+PROTOCOLS = ("few_shot", "base_to_novel")
+
+
+@dataclass
+class CompareConfig:
+    """A method comparison.
+
+    Attributes:
+        name: comparison name; results go to ``output_dir/name``.
+        recipe: the base recipe (path relative to this spec, or a bundled recipe name); its
+            ``data.train`` is the full training set the k-shot draws come from, its first ``eval``
+            task is the headline metric.
+        methods: method label -> recipe overrides (a nested mapping merged into the recipe,
+            e.g. ``{method: {name: lora, rank: 4}, train: {max_steps: 40}}``).
+        protocol: ``few_shot`` or ``base_to_novel``.
+        shots: k values of the few-shot protocol (and the shots of base-to-novel training).
+        seeds: k-shot draw and training seeds; results are mean and std over them.
+        output_dir: parent folder of the comparison folder.
+        max_batch_size: the training batch is min(this, number of training images).
+    """
+
+    name: str = "compare"
+    recipe: str = ""
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protocol: str = "few_shot"
+    shots: list[int] = field(default_factory=lambda: [1, 4, 16])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    output_dir: str = "runs"
+    max_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not self.methods:
+            raise ValueError("methods is empty: name at least one method to compare")
+        if any(k < 1 for k in self.shots) or not self.seeds:
+            raise ValueError(f"shots must be >= 1 and seeds non-empty, got {self.shots} and {self.seeds}")
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "method":
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
+    from .cli import resolve_recipe
+
+    candidate = spec_dir / spec.recipe
+    path = candidate if candidate.is_file() else resolve_recipe(spec.recipe)
+    return config_lib.expand_recipe_dir(config_lib.read_yaml(path), path.resolve().parent)
+
+
+def _headline(record: dict[str, Any]) -> float:
+    key = "acc1" if record["task"] == "zeroshot_classification" else "mean_recall"
+    return float(record["metrics"][key])
+
+
+def run_configs(spec: CompareConfig, recipe: dict[str, Any], out: Path) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """(method, k, seed, recipe mapping) of every run the comparison needs."""
+    runs = []
+    for label, overrides in spec.methods.items():
+        for k in spec.shots:
+            for seed in spec.seeds:
+                data = deep_merge(recipe, overrides)
+                data["name"] = f"{label}_k{k}_s{seed}"
+                data["output_dir"] = str(out / "runs")
+                data.setdefault("train", {})["seed"] = seed
+                data["train"].setdefault("progress", False)
+                source = data["data"]["train"]
+                source.update({"shots": k, "shot_seed": seed})
+                if spec.protocol == "base_to_novel":
+                    source["class_subset"] = "base"
+                runs.append((label, k, seed, data))
+    return runs
+
+
+def eval_tasks_for(spec: CompareConfig, recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation tasks: the recipe's, or its first task split into base and novel classes."""
+    tasks = recipe.get("eval") or []
+    if not tasks:
+        raise ValueError("the comparison's recipe has no eval task")
+    if spec.protocol == "few_shot":
+        return tasks
+    first = tasks[0]
+    split = []
+    for subset in ("base", "novel"):
+        task = copy.deepcopy(first)
+        task["name"] = f"{first.get('name') or 'eval'}_{subset}"
+        task["data"]["class_subset"] = subset
+        split.append(task)
+    return split
+
+
+def summarise(rows: list[dict[str, Any]], spec: CompareConfig) -> list[dict[str, Any]]:
+    """Mean and std over seeds per (method, k)."""
+    table = []
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["shots"]), []).append(row)
+    for (method, k), group in groups.items():
+        entry: dict[str, Any] = {"method": method, "shots": k, "runs": len(group),
+                                 "trainable_parameters": group[0]["trainable_parameters"],
+                                 "train_seconds": statistics.mean(r["train_seconds"] for r in group)}
+        for key in group[0]["scores"]:
+            values = [r["scores"][key] for r in group]
+            entry[key] = statistics.mean(values)
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        retention = [r["retention_change"] for r in group if r["retention_change"] is not None]
+        entry["retention_change"] = statistics.mean(retention) if retention else None
+        table.append(entry)
+    return table
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
+    """Run every (method, k, seed) and write ``compare.json``, ``compare.md`` and ``compare.png``."""
+    from .backbones import create_backbone
+    from .data import load_records
+    from .train import train
+    from .train.evaluation import run_eval_tasks
+
+    out = Path(spec.output_dir) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = _recipe_dict(spec, spec_dir)
+    recipe["eval"] = eval_tasks_for(spec, recipe)
+    base_cfg = config_lib.from_dict(RunConfig, recipe)
+    baseline = run_eval_tasks(base_cfg, create_backbone(base_cfg.model))
+    rows = []
+    for label, k, seed, data in run_configs(spec, recipe, out):
+        cfg = config_lib.from_dict(RunConfig, data)
+        n_train = len(load_records(cfg.data.train))
+        cfg.data.batch_size = min(spec.max_batch_size, n_train)
+        result = train(cfg)
+        scores = {r["dataset"]: _headline(r) for r in result.metrics}
+        if spec.protocol == "base_to_novel":
+            base, novel = scores[recipe["eval"][0]["name"]], scores[recipe["eval"][1]["name"]]
+            scores = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+        retention = [r["retention"]["change"] for r in result.metrics if "retention" in r]
+        rows.append({"method": label, "shots": k, "seed": seed, "scores": scores,
+                     "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
+                     "retention_change": retention[0] if retention else None})
+        atomic_write_text(out / "runs.json", json.dumps(rows, indent=2))
+    zero = {r["dataset"]: _headline(r) for r in baseline}
+    if spec.protocol == "base_to_novel":
+        b, n = zero[recipe["eval"][0]["name"]], zero[recipe["eval"][1]["name"]]
+        zero = {"base": b, "novel": n, "hm": harmonic_mean(b, n)}
+    table = summarise(rows, spec)
+    result = {"spec": config_lib.to_dict(spec), "zero_shot": zero, "table": table, "runs": rows}
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "compare.md", render_markdown(spec, zero, table))
+    plot_compare(spec, zero, table, out / "compare.png")
+    return out
+
+
+def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]]) -> str:
+    keys = list(zero)
+    header = "| method | shots | " + " | ".join(keys) + " | trained params | train s | retention Δ |"
+    lines = [f"## {spec.name} ({spec.protocol}, seeds {spec.seeds})", "", header,
+             "|" + "---|" * (len(keys) + 5)]
+    lines.append("| zero-shot base | 0 | " + " | ".join(f"{zero[k]:.3f}" for k in keys) + " | 0 | 0 | |")
+    for row in sorted(table, key=lambda r: (r["method"], r["shots"])):
+        scores = " | ".join(f"{row[k]:.3f} ± {row[k + '_std']:.3f}" for k in keys)
+        change = "" if row["retention_change"] is None else f"{row['retention_change']:+.3f}"
+        lines.append(f"| {row['method']} | {row['shots']} | {scores} | {row['trainable_parameters']:,} | "
+                     f"{row['train_seconds']:.1f} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "hm" if spec.protocol == "base_to_novel" else next(iter(zero))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in table}):
+        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["shots"])
+        ax.errorbar([r["shots"] for r in rows], [r[key] for r in rows], yerr=[r[f"{key}_std"] for r in rows],
+                    marker="o", capsize=3, label=method)
+    ax.axhline(zero[key], color="black", linestyle="--", label="zero-shot")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="shots per class", ylabel=key, title=f"{spec.name}: {key}", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> CompareConfig:
+    return config_lib.load(CompareConfig, path, overrides)
+
+
+__all__ = ["CompareConfig", "compare", "load_spec", "harmonic_mean", "deep_merge"]

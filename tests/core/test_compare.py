@@ -1,0 +1,68 @@
+"""``domainclip compare``: k-shot runs per method and seed, the table, base-to-novel."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domainclip.core.compare import CompareConfig, compare, harmonic_mean, load_spec
+from domainclip.core.config import ConfigError
+
+from ..conftest import tiny_recipe
+
+
+def write_spec(tmp_path: Path, manifest: Path, **spec: object) -> Path:
+    recipe = tiny_recipe(manifest, tmp_path / "unused", max_steps=3)
+    recipe["data"]["train"] = {"format": "csv", "path": str(manifest), "label_key": "label",
+                               "templates": ["a {} square"]}
+    recipe["eval"] = [{"name": "squares", "task": "zeroshot", "templates": ["a {} square"],
+                       "data": {"format": "csv", "path": str(manifest), "label_key": "label"}}]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    values = {"name": "cmp", "recipe": "recipe.yaml", "output_dir": str(tmp_path / "out"), "shots": [1, 2],
+              "seeds": [0, 1], "methods": {"full": {"method": {"name": "full"}},
+                                           "lit": {"method": {"name": "full", "lock_image": True}}}}
+    values.update(spec)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_few_shot_comparison_table(colour_squares: Path, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path, colour_squares, shots=[2])
+    out = compare(load_spec(spec_path), spec_path.parent)
+    result = json.loads((out / "compare.json").read_text())
+    assert len(result["runs"]) == 2 * 2
+    assert {(r["method"], r["shots"]) for r in result["table"]} == {("full", 2), ("lit", 2)}
+    row = next(r for r in result["table"] if r["method"] == "lit" and r["shots"] == 2)
+    runs = [r["scores"]["squares"] for r in result["runs"] if r["method"] == "lit" and r["shots"] == 2]
+    assert row["squares"] == pytest.approx(sum(runs) / 2)
+    full = next(r for r in result["table"] if r["method"] == "full")
+    assert row["trainable_parameters"] < full["trainable_parameters"]  # the image tower is locked
+    # each k-shot run really trained on k images per class
+    config = yaml.safe_load((out / "runs" / "full_k2_s1" / "config.yaml").read_text())
+    assert config["data"]["train"]["shots"] == 2 and config["data"]["batch_size"] == 6
+    assert "| zero-shot base | 0 |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_base_to_novel_reports_harmonic_mean(colour_squares: Path, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path, colour_squares, protocol="base_to_novel", shots=[2], seeds=[0],
+                           methods={"full": {"method": {"name": "full"}}})
+    out = compare(load_spec(spec_path), spec_path.parent)
+    result = json.loads((out / "compare.json").read_text())
+    row = result["table"][0]
+    assert row["hm"] == pytest.approx(harmonic_mean(row["base"], row["novel"]))
+    config = yaml.safe_load((out / "runs" / "full_k2_s0" / "config.yaml").read_text())
+    assert config["data"]["train"]["class_subset"] == "base"
+    assert [t["data"]["class_subset"] for t in config["eval"]] == ["base", "novel"]
+    assert set(result["zero_shot"]) == {"base", "novel", "hm"}
+
+
+def test_spec_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        CompareConfig(methods={"a": {}}, protocol="zero")
+    (tmp_path / "s.yaml").write_text("name: x\nmethod: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'method'; did you mean 'methods'\?"):
+        load_spec(tmp_path / "s.yaml")
