@@ -5,6 +5,8 @@
     domainclip config RECIPE [KEY=VALUE ...]    print the resolved recipe
     domainclip quickstart [KEY=VALUE ...]       offline demo on the bundled sample
     domainclip compare SPEC [KEY=VALUE ...]     methods side by side (k-shot or base-to-novel)
+    domainclip wise-ft RUN --select-on TASK     WiSE-FT sweep over the mixing weight
+    domainclip merge RUN                        LoRA adapters merged into full weights
     domainclip build-base [KEY=VALUE ...]       rebuild the offline compact base
 
 RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
@@ -125,6 +127,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_wise_ft(args: argparse.Namespace) -> int:
+    from .methods.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
+
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(DEFAULT_ALPHAS)
+    result = wise_ft_sweep(args.run, alphas, args.select_on, args.out or None)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .methods.lora import merge_run
+
+    print(json.dumps({"merged": str(merge_run(args.run, args.out or None))}))
+    return 0
+
+
 def _cmd_build_base(args: argparse.Namespace) -> int:
     from .train.build_base import build_base
 
@@ -158,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("spec", help="comparison spec YAML (or a bundled name such as compare/plantvillage)")
     comp.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. seeds=[0] shots=[4]")
     comp.set_defaults(func=_cmd_compare)
+    wise = sub.add_parser("wise-ft", help="interpolate base and fine-tuned weights; pick alpha on validation data")
+    wise.add_argument("run", help="finished run folder")
+    wise.add_argument("--select-on", required=True, help="name of the run's eval task to choose alpha on (validation)")
+    wise.add_argument("--alphas", default="", help="comma-separated mixing weights (default 0,0.1,...,1)")
+    wise.add_argument("--out", default="", help="output folder (default RUN/wise_ft)")
+    wise.set_defaults(func=_cmd_wise_ft)
+    merge = sub.add_parser("merge", help="merge a LoRA run's adapters into full backbone weights")
+    merge.add_argument("run")
+    merge.add_argument("--out", default="", help="safetensors file (default RUN/model/merged.safetensors)")
+    merge.set_defaults(func=_cmd_merge)
     base = sub.add_parser("build-base", help="rebuild the offline compact base (model_cards/compact_base)")
     base.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of recipes/base/compact_base.yaml")
     base.add_argument("--out", default="", help="folder to write (default: the package's model_cards/compact_base)")

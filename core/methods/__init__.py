@@ -1,5 +1,7 @@
 """Adaptation methods, each registered in one line; an unknown name fails loudly."""
 from .base import METHODS, AdaptationMethod, MethodConfig, TaskInfo, build_method, register_method
 from . import full  # noqa: F401  (registers "full")
+from . import lora  # noqa: F401  (registers "lora")
+from . import prompt_learning  # noqa: F401  (registers "coop", "cocoop", "maple")
 
 __all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "TaskInfo", "build_method", "register_method"]

@@ -81,7 +81,8 @@ class AdaptationMethod:
       instead of running optimizer steps.
     - ``logits_fn(model, class_names, templates)``: a classifier of its own for zero-shot
       evaluation (learned prompts, a probe, a cache); ``None`` keeps the prompt ensemble.
-    - ``trainable_state`` / ``load_trainable_state``: what is saved (only what the method trains).
+    - ``trainable_state`` / ``load_trainable_state``: what is saved (only what the method trains);
+      ``save_artifacts``: extra files for the run's ``model/`` folder (LoRA's merged weights).
     """
 
     config_class: ClassVar[type[MethodConfig]]
@@ -127,6 +128,10 @@ class AdaptationMethod:
             raise ValueError(f"method {self.cfg.name!r} left no trainable parameters")
         return [{"params": params, "weight_decay": decay, "lr": lr * scale}
                 for (decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])]
+
+    def save_artifacts(self, model: Backbone, folder: Any) -> list[Any]:
+        """Extra files a method writes into the run's ``model/`` folder (e.g. merged weights)."""
+        return []
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint of this method holds: the parameters it trains."""

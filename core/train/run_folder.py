@@ -21,7 +21,7 @@ from typing import Any
 import tqdm
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 
 from .. import config as config_lib
 from ..checkpoint import atomic_write_text, save_tensors
@@ -85,6 +85,7 @@ class RunFolder:
         folder = self.path / "model"
         folder.mkdir(exist_ok=True)
         save_tensors(method.trainable_state(model), folder / "trainable.safetensors")
+        method.save_artifacts(model, folder)
         info = {"model": config_lib.to_dict(cfg.model), "method": config_lib.to_dict(cfg.method),
                 "backbone": model.config_dict(), "task": asdict(task)}
         atomic_write_text(folder / "model.json", json.dumps(info, indent=2))
@@ -140,6 +141,8 @@ def load_trained(run_dir: str | Path):
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir} has no finished model ({weights} is missing); did training complete?")
     info = json.loads((run_dir / "model" / "model.json").read_text())
+    # seeded like training, so parts the method does not save (a random-init base) come back equal
+    set_seed(cfg.train.seed)
     model, method = build_model(cfg, TaskInfo(**info.get("task", {})))
     method.load_trainable_state(model, load_file(str(weights)), source=str(weights))
     return model, method, cfg

@@ -1,0 +1,183 @@
+"""WiSE-FT: interpolate between the base and the fine-tuned weights, pick the mix on validation data.
+
+Wortsman et al. (2022) mix zero-shot and fine-tuned weights as ``(1 - alpha) * base + alpha * ft``;
+intermediate alphas often keep most of the fine-tuned accuracy and much of the base model's
+robustness. :func:`wise_ft_sweep` rebuilds a finished run, evaluates the run's ``eval`` tasks for
+every alpha and keeps the alpha that is best on the validation task ``select_on``.
+
+Where the interpolation happens depends on the method:
+
+- methods whose trained tensors are ordinary weights (``full``, locked towers) interpolate
+  their ``trainable_state`` (the untrained value is the freshly built one);
+- methods whose trained tensors do not combine linearly provide ``merged_model(model) -> Backbone``
+  (LoRA/DoRA): the MERGED fine-tuned backbone is interpolated with the base backbone. For plain
+  LoRA this equals scaling the low-rank update ``B @ A`` by alpha; for DoRA it is the true
+  weight-space mix, which no single adapter state can express.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones.base import Backbone
+from ..checkpoint import atomic_write_text, save_tensors
+from .base import AdaptationMethod
+
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+MAIN_METRICS = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",
+                "zeroshot_multilabel": "mean_auroc"}
+RESULT_FILE = "wise_ft.json"
+
+
+def interpolate(base_state: Mapping[str, torch.Tensor], finetuned_state: Mapping[str, torch.Tensor],
+                alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * base + alpha * finetuned`` for every floating tensor (in float32, cast back).
+
+    Uses ``torch.lerp``, which returns ``base`` exactly at alpha 0 and ``finetuned`` exactly at
+    alpha 1 (and leaves tensors equal in both unchanged). Both states must have the same keys and
+    shapes; non-floating tensors (integer buffers) must be equal and are copied.
+    """
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"WiSE-FT alpha must be a number in [0, 1], got {alpha!r}")
+    missing, extra = sorted(set(base_state) - set(finetuned_state)), sorted(set(finetuned_state) - set(base_state))
+    if missing or extra:
+        raise KeyError(f"base and fine-tuned states differ in keys: {len(missing)} only in base (e.g. {missing[:3]}), "
+                       f"{len(extra)} only in fine-tuned (e.g. {extra[:3]})")
+    mixed: dict[str, torch.Tensor] = {}
+    for key, base in base_state.items():
+        tuned = finetuned_state[key]
+        if base.shape != tuned.shape:
+            raise ValueError(f"{key}: base has shape {tuple(base.shape)}, fine-tuned {tuple(tuned.shape)}")
+        if base.is_floating_point() and tuned.is_floating_point():
+            mixed[key] = torch.lerp(base.float(), tuned.to(base.device).float(), float(alpha)).to(base.dtype)
+        elif torch.equal(base, tuned.to(base.device)):
+            mixed[key] = base.clone()
+        else:
+            raise ValueError(f"{key}: {base.dtype} / {tuned.dtype} tensors differ between base and fine-tuned; "
+                             f"only floating tensors can be interpolated")
+    return mixed
+
+
+@dataclass
+class WeightSpace:
+    """What WiSE-FT interpolates for one model, and how to evaluate the result.
+
+    Attributes:
+        model: the module the interpolated state is loaded into.
+        method: the method evaluation should use (``None`` for a plain, merged backbone).
+        state: the tensors to interpolate.
+        kind: ``backbone`` (a full backbone state dict) or ``trainable`` (the method's trained state).
+    """
+
+    model: nn.Module
+    method: AdaptationMethod | None
+    state: dict[str, torch.Tensor]
+    kind: str
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.kind == "backbone":
+            self.model.load_state_dict(dict(state), strict=True)
+        else:
+            assert self.method is not None
+            self.method.load_trainable_state(self.model, dict(state), source="WiSE-FT interpolation")
+
+
+def weight_space(model: Backbone, method: AdaptationMethod) -> WeightSpace:
+    """The space a trained ``model`` is interpolated in (see the module docstring)."""
+    merge = getattr(method, "merged_model", None)
+    if callable(merge):
+        plain = merge(model)
+        return WeightSpace(plain, None, {k: v.detach().clone() for k, v in plain.state_dict().items()}, "backbone")
+    return WeightSpace(model, method, {k: v.detach().clone() for k, v in method.trainable_state(model).items()}, "trainable")
+
+
+def main_metric(record: Mapping[str, Any]) -> tuple[str, float]:
+    """The headline number of one CLIP_benchmark record: acc1, mean_recall or mean_auroc."""
+    task = record.get("task")
+    if task not in MAIN_METRICS:
+        raise ValueError(f"eval record of {record.get('dataset')!r} has task {task!r}; WiSE-FT selects on {sorted(MAIN_METRICS)}")
+    name = MAIN_METRICS[task]
+    value = record["metrics"].get(name)
+    if value is None:
+        raise ValueError(f"eval record of {record.get('dataset')!r} has no {name!r} metric to select on")
+    return name, float(value)
+
+
+def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, out_dir: str | Path | None = None,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
+    """Evaluate the run's ``eval`` tasks for each alpha and keep the best alpha on ``select_on``.
+
+    ``alphas``: the mixing weights to try, each in [0, 1] (:data:`DEFAULT_ALPHAS` is 0, 0.1, ..., 1).
+
+    ``select_on`` names one of the run's eval tasks (its ``name``, or its data path when unnamed);
+    it should be validation data, not the test set. The chosen weights and ``wise_ft.json`` (all
+    tasks for all alphas) go to ``out_dir`` (default ``RUN/wise_ft``). Ties go to the smaller
+    alpha (closer to the base model). Returns the contents of ``wise_ft.json``.
+    """
+    from accelerate.utils import set_seed
+
+    from ..train import build_model
+    from ..train.evaluation import run_eval_tasks
+    from .base import TaskInfo
+    from .lora.method import load_trained_run
+
+    run_dir = Path(run_dir)
+    alphas = sorted(_check_alphas(alphas))  # ascending, so ties keep the smaller alpha
+    finetuned, method, cfg = load_trained_run(run_dir)
+    task_names = [task.name or task.data.path for task in cfg.eval]
+    if not task_names:
+        raise ValueError(f"{run_dir / 'config.yaml'} has no eval tasks; WiSE-FT picks alpha on a validation eval task")
+    if select_on not in task_names:
+        raise ValueError(f"select_on={select_on!r} is not an eval task of {run_dir} (tasks: {task_names})")
+    info = json.loads((run_dir / "model" / "model.json").read_text())
+
+    tuned = weight_space(finetuned, method)
+    del finetuned
+    set_seed(cfg.train.seed)  # the same base the run started from, also for randomly initialised weights
+    base_model, base_method = build_model(cfg, TaskInfo(**info.get("task", {})))
+    base_state = weight_space(base_model, base_method).state
+    del base_model
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tuned.model.to(device)
+
+    rows, best = [], None
+    for alpha in alphas:
+        tuned.load(interpolate(base_state, tuned.state, alpha))
+        records = run_eval_tasks(cfg, tuned.model, accelerator=None, method=tuned.method)
+        tasks = {name: {**record, "main_metric": dict([main_metric(record)])} for name, record in zip(task_names, records)}
+        metric, value = main_metric(tasks[select_on])
+        rows.append({"alpha": alpha, "selection_value": value, "tasks": tasks})
+        if best is None or value > best[1]:
+            best = (alpha, value)
+    assert best is not None
+    chosen = best[0]
+
+    out = Path(out_dir) if out_dir is not None else run_dir / "wise_ft"
+    out.mkdir(parents=True, exist_ok=True)
+    weights_file = out / ("model.safetensors" if tuned.kind == "backbone" else "trainable.safetensors")
+    save_tensors(interpolate(base_state, tuned.state, chosen), weights_file,
+                 metadata={"format": f"domainclip-wise-ft-{tuned.kind}", "alpha": str(chosen), "run": str(run_dir)})
+    summary = {"run": str(run_dir), "method": cfg.method.name, "select_on": select_on, "metric": metric,
+               "alphas": alphas, "chosen_alpha": chosen, "chosen_value": best[1], "weights_file": weights_file.name,
+               "weights_kind": tuned.kind, "results": rows}
+    atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_alphas(alphas: Sequence[float]) -> list[float]:
+    values = [float(a) for a in alphas]
+    if not values:
+        raise ValueError("WiSE-FT needs at least one alpha")
+    bad = [a for a in values if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
+    if bad:
+        raise ValueError(f"WiSE-FT alphas must lie in [0, 1], got {bad}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"WiSE-FT alphas repeat a value: {values}")
+    return values
