@@ -173,7 +173,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     records = load_train_records(cfg)
     task = task_of(cfg, records) if records is not None else TaskInfo()
-    base = create_backbone(cfg.model)
+    base = create_backbone(cfg.model).to(accelerator.device)
     before = run_eval_tasks(cfg, base, accelerator, method=None, only_retention=True)
     model, method = build_model(cfg, task, base=base)
     if cfg.train.grad_checkpointing:
