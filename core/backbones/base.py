@@ -73,6 +73,19 @@ class HFTokenize:
         return {key: encoded[key] for key in self.keys if key in encoded}
 
 
+def set_hf_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Activation checkpointing of a transformers model, on old and new transformers alike."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enable:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 # Parameter-name fragments that mark a tower's input stage (before its first block).
 EMBEDDING_HINTS = ("embed", "conv1", "class_embedding", "positional", "ln_pre", "pre_layrnorm",
                    "cls_token", "pos_embed", "reg_token", "norm_pre")

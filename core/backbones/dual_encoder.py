@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Backbone, HFTokenize, PreprocessConfig, Tokens
+from .base import Backbone, HFTokenize, PreprocessConfig, Tokens, set_hf_checkpointing
 from .factory import ModelConfig, register_backbone
 
 
@@ -34,6 +34,14 @@ def resolve_text_path(spec: str) -> str:
     if not folder.is_dir():
         raise ValueError(f"model.text {spec!r}: no model folder at {folder}")
     return str(folder)
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Sentence pooling: [CLS] (``cls``) or the mean over real tokens (``mean``, sentence-transformers)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
 
 
 def build_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -141,20 +149,13 @@ class DualEncoder(Backbone):
     def _text_features(self, tokens: Tokens) -> torch.Tensor:
         mask = tokens.get("attention_mask")
         hidden = self.text(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state
-        if self._cfg.text_pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = (mask if mask is not None else torch.ones(hidden.shape[:2], device=hidden.device))
-            weights = weights.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
-        return self.text_projection(pooled)
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        return self.text_projection(pool_text(hidden, mask, self._cfg.text_pooling))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)
-        if enable:
-            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.text.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.text, enable)
 
     def config_dict(self) -> dict[str, Any]:
         keys = ("vision", "vision_pretrained", "vision_kwargs", "text", "text_pooling", "embed_dim",

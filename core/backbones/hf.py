@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from .base import Backbone, HFTokenize, PreprocessConfig, Tokens
+from .base import Backbone, HFTokenize, PreprocessConfig, Tokens, set_hf_checkpointing
 from .factory import ModelConfig, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("clip", "siglip", "siglip2")
@@ -83,10 +83,7 @@ class HFClipBackbone(Backbone):
         return pooled if self.is_siglip else self.model.text_projection(pooled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.model, enable)
 
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self._cfg.name, "revision": self._cfg.revision,

