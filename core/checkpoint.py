@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that readers see the old or the new file, never half of one."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that readers see the old or the new file, never half of one.
+
+    The temporary name is unique per process and call, so concurrent writers never share one.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically, see :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

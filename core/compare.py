@@ -156,8 +156,11 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
     recipe["eval"] = eval_tasks_for(spec, recipe)
     base_cfg = config_lib.from_dict(RunConfig, recipe)
     baseline = run_eval_tasks(base_cfg, create_backbone(base_cfg.model))
-    rows = []
+    rows = _finished_rows(out / "runs.json", spec)
+    done = {(r["method"], r["shots"], r["seed"]) for r in rows}
     for label, k, seed, data in run_configs(spec, recipe, out):
+        if (label, k, seed) in done:
+            continue  # finished by an earlier, interrupted invocation of the same spec
         cfg = config_lib.from_dict(RunConfig, data)
         n_train = len(load_records(cfg.data.train))
         cfg.data.batch_size = min(spec.max_batch_size, n_train)
@@ -170,7 +173,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
         rows.append({"method": label, "shots": k, "seed": seed, "scores": scores,
                      "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
                      "retention_change": retention[0] if retention else None})
-        atomic_write_text(out / "runs.json", json.dumps(rows, indent=2))
+        atomic_write_text(out / "runs.json", json.dumps({"spec": config_lib.to_dict(spec), "runs": rows}, indent=2))
     zero = {r["dataset"]: _headline(r) for r in baseline}
     if spec.protocol == "base_to_novel":
         b, n = zero[recipe["eval"][0]["name"]], zero[recipe["eval"][1]["name"]]
@@ -181,6 +184,16 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
     atomic_write_text(out / "compare.md", render_markdown(spec, zero, table))
     plot_compare(spec, zero, table, out / "compare.png")
     return out
+
+
+def _finished_rows(path: Path, spec: CompareConfig) -> list[dict[str, Any]]:
+    """Rows of an interrupted earlier invocation of the same spec (none if the spec changed)."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict) or saved.get("spec") != json.loads(json.dumps(config_lib.to_dict(spec))):
+        return []
+    return list(saved.get("runs", []))
 
 
 def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]]) -> str:

@@ -124,6 +124,16 @@ class Backbone(nn.Module):
     tower_prefixes: dict[str, tuple[str, ...]] = {}
     block_prefixes: dict[str, str] = {}
 
+    def adopt_identity(self, inner: "Backbone", attribute: str) -> None:
+        """Make a wrapper that holds ``inner`` as ``self.<attribute>`` look like it: same kind,
+        preprocessing and tokenizer, tower and block prefixes re-rooted under ``attribute``."""
+        self.kind = inner.kind
+        self.preprocess = inner.preprocess
+        self.text_tokenizer = inner.text_tokenizer
+        self.tower_prefixes = {tower: tuple(f"{attribute}.{prefix}" for prefix in prefixes)
+                               for tower, prefixes in inner.tower_prefixes.items()}
+        self.block_prefixes = {tower: f"{attribute}.{prefix}" for tower, prefix in inner.block_prefixes.items()}
+
     def tower_parameter_groups(self, tower: str) -> list[list[str]]:
         """Parameter names of ``tower`` grouped input to output: [embedding, block 0, ..., head].
 

@@ -88,7 +88,10 @@ class OpenClipBackbone(Backbone):
         return self.model.encode_image(images)
 
     def _text_features(self, tokens: Tokens) -> torch.Tensor:
-        return self.model.encode_text(tokens["input_ids"])
+        # same features and gradients as encode_text, without running the padding after end-of-text
+        from ..train.speed import encode_text_trimmed
+
+        return encode_text_trimmed(self.model, tokens["input_ids"])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

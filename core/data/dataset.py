@@ -144,6 +144,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         transform: PIL RGB image -> tensor (see ``build_image_transform``).
         seed: base seed of caption draws and augmentations.
         train: draw a caption per step (True) or always use caption 0 (False).
+
+    ``load_images = False`` makes items carry an empty ``image`` tensor without opening the file:
+    for methods that read image features from a cache (unreadable files were listed when the
+    cache was built).
     """
 
     def __init__(
@@ -159,6 +163,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.train = train
         self._epoch = SharedEpoch(0)
+        self.load_images = True
 
     def __len__(self) -> int:
         return len(self.records)
@@ -174,6 +179,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         epoch = self.epoch
+        if not self.load_images:
+            caption = pick_caption(record.captions, self.train, self.seed, epoch, index)
+            return {"image": torch.zeros(0), "caption": caption, "label": record.label, "index": index}
         try:
             image = open_rgb_image(record.image)
         except BadImageError as error:

@@ -3,5 +3,8 @@ from .base import METHODS, AdaptationMethod, MethodConfig, TaskInfo, build_metho
 from . import full  # noqa: F401  (registers "full")
 from . import lora  # noqa: F401  (registers "lora")
 from . import prompt_learning  # noqa: F401  (registers "coop", "cocoop", "maple")
+from . import linear_probe  # noqa: F401  (registers "linear_probe")
+from . import projector  # noqa: F401  (registers "projector")
+from . import tip_adapter  # noqa: F401  (registers "tip_adapter")
 
 __all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "TaskInfo", "build_method", "register_method"]

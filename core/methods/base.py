@@ -79,6 +79,10 @@ class AdaptationMethod:
     - ``fits_in_closed_form`` + ``fit(model, loader, task)``: methods that need no SGD (a linear
       probe solved by logistic regression, a training-free Tip-Adapter cache) are fitted once
       instead of running optimizer steps.
+    - ``prepare_data(model, loader)``: called once the training loader exists, before the
+      optimizer is built (a frozen-feature method encodes the training set into the feature cache
+      here); returns the (path, reason) of images it could not read. ``reads_cached_features``
+      then tells the loop to stop decoding images the method never looks at.
     - ``logits_fn(model, class_names, templates)``: a classifier of its own for zero-shot
       evaluation (learned prompts, a probe, a cache); ``None`` keeps the prompt ensemble.
     - ``trainable_state`` / ``load_trainable_state``: what is saved (only what the method trains);
@@ -103,6 +107,15 @@ class AdaptationMethod:
         out = model(batch["images"], batch.get("tokens"), batch.get("text_features"))
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
                        labels=batch["labels"])
+
+    def prepare_data(self, model: Backbone, loader: Any) -> list[tuple[str, str]]:
+        """One-off work on the training data before SGD; returns unreadable (path, reason) items."""
+        return []
+
+    @property
+    def reads_cached_features(self) -> bool:
+        """True when ``compute_loss`` takes image features from a cache, not ``batch["images"]``."""
+        return False
 
     def fit(self, model: Backbone, loader: Any, task: TaskInfo) -> dict[str, Any]:
         """Closed-form fitting for methods with ``fits_in_closed_form``; returns a summary."""

@@ -27,6 +27,7 @@ from ..data.sources import STREAM_FORMATS, load_records
 from ..data.webdataset import build_webdataset
 from ..data.transforms import build_image_transform
 from ..losses import build_loss
+from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo, build_method
 from ..run_config import RunConfig
@@ -160,6 +161,8 @@ def fresh_accelerator(**kwargs: Any) -> Accelerator:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run a recipe: build, (resume,) train or fit, checkpoint, evaluate, write the run folder."""
+    if cfg.train.cpu or not torch.cuda.is_available():
+        tune_cpu_allocator()
     accelerator = fresh_accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.precision,
@@ -217,6 +220,9 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
         raise ValueError(f"one epoch of data.train has {data.batches_per_epoch} batches per process: "
                          f"fewer than train.grad_accum={cfg.train.grad_accum}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    unreadable = method.prepare_data(model, data.loader)
+    if method.reads_cached_features and not data.streaming:
+        data.dataset.load_images = False  # the method reads cached features; decoding would be wasted
     optimizer = build_optimizer(method.param_groups(model, cfg.train.lr, cfg.train.weight_decay), cfg.train)
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     run.log(f"method={cfg.method.name} trainable parameters={method.trainable_parameter_count(model):,} "
@@ -233,6 +239,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     if resume_from is not None:
         state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
         run.log(f"resumed from {resume_from} at step {state.global_step}")
+    for path, reason in unreadable:  # found while caching; the batches no longer open these files
+        bad.add_bad(path, reason)
     if cfg.train.tensorboard:
         accelerator.init_trackers("train")
 

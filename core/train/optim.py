@@ -6,11 +6,15 @@ from typing import Any
 
 import torch
 
+from .speed import adamw_kwargs
+
 
 def build_optimizer(param_groups: list[dict[str, Any]], train_cfg: Any) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups`` (fused kernel where torch has one for every parameter)."""
     for group in param_groups:
         group["initial_lr"] = group["lr"]
-    return torch.optim.AdamW(param_groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps)
+    return torch.optim.AdamW(param_groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
+                             **adamw_kwargs(param_groups))
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -66,3 +66,32 @@ def test_spec_validation(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text("name: x\nmethod: {}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'method'; did you mean 'methods'\?"):
         load_spec(tmp_path / "s.yaml")
+
+
+def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import domainclip.core.train as train_package
+
+    spec_path = write_spec(tmp_path, colour_squares, shots=[2], seeds=[0])
+    real_train, trained, killed = train_package.train, [], []
+
+    def counting_train(cfg):
+        trained.append(cfg.name)
+        if len(trained) == 2 and not killed:
+            killed.append(cfg.name)
+            raise SystemExit("killed")  # the process dies during the second run
+        return real_train(cfg)
+
+    monkeypatch.setattr(train_package, "train", counting_train)
+    with pytest.raises(SystemExit, match="killed"):
+        compare(load_spec(spec_path), spec_path.parent)
+    assert len(json.loads((tmp_path / "out" / "cmp" / "runs.json").read_text())["runs"]) == 1
+    trained.clear()
+    out = compare(load_spec(spec_path), spec_path.parent)
+    assert trained == ["lit_k2_s0"]  # the finished run is not repeated
+    assert len(json.loads((out / "compare.json").read_text())["runs"]) == 2
+    # a changed spec starts afresh
+    trained.clear()
+    spec_path.write_text(spec_path.read_text().replace("seeds:\n- 0", "seeds:\n- 1"))
+    compare(load_spec(spec_path), spec_path.parent)
+    assert trained == ["full_k2_s1", "lit_k2_s1"]

@@ -83,12 +83,7 @@ class PromptedBackbone(Backbone):
         self.prompt_learner = learner
         self.text_encoder = text_encoder
         self.vision_encoder = vision_encoder
-        self.kind = backbone.kind
-        self.preprocess = backbone.preprocess
-        self.text_tokenizer = backbone.text_tokenizer
-        self.tower_prefixes = {tower: tuple(f"backbone.{p}" for p in prefixes)
-                               for tower, prefixes in backbone.tower_prefixes.items()}
-        self.block_prefixes = {tower: f"backbone.{prefix}" for tower, prefix in backbone.block_prefixes.items()}
+        self.adopt_identity(backbone, "backbone")
 
     def __getattr__(self, name: str) -> Any:
         try:

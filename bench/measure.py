@@ -1,0 +1,229 @@
+"""Measurement helpers for the benchmarks: process-tree memory, matmul peak, training FLOPs.
+
+Kept apart from the benchmark drivers so each driver reads as "what is compared" while this
+file holds "how a number is measured".
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+
+
+@dataclass
+class TreeMemoryPeak:
+    """Peak memory of a process and all its descendants, sampled while it ran.
+
+    Attributes:
+        rss_bytes: largest sum of RSS over the tree at one sample (counts pages shared by
+            forked data workers once per process, so it over-states real use).
+        pss_bytes: largest sum of PSS at one sample (shared pages split between sharers: the
+            tree's real footprint); 0 when the platform cannot report PSS.
+        main_hiwater_bytes: the kernel's exact high-water RSS of the largest single process
+            (``wait4`` rusage: the main process or any descendant it reaped).
+        samples: how many times the tree was sampled.
+        max_processes: most processes alive in the tree at one sample.
+    """
+
+    rss_bytes: int = 0
+    pss_bytes: int = 0
+    main_hiwater_bytes: int = 0
+    samples: int = 0
+    max_processes: int = 0
+
+
+class TreeMemorySampler:
+    """Poll a process tree's RSS and PSS on a background thread until ``stop()``."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+        self.root = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.peak = TreeMemoryPeak()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> TreeMemoryPeak:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample_once()
+            self._stop.wait(self.interval_s)
+
+    def sample_once(self) -> None:
+        """Add one sample of the tree (processes that vanish mid-sample are skipped)."""
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        rss = pss = 0
+        for process in processes:
+            try:
+                info = process.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            except psutil.AccessDenied:
+                info = process.memory_info()
+            rss += info.rss
+            pss += getattr(info, "pss", 0)
+        self.peak.samples += 1
+        self.peak.max_processes = max(self.peak.max_processes, len(processes))
+        self.peak.rss_bytes = max(self.peak.rss_bytes, rss)
+        self.peak.pss_bytes = max(self.peak.pss_bytes, pss)
+
+
+@dataclass
+class ProcessRun:
+    """One finished command: exit code, wall time, memory peak and where its output went."""
+
+    command: list[str]
+    returncode: int
+    wall_s: float
+    memory: TreeMemoryPeak
+    output_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def output_tail(self, lines: int = 30) -> str:
+        text = self.output_path.read_text(errors="replace") if self.output_path.is_file() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def run_measured(command: list[str], output_path: Path, cwd: Path, env: dict[str, str],
+                 interval_s: float = 0.2, timeout_s: float = 1800.0) -> ProcessRun:
+    """Run ``command`` to completion, sampling its process tree's memory; stdout+stderr to a file.
+
+    The exit status comes from ``os.wait4`` so the kernel's high-water RSS of the largest
+    process in the tree is known exactly, independent of the sampling interval.
+    """
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "wb") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+        sampler = TreeMemorySampler(process.pid, interval_s).start()
+        deadline = started + timeout_s
+        status = rusage = None
+        while status is None:
+            pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid == process.pid:
+                status, rusage = wait_status, usage
+            elif time.perf_counter() > deadline:
+                process.kill()
+            else:
+                time.sleep(0.05)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen from waiting again
+    peak = sampler.stop()
+    peak.main_hiwater_bytes = int(rusage.ru_maxrss) * 1024  # Linux reports KiB
+    return ProcessRun(command, process.returncode, wall, peak, output_path)
+
+
+def matmul_peak_flops(dtype_name: str = "bfloat16", sizes: tuple[int, ...] = (1024, 2048, 3072, 4096),
+                      repeats: int = 10) -> dict[str, Any]:
+    """Best FLOP/s of large square matmuls on the CPU with torch's default thread count.
+
+    The best of ``repeats`` per size (the least disturbed by other work on the machine), then the
+    best size, is the machine's practical peak for that dtype.
+    """
+    dtype = getattr(torch, dtype_name)
+    per_size: dict[int, float] = {}
+    for size in sizes:
+        generator = torch.Generator().manual_seed(size)
+        left = torch.randn(size, size, generator=generator).to(dtype)
+        right = torch.randn(size, size, generator=generator).to(dtype)
+        left @ right  # warm-up: oneDNN/MKL pick and cache their kernels
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            left @ right
+            best = min(best, time.perf_counter() - started)
+        per_size[size] = 2 * size**3 / best
+    return {"dtype": dtype_name, "threads": torch.get_num_threads(), "flops_per_s": max(per_size.values()),
+            "per_size_flops_per_s": {str(k): v for k, v in per_size.items()}, "repeats": repeats}
+
+
+def _count_flops(step: Callable[[], torch.Tensor]) -> tuple[int, dict[str, int]]:
+    """FLOPs of ``step()`` (a forward returning a scalar) plus its backward, under bf16 autocast.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention
+    (the usual "model FLOPs"; element-wise work is not counted). The CPU attention kernels have
+    no formula registered in torch; they take the same leading (query, key, value) /
+    (grad_out, query, key, value) arguments as the GPU ones, so the same formulas are used.
+    """
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
+    with counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = step()
+        value.backward()
+    by_op = {str(op): int(count) for op, count in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), by_op
+
+
+def training_flops(model_name: str, caption_batches: list[list[str]]) -> dict[str, Any]:
+    """Training FLOPs per sample of the model + CLIP loss: nominal and as domainclip executes them.
+
+    ``nominal``: one forward + backward of the open_clip model (random init) and the CLIP loss on
+    a batch of ``len(caption_batches[0])`` random images and those captions padded to the full
+    context, which is what open_clip's own trainer computes for every batch. ``executed``: the
+    same with the text tower's FLOPs replaced by those of domainclip's backbone on each of
+    ``caption_batches`` (the batches a run measured), averaged; it differs from nominal only
+    when the backbone skips work (``speed.encode_text_trimmed`` drops padding after the
+    end-of-text token, which cannot change the result).
+    """
+    from domainclip.core.backbones.factory import ModelConfig, create_backbone
+    from domainclip.core.losses import LossConfig, build_loss
+
+    torch.manual_seed(0)
+    backbone = create_backbone(ModelConfig(kind="open_clip", name=model_name))
+    clip = backbone.model  # the bare open_clip model: full-context text tower
+    loss_fn = build_loss(LossConfig())
+    batch_size = len(caption_batches[0])
+    size = backbone.preprocess.image_size
+    images = torch.randn(batch_size, backbone.preprocess.channels, size, size)
+    tokens = [backbone.tokenize(captions)["input_ids"] for captions in caption_batches]
+
+    def model_and_loss() -> torch.Tensor:
+        image_features = clip.encode_image(images, normalize=True)
+        text_features = clip.encode_text(tokens[0], normalize=True)
+        return loss_fn(image_features.float(), text_features.float(), clip.logit_scale.exp())
+
+    nominal, by_op = _count_flops(model_and_loss)
+    text_full, _ = _count_flops(lambda: clip.encode_text(tokens[0]).float().sum())
+    text_executed = [_count_flops(lambda t=t: backbone.encode_text({"input_ids": t}).float().sum())[0]
+                     for t in tokens]
+    executed = nominal - text_full + sum(text_executed) / len(text_executed)
+    return {"model": model_name, "batch_size": batch_size, "nominal_flops_per_sample": nominal / batch_size,
+            "executed_flops_per_sample": executed / batch_size, "text_flops_per_sample_full": text_full / batch_size,
+            "text_flops_per_sample_executed": [f / batch_size for f in text_executed],
+            "text_lengths": [int(t.argmax(dim=-1).max()) + 1 for t in tokens], "context_length": int(tokens[0].shape[1]),
+            "nominal_by_op": by_op,
+            "parameters": sum(p.numel() for p in backbone.parameters())}
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
