@@ -42,6 +42,8 @@ class LinearProbeConfig(MethodConfig):
             is refitted on all training images. 0 needs a single value in ``c_values``.
         max_iter: lbfgs iterations per fit.
         seed: seed of the stratified validation split.
+        fallback_c: the ``C`` used when no validation split is possible (every class has a
+            single training image, e.g. 1-shot); the run's summary says so.
         cache_dir: feature cache folder ("" = ``$DOMAINCLIP_CACHE`` or ``~/.cache/domainclip/features``).
     """
 
@@ -50,6 +52,7 @@ class LinearProbeConfig(MethodConfig):
     val_fraction: float = 0.2
     max_iter: int = 1000
     seed: int = 0
+    fallback_c: float = 10.0
     cache_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class LinearProbeConfig(MethodConfig):
         if self.val_fraction == 0.0 and len(self.c_values) > 1:
             raise ValueError(f"method.val_fraction=0 leaves nothing to choose C on; give one value in "
                              f"method.c_values (got {self.c_values}) or a val_fraction > 0")
+        if self.fallback_c <= 0:
+            raise ValueError(f"method.fallback_c must be positive, got {self.fallback_c}")
         if self.max_iter < 1:
             raise ValueError(f"method.max_iter must be >= 1, got {self.max_iter}")
 
@@ -87,12 +92,20 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return train_array, val_array
 
 
-def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, c_value: float, max_iter: int) -> Any:
-    """scikit-learn's L2 logistic regression (lbfgs, multinomial for several classes)."""
+def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, c_value: float, max_iter: int,
+                            start: Any = None) -> Any:
+    """scikit-learn's L2 logistic regression (lbfgs, multinomial for several classes).
+
+    ``start``: a model fitted on the same classes whose solution seeds lbfgs (warm start along a
+    regularisation path: same optimum, far fewer iterations). It is refitted in place.
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=float(c_value), max_iter=max_iter)
+    if start is not None and list(getattr(start, "classes_", [])) == sorted(np.unique(labels).tolist()):
+        model = start.set_params(C=float(c_value), warm_start=True)
+    else:
+        model = LogisticRegression(C=float(c_value), max_iter=max_iter, warm_start=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(features, labels)
@@ -158,7 +171,7 @@ class LinearProbe(AdaptationMethod):
             raise ValueError(f"method linear_probe: the training images hold only classes {np.unique(labels).tolist()}; "
                              f"a probe needs at least two")
         summary = self._choose_c(features, labels)
-        final = fit_logistic_regression(features, labels, summary["C"], self.cfg.max_iter)
+        final = fit_logistic_regression(features, labels, summary["C"], self.cfg.max_iter, start=summary.pop("_model"))
         self.weight, self.bias = probe_weights(final, num_classes)
         summary.update(n_fit=int(len(labels)), n_unlabelled=int((~labelled).sum()), n_bad=len(encoded.bad),
                        bad=encoded.bad, features_computed=encoded.computed, features_reused=encoded.reused,
@@ -170,18 +183,24 @@ class LinearProbe(AdaptationMethod):
     def _choose_c(self, features: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         c_values = sorted(float(c) for c in self.cfg.c_values)
         if len(c_values) == 1:
-            return {"C": c_values[0], "val_accuracy": {}, "n_val": 0}
+            return {"C": c_values[0], "val_accuracy": {}, "n_val": 0, "_model": None}
         train_rows, val_rows = stratified_split(labels, self.cfg.val_fraction, self.cfg.seed)
+        if len(val_rows) == 0 and np.bincount(labels).max() < 2:
+            log.warning("linear probe: every class has one training image, so no C can be validated; "
+                        "using method.fallback_c=%g", self.cfg.fallback_c)
+            return {"C": float(self.cfg.fallback_c), "val_accuracy": {}, "n_val": 0,
+                    "C_choice": "fallback: every class has a single training image", "_model": None}
         if len(val_rows) == 0 or len(np.unique(labels[train_rows])) < 2:
             raise ValueError(f"method linear_probe: a validation split of {self.cfg.val_fraction} leaves "
                              f"{len(val_rows)} validation and {len(train_rows)} training images; "
                              f"use more data, a larger val_fraction, or one value in c_values")
-        scores = {}
-        for c_value in c_values:
-            probe = fit_logistic_regression(features[train_rows], labels[train_rows], c_value, self.cfg.max_iter)
+        scores, probe = {}, None
+        for c_value in c_values:  # ascending: each fit starts from the more regularised solution
+            probe = fit_logistic_regression(features[train_rows], labels[train_rows], c_value, self.cfg.max_iter,
+                                            start=probe)
             scores[c_value] = float((probe.predict(features[val_rows]) == labels[val_rows]).mean())
         best = max(c_values, key=lambda c: (scores[c], -c))
-        return {"C": best, "val_accuracy": scores, "n_val": int(len(val_rows))}
+        return {"C": best, "val_accuracy": scores, "n_val": int(len(val_rows)), "_model": probe}
 
     def logits_fn(self, model: Backbone, class_names: list[str], templates: list[str]
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:

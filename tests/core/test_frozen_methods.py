@@ -302,6 +302,22 @@ def test_closed_form_fits_skip_count_and_list_bad_and_unlabelled_images(colour_s
     assert tip_model.cache_keys.shape == (22, 32) and tip_model.cache_values.sum(0).tolist() == [8.0, 6.0, 8.0]  # blue, green, red
 
 
+def test_linear_probe_one_shot_falls_back_to_the_configured_c_and_says_so(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    method = build_method(LinearProbeConfig(cache_dir=str(tmp_path), fallback_c=3.0))
+    features = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
+    labels = np.array([0, 1, 2])  # one image per class: nothing to validate C on
+    choice = method._choose_c(features, labels)
+    assert choice["C"] == 3.0 and choice["n_val"] == 0 and "single training image" in choice["C_choice"]
+    two_shot = method._choose_c(np.concatenate([features, features]), np.concatenate([labels, labels]))
+    assert "C_choice" not in two_shot and two_shot["n_val"] == 3
+    reference = LogisticRegression(C=3.0, max_iter=1000).fit(features, labels)
+    assert reference.predict(features).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"method.fallback_c must be positive"):
+        LinearProbeConfig(fallback_c=0)
+
+
 def test_linear_probe_errors_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"method.val_fraction=0 leaves nothing to choose C on"):
         LinearProbeConfig(val_fraction=0.0)
