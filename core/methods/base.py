@@ -121,6 +121,14 @@ class AdaptationMethod:
         """Closed-form fitting for methods with ``fits_in_closed_form``; returns a summary."""
         raise NotImplementedError(f"method {self.cfg.name!r} trains with SGD, it has no closed-form fit")
 
+    def covers_classes(self, class_names: list[str]) -> bool:
+        """Whether ``logits_fn`` can classify these classes (False: a probe or cache fitted on others).
+
+        A retention task outside the method's classes is then scored with the prompt ensemble of
+        the (unchanged) towers instead.
+        """
+        return True
+
     def logits_fn(self, model: Backbone, class_names: list[str], templates: list[str]) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Class logits from normalised image features (on the CPU), or None for the prompt ensemble."""
         return None

@@ -145,10 +145,17 @@ class LinearProbe(AdaptationMethod):
         super().__init__(cfg)
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self.class_names: list[str] = []
 
     def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         """Freeze the whole backbone: the probe lives beside it."""
+        self.class_names = list(task.class_names) if task is not None else []
         return model.requires_grad_(False)
+
+    def covers_classes(self, class_names: list[str]) -> bool:
+        if self.class_names:
+            return list(class_names) == self.class_names
+        return self.weight is None or len(class_names) == self.weight.shape[0]
 
     def fit(self, model: Backbone, loader: Any, task: TaskInfo) -> dict[str, Any]:
         """Encode (or read) the training features, choose ``C`` on a split, refit on everything."""

@@ -250,6 +250,9 @@ class TipAdapter(AdaptationMethod):
         return F.cross_entropy(logits[labelled], labels[labelled])
 
     # --- evaluation and state ---------------------------------------------------------------------
+    def covers_classes(self, class_names: list[str]) -> bool:
+        return not self.task.class_names or list(class_names) == list(self.task.class_names)
+
     def logits_fn(self, model: Backbone, class_names: list[str], templates: list[str]
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         inner = _unwrap(model)

@@ -35,21 +35,31 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
     name = task.name or task.data.path
+    notes = ""
     if task.task == "zeroshot":
         if not records.class_names:
             raise ValueError(f"eval task {name!r}: zeroshot needs labelled data (data.label_key or a labelled format)")
         templates = task.templates or task.data.templates
-        logits_fn = method.logits_fn(model, list(records.class_names), list(templates)) if method else None
+        class_names = list(records.class_names)
+        own_classifier = method is not None and (method.covers_classes(class_names) or not task.retention)
+        logits_fn = method.logits_fn(model, class_names, list(templates)) if own_classifier else None
         metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
                                     logits_fn=logits_fn)
         kind = "zeroshot_classification"
+        if method is not None and not own_classifier:
+            # a probe / cache fitted on other classes cannot score this reference task; the towers
+            # it left unchanged are scored with the prompt ensemble instead
+            notes = "prompt ensemble: the method's classifier covers only its training classes"
     else:
         captions, text_to_image = captions_from_records(records.records)
         metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator)
         kind = "zeroshot_retrieval"
     if records.skipped:
         metrics["n_skipped_records"] = len(records.skipped)
-    return benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
+    record = benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
+    if notes:
+        record["classifier"] = notes
+    return record
 
 
 MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall"}

@@ -318,6 +318,33 @@ def test_linear_probe_one_shot_falls_back_to_the_configured_c_and_says_so(tmp_pa
         LinearProbeConfig(fallback_c=0)
 
 
+@pytest.mark.parametrize("method", [{"name": "linear_probe"}, {"name": "tip_adapter"}])
+def test_a_retention_task_of_other_classes_is_scored_with_the_unchanged_towers(
+        method: dict, colour_squares: Path, held_out: Path, tmp_path: Path) -> None:
+    import csv
+
+    two_colours = tmp_path / "held_out" / "two.csv"  # a reference task with other classes than training
+    with open(held_out) as source, open(two_colours, "w", newline="") as target:
+        rows = [row for row in csv.DictReader(source) if row["label"] != "blue"]
+        writer = csv.DictWriter(target, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    reference = {"name": "reference", "task": "zeroshot", "retention": True, "templates": TEMPLATES,
+                 "data": {"format": "csv", "path": str(two_colours), "label_key": "label"}}
+    recipe = recipe_for(colour_squares, tmp_path / "runs", {**method, "cache_dir": str(tmp_path / "c")},
+                        method["name"], held_out)
+    recipe["eval"].append(reference)
+    result = run(recipe)
+    held, ref = result.metrics
+    assert "classifier" not in held  # the method's own classifier on its own classes
+    assert ref["classifier"].startswith("prompt ensemble")
+    assert ref["retention"]["change"] == pytest.approx(0.0, abs=1e-6)  # the towers did not change
+    recipe["eval"][1]["retention"] = False  # as a headline task the mismatch is an error
+    recipe["name"] += "_strict"
+    with pytest.raises(ValueError, match=r"classes"):
+        run(recipe)
+
+
 def test_linear_probe_errors_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"method.val_fraction=0 leaves nothing to choose C on"):
         LinearProbeConfig(val_fraction=0.0)
