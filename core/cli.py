@@ -8,6 +8,9 @@
     domainclip wise-ft RUN --select-on TASK     WiSE-FT sweep over the mixing weight
     domainclip merge RUN                        LoRA adapters merged into full weights
     domainclip build-base [KEY=VALUE ...]       rebuild the offline compact base
+    domainclip export RUN --format F --out DIR  open_clip / hf / adapter / dual_encoder folder
+    domainclip publish RUN --repo-id ORG/NAME   export + model card to the Hub (--dry-run DIR: only write it)
+    domainclip classify --model M --labels a,b IMAGES...  zero-shot labels (JSON/CSV; ONNX export)
 
 RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
 """
@@ -113,7 +116,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         if retention:
             print(f"  {record['dataset']}: zero-shot {retention['metric']} before {retention['before']:.3f} "
                   f"-> after {retention['after']:.3f} ({retention['change']:+.3f})")
-    card = write_run_card(result.run_dir, name="quickstart-plantvillage-lora")
+    card = write_run_card(result.run_dir, name="quickstart-plantvillage-lora", domain="agriculture")
     print(f"  run folder: {result.run_dir}\n  plot: {plot_run(result.run_dir)}\n  model card: {card}")
     return 0
 
@@ -148,6 +151,52 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
 
     folder = build_base(args.overrides, args.out or None)
     print(json.dumps({"compact_base": str(folder)}))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    try:
+        out = export_run(args.run, args.format, args.out)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from err
+    print(json.dumps({"format": args.format, "out": str(out)}))
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .zeroshot.output import format_results, parse_labels
+
+    labels = parse_labels(args.labels)
+    if not args.images and not args.export_onnx:
+        raise ValueError("classify: give at least one image path (or --export-onnx PATH)")
+    if args.model.endswith(".onnx"):
+        from .zeroshot import OnnxZeroShotClassifier
+
+        onnx_classifier = OnnxZeroShotClassifier(args.model, batch_size=args.batch_size, workers=args.workers)
+        results = onnx_classifier.classify(args.images, labels, top_k=args.top_k) if args.images else []
+    else:
+        from .zeroshot import ZeroShotClassifier, export_onnx
+
+        classifier = ZeroShotClassifier.from_pretrained(args.model, device=args.device or None,
+                                                        batch_size=args.batch_size, workers=args.workers)
+        if args.export_onnx:
+            path = export_onnx(classifier, labels, args.export_onnx, templates=args.templates)
+            print(json.dumps({"onnx": str(path), "labels": labels}), file=sys.stderr)
+        results = classifier.classify(args.images, labels, args.templates, top_k=args.top_k) if args.images else []
+    if args.images:
+        print(format_results(results, args.format), end="" if args.format == "csv" else "\n")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import publish_run
+
+    result = publish_run(args.run, args.repo_id, args.format, private=args.private, revision=args.revision,
+                         dry_run=args.dry_run or None, card=args.card or None, domain=args.domain,
+                         license_id=args.license)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -190,6 +239,40 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of recipes/base/compact_base.yaml")
     base.add_argument("--out", default="", help="folder to write (default: the package's model_cards/compact_base)")
     base.set_defaults(func=_cmd_build_base)
+    exp = sub.add_parser("export", help="export a finished run for open_clip, transformers or as a pinned adapter")
+    exp.add_argument("run", help="finished run folder")
+    exp.add_argument("--format", required=True, help="open_clip, hf, adapter or dual_encoder (see docs/export.md)")
+    exp.add_argument("--out", required=True, help="new (or empty) folder to write")
+    exp.set_defaults(func=_cmd_export)
+    classify = sub.add_parser("classify", help="zero-shot classify images with a run, model folder or model id")
+    classify.add_argument("images", nargs="*", help="image files")
+    classify.add_argument("--model", required=True,
+                          help="run folder, open_clip / Hugging Face / compact-base folder, model id, compact_base, "
+                               "or an .onnx file written by --export-onnx")
+    classify.add_argument("--labels", required=True, help="comma-separated class names: a,b,c")
+    classify.add_argument("--templates", "--template", dest="templates", action="append", default=None,
+                          help="prompt template with {} for the label; repeat for an ensemble "
+                               "(default: the run's templates, else 'a photo of a {}.')")
+    classify.add_argument("--top-k", type=int, default=None, help="labels per image (default: all)")
+    classify.add_argument("--format", choices=["json", "csv"], default="json")
+    classify.add_argument("--batch-size", type=int, default=32)
+    classify.add_argument("--workers", type=int, default=0, help="image-decoding threads (0 = main thread)")
+    classify.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: GPU if there is one)")
+    classify.add_argument("--export-onnx", default="", metavar="PATH",
+                          help="also write the image tower + classifier for these labels as ONNX")
+    classify.set_defaults(func=_cmd_classify)
+    pub = sub.add_parser("publish", help="export a run with its model card and upload it to the Hugging Face Hub")
+    pub.add_argument("run", help="finished run folder")
+    pub.add_argument("--repo-id", required=True, help="ORG/NAME of the Hub model repo")
+    pub.add_argument("--format", default="", choices=["", "open_clip", "hf", "adapter", "dual_encoder"],
+                     help="export format (default: the full format of the run's backbone)")
+    pub.add_argument("--private", action="store_true", help="create the repo private (refused if it exists public)")
+    pub.add_argument("--revision", default="", metavar="TAG", help="tag the uploaded commit with TAG (e.g. v1.0)")
+    pub.add_argument("--dry-run", default="", metavar="DIR", help="write the folder that would be uploaded; upload nothing")
+    pub.add_argument("--card", default="", help="card config YAML (default: RUN/card.yaml when present)")
+    pub.add_argument("--domain", default="", help="card template: generic, medical, remote_sensing, agriculture, multilingual")
+    pub.add_argument("--license", default="", help="licence id for the card metadata (default: the card config's, else other)")
+    pub.set_defaults(func=_cmd_publish)
     return parser
 
 

@@ -24,6 +24,9 @@ from .run_config import RunConfig
 PROTOCOLS = ("few_shot", "base_to_novel")
 
 
+CLASSIFICATION_METRICS = ("acc1", "balanced_accuracy")
+
+
 @dataclass
 class CompareConfig:
     """A method comparison.
@@ -40,6 +43,9 @@ class CompareConfig:
         seeds: k-shot draw and training seeds; results are mean and std over them.
         output_dir: parent folder of the comparison folder.
         max_batch_size: the training batch is min(this, number of training images).
+        metric: the classification metric tabulated: ``acc1`` or ``balanced_accuracy`` (use it
+            for imbalanced test sets, where always answering the majority class scores high
+            top-1). Retrieval tasks report ``mean_recall``.
     """
 
     name: str = "compare"
@@ -50,8 +56,11 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     output_dir: str = "runs"
     max_batch_size: int = 32
+    metric: str = "acc1"
 
     def __post_init__(self) -> None:
+        if self.metric not in CLASSIFICATION_METRICS:
+            raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS}, got {self.metric!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not self.methods:
@@ -78,8 +87,8 @@ def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
     return config_lib.expand_recipe_dir(config_lib.read_yaml(path), path.resolve().parent)
 
 
-def _headline(record: dict[str, Any]) -> float:
-    key = "acc1" if record["task"] == "zeroshot_classification" else "mean_recall"
+def _headline(record: dict[str, Any], metric: str = "acc1") -> float:
+    key = metric if record["task"] == "zeroshot_classification" else "mean_recall"
     return float(record["metrics"][key])
 
 
@@ -165,7 +174,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
         n_train = len(load_records(cfg.data.train))
         cfg.data.batch_size = min(spec.max_batch_size, n_train)
         result = train(cfg)
-        scores = {r["dataset"]: _headline(r) for r in result.metrics}
+        scores = {r["dataset"]: _headline(r, spec.metric) for r in result.metrics}
         if spec.protocol == "base_to_novel":
             base, novel = scores[recipe["eval"][0]["name"]], scores[recipe["eval"][1]["name"]]
             scores = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
@@ -174,7 +183,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
                      "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
                      "retention_change": retention[0] if retention else None})
         atomic_write_text(out / "runs.json", json.dumps({"spec": config_lib.to_dict(spec), "runs": rows}, indent=2))
-    zero = {r["dataset"]: _headline(r) for r in baseline}
+    zero = {r["dataset"]: _headline(r, spec.metric) for r in baseline}
     if spec.protocol == "base_to_novel":
         b, n = zero[recipe["eval"][0]["name"]], zero[recipe["eval"][1]["name"]]
         zero = {"base": b, "novel": n, "hm": harmonic_mean(b, n)}
@@ -199,7 +208,7 @@ def _finished_rows(path: Path, spec: CompareConfig) -> list[dict[str, Any]]:
 def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]]) -> str:
     keys = list(zero)
     header = "| method | shots | " + " | ".join(keys) + " | trained params | train s | retention Δ |"
-    lines = [f"## {spec.name} ({spec.protocol}, seeds {spec.seeds})", "", header,
+    lines = [f"## {spec.name} ({spec.protocol}, seeds {spec.seeds}, metric {spec.metric})", "", header,
              "|" + "---|" * (len(keys) + 5)]
     lines.append("| zero-shot base | 0 | " + " | ".join(f"{zero[k]:.3f}" for k in keys) + " | 0 | 0 | |")
     for row in sorted(table, key=lambda r: (r["method"], r["shots"])):

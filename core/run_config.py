@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .backbones.factory import ModelConfig
 from .data.sources import DataSourceConfig
@@ -27,6 +28,8 @@ class DataConfig:
             were unreadable (they are skipped, counted and listed in ``bad_inputs.json``).
         crop_scale: area range of the random resized crop used for training augmentation;
             ``[1.0, 1.0]`` disables it.
+        augment: a named training augmentation registered by a domain (``{name: overhead,
+            ...options}``, see docs/remote_sensing.md); empty = the default crop of ``crop_scale``.
     """
 
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
@@ -35,6 +38,7 @@ class DataConfig:
     num_workers: int = 2
     max_bad_fraction: float = 0.01
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    augment: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

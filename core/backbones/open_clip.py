@@ -1,4 +1,5 @@
-"""open_clip backbones: any registered architecture, pretrained tag, local file or ``hf-hub:`` id."""
+"""open_clip backbones: any registered architecture, pretrained tag, local file, ``hf-hub:`` id or
+``local-dir:`` folder (open_clip's hub layout: ``open_clip_config.json`` + weights)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,7 +49,7 @@ class OpenClipBackbone(Backbone):
         if not cfg.name:
             raise ValueError("model.name: an open_clip architecture (for example ViT-B-32) or hf-hub:ORG/NAME is required")
         known = open_clip.list_models()
-        if not cfg.name.startswith("hf-hub:") and cfg.name not in known:
+        if not cfg.name.startswith(("hf-hub:", "local-dir:")) and cfg.name not in known:
             import difflib
 
             close = difflib.get_close_matches(cfg.name, known, n=3)

@@ -136,6 +136,19 @@ def apply_transform(transform: Callable[[Image.Image], torch.Tensor], image: Ima
         return transform(image)
 
 
+def transform_pair(transform: Callable, image: Image.Image, caption: str, *seed_parts: object) -> tuple[torch.Tensor, str]:
+    """Image (and caption) through ``transform``, seeded like ``apply_transform``.
+
+    A transform with ``takes_caption = True`` (e.g. an augmentation that flips an image and must
+    rewrite "on the left" in its caption) gets ``{"image", "caption"}`` and returns that dict;
+    any other transform gets the image alone and the caption is kept.
+    """
+    if getattr(transform, "takes_caption", False):
+        out = apply_transform(transform, {"image": image, "caption": caption}, *seed_parts)
+        return out["image"], out["caption"]
+    return apply_transform(transform, image, *seed_parts), caption
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Records -> ``{"image", "caption", "label", "index"}`` items (or ``{"bad", "index"}``).
 
@@ -187,7 +200,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         except BadImageError as error:
             return {"bad": (record.image, error.reason), "index": index}
         caption = pick_caption(record.captions, self.train, self.seed, epoch, index)
-        tensor = apply_transform(self.transform, image, self.seed, epoch, index)
+        tensor, caption = transform_pair(self.transform, image, caption, self.seed, epoch, index)
         return {"image": tensor, "caption": caption, "label": record.label, "index": index}
 
 

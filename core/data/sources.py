@@ -132,6 +132,11 @@ def valid_formats() -> list[str]:
 
 def check_format(fmt: str) -> None:
     """Raise ``ValueError`` naming an unknown format, the valid ones and the closest match."""
+    if fmt in valid_formats():
+        return
+    from ..plugins import load_domain_plugins
+
+    load_domain_plugins()  # domains register their named presets (``rsicd``...) on import
     valid = valid_formats()
     if fmt in valid:
         return

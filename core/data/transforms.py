@@ -52,3 +52,48 @@ def build_image_transform(
         v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
     ]
     return v2.Compose(steps)
+
+
+# --- named training augmentations (registered by domains) --------------------------------------
+TransformFactory = Callable[..., Callable]
+TRAIN_TRANSFORMS: dict[str, TransformFactory] = {}
+
+
+def register_transform(name: str) -> Callable[[TransformFactory], TransformFactory]:
+    """Decorator: make ``data.augment: {name: <name>, ...}`` build a training transform.
+
+    The factory is called as ``factory(preprocess, scale=(low, high), **options)`` and returns a
+    transform of a PIL image, or of ``{"image", "caption"}`` when it sets ``takes_caption = True``
+    (see ``dataset.transform_pair``).
+    """
+
+    def register(factory: TransformFactory) -> TransformFactory:
+        TRAIN_TRANSFORMS[name] = factory
+        return factory
+
+    return register
+
+
+def build_train_transform(preprocess: PreprocessConfig, augment: dict | None,
+                          scale: tuple[float, float] = (0.9, 1.0)) -> Callable:
+    """The training transform: ``build_image_transform(train=True)`` when ``augment`` is empty,
+    else the registered transform ``augment["name"]`` called with the other keys as options."""
+    if not augment:
+        return build_image_transform(preprocess, train=True, scale=scale)
+    options = dict(augment)
+    name = options.pop("name", "")
+    if name not in TRAIN_TRANSFORMS:
+        from ..plugins import load_domain_plugins
+
+        load_domain_plugins()
+    if name not in TRAIN_TRANSFORMS:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(TRAIN_TRANSFORMS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"data.augment.name {name!r} is not a registered transform{hint} "
+                         f"(valid: {sorted(TRAIN_TRANSFORMS)})")
+    try:
+        return TRAIN_TRANSFORMS[name](preprocess, scale=scale, **options)
+    except TypeError as error:
+        raise ValueError(f"data.augment {augment!r}: bad options for transform {name!r}: {error}") from error

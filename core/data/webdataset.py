@@ -35,7 +35,8 @@ import webdataset as wds
 from webdataset.gopen import gopen
 from PIL import Image
 
-from .dataset import BadImageError, Collator, SharedEpoch, apply_transform, derive_seed, open_rgb_image, pick_caption
+from .dataset import (BadImageError, Collator, SharedEpoch, derive_seed, open_rgb_image, pick_caption,
+                      transform_pair)
 from .records import ImageTextRecord, RecordSet
 from .sources import DataSourceConfig
 
@@ -156,7 +157,7 @@ class WebImageTextStream(torch.utils.data.IterableDataset):
         except BadImageError as error:
             return {"bad": (name, error.reason), "index": index}
         caption = pick_caption(captions, self.train, self.seed, epoch, key)
-        tensor = apply_transform(self.transform, image, self.seed, epoch, key)
+        tensor, caption = transform_pair(self.transform, image, caption, self.seed, epoch, key)
         return {"image": tensor, "caption": caption, "label": label, "index": index}
 
     def __iter__(self) -> Iterator[Any]:

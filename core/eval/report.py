@@ -19,6 +19,8 @@ import torch
 __all__ = ["RECORD_KEYS", "benchmark_json", "read_metrics", "to_json_value", "write_metrics"]
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+OPTIONAL_KEYS = ("retention", "classifier", "step")
+"""Kept when present: the change against the base model, a note on the classifier used, the step."""
 
 
 def benchmark_json(
@@ -86,7 +88,7 @@ def write_metrics(path: str | os.PathLike[str], results: Sequence[Mapping[str, A
         missing = [key for key in RECORD_KEYS if key not in record]
         if missing:
             raise ValueError(f"write_metrics: result {number} lacks keys {missing}; build it with benchmark_json")
-        records.append({key: to_json_value(record[key]) for key in RECORD_KEYS})
+        records.append({key: to_json_value(record[key]) for key in (*RECORD_KEYS, *OPTIONAL_KEYS) if key in record})
     text = json.dumps(records, indent=2, allow_nan=False) + "\n"
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from ..data.bad_inputs import BadInputReport
 from ..data.dataset import Collator, ImageTextDataset
 from ..data.sources import STREAM_FORMATS, load_records
 from ..data.webdataset import build_webdataset
-from ..data.transforms import build_image_transform
+from ..data.transforms import build_image_transform, build_train_transform
 from ..losses import build_loss
 from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
@@ -84,7 +84,9 @@ def task_of(cfg: RunConfig, records: RecordSet) -> TaskInfo:
 def build_train_loader(cfg: RunConfig, model: Backbone, records: RecordSet, shuffle: bool = True,
                        augment: bool = True) -> tuple[DataLoader, ImageTextDataset]:
     """A map-style loader over ``records`` with per-(seed, epoch) shuffling."""
-    transform = build_image_transform(model.preprocess, train=augment, scale=tuple(cfg.data.crop_scale))
+    scale = tuple(cfg.data.crop_scale)
+    transform = (build_train_transform(model.preprocess, cfg.data.augment, scale) if augment
+                 else build_image_transform(model.preprocess, train=False))
     dataset = ImageTextDataset(records, transform, seed=cfg.train.seed, train=True)
     if len(dataset) < cfg.data.batch_size:
         raise ValueError(f"data.train ({cfg.data.train.path}) has {len(dataset)} items, fewer than "
@@ -118,7 +120,7 @@ class TrainData:
             source = cfg.data.train
             if source.num_samples < 1:
                 raise ValueError("data.train.num_samples must be set for webdataset training (streams have no length)")
-            transform = build_image_transform(model.preprocess, train=True, scale=tuple(cfg.data.crop_scale))
+            transform = build_train_transform(model.preprocess, cfg.data.augment, tuple(cfg.data.crop_scale))
             self.dataset = build_webdataset(source, transform, seed=cfg.train.seed,
                                             collate=Collator(model.text_tokenizer), batch_size=cfg.data.batch_size,
                                             train=True, resampled=accelerator.num_processes > 1)
@@ -196,6 +198,7 @@ def train(cfg: RunConfig) -> TrainResult:
         unwrapped = model
     else:
         unwrapped, state, bad, samples = _sgd(cfg, accelerator, run, model, method, records)
+        trainable = method.trainable_parameter_count(unwrapped)  # prepare_data may have created some
     train_seconds = time.perf_counter() - started
 
     run.save_model(unwrapped, method, cfg, task)

@@ -95,3 +95,15 @@ def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Pa
     spec_path.write_text(spec_path.read_text().replace("seeds:\n- 0", "seeds:\n- 1"))
     compare(load_spec(spec_path), spec_path.parent)
     assert trained == ["full_k2_s1", "lit_k2_s1"]
+
+
+def test_balanced_accuracy_can_be_the_tabulated_metric(colour_squares: Path, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path, colour_squares, shots=[2], seeds=[0], metric="balanced_accuracy",
+                           methods={"full": {"method": {"name": "full"}}})
+    out = compare(load_spec(spec_path), spec_path.parent)
+    result = json.loads((out / "compare.json").read_text())
+    [record] = json.loads((out / "runs" / "full_k2_s0" / "metrics.json").read_text())
+    assert result["runs"][0]["scores"]["squares"] == pytest.approx(record["metrics"]["balanced_accuracy"])
+    assert "metric balanced_accuracy" in (out / "compare.md").read_text()
+    with pytest.raises(ValueError, match=r"metric must be one of \('acc1', 'balanced_accuracy'\), got 'auc'"):
+        CompareConfig(methods={"a": {}}, metric="auc")

@@ -197,7 +197,12 @@ def test_unknown_format_names_it_lists_valid_ones_and_suggests() -> None:
     assert "did you mean 'jsonl'?" in message
     for name in ("csv", "jsonl", "parquet", "karpathy", "folders", "label_csv", "webdataset"):
         assert name in message
-    assert set(valid_formats()) == {"csv", "jsonl", "parquet", "karpathy", "folders", "label_csv", "webdataset"}
+    core = {"csv", "jsonl", "parquet", "karpathy", "folders", "label_csv", "webdataset"}
+    assert core <= set(valid_formats())
+    # an unknown name loads the domain plugins; every other format must come from a domain package
+    from domainclip.core.data.sources import FORMAT_LOADERS
+
+    assert all(FORMAT_LOADERS[name].__module__.startswith("domainclip.domains.") for name in set(valid_formats()) - core)
 
 
 def test_missing_file_names_the_path_and_config_key(tmp_path: Path) -> None:

@@ -411,6 +411,7 @@ def test_tip_adapter_f_trains_only_the_cache_keys_in_the_loop(
     result = run(recipe_for(colour_squares, tmp_path / "runs", cfg, "tip_f", held_out, max_steps=0, epochs=3, lr=1e-2))
     assert result.global_step == 9 and calls.images == 24 + 24  # cached once in 3 epochs, plus the evaluation
     assert "trainable parameters=768 " in (result.run_dir / "logs" / "train.log").read_text()  # the 24 x 32 keys
+    assert result.trainable_parameters == 768  # reported after prepare_data created them
     trained = losses(result.run_dir)
     assert trained[-1] < trained[0]
     state = saved(result.run_dir)

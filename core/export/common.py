@@ -1,0 +1,89 @@
+"""What every export format shares: reading a finished run, the merged backbone, the output folder.
+
+A full-format export (open_clip, transformers, dual encoder) needs the run's model as a plain
+backbone: a ``full`` run's model as trained, a ``lora`` run's model with its adapters merged into
+the weights. Methods that add something outside the backbone (learned prompts, a projector, a
+probe, a Tip-Adapter cache) cannot be expressed by those formats, so they are refused there and
+exported with ``--format adapter`` instead.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_lib
+from ..backbones.base import Backbone, PreprocessConfig
+from ..checkpoint import atomic_write_text
+from ..run_config import RunConfig
+
+EXPORT_INFO_FILE = "domainclip_export.json"
+# Backbone kind -> the family that decides which full format fits it.
+KIND_FAMILY = {"open_clip": "open_clip", "hf": "hf", "dual_encoder": "dual_encoder", "compact_base": "dual_encoder"}
+# Methods whose trained model is a plain backbone (after merging adapters).
+FULL_FORMAT_METHODS = ("full", "lora")
+
+
+def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The resolved recipe and ``model/model.json`` of a finished run; a clear error otherwise."""
+    run_dir = Path(run_dir)
+    for needed in (run_dir / "config.yaml", run_dir / "model" / "model.json", run_dir / "model" / "trainable.safetensors"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run folder: {needed} is missing")
+    cfg = config_lib.load(RunConfig, run_dir / "config.yaml")
+    return cfg, json.loads((run_dir / "model" / "model.json").read_text())
+
+
+def full_backbone(run_dir: str | Path, cfg: RunConfig, fmt: str) -> Backbone:
+    """The run's trained model as a plain backbone in eval mode (LoRA adapters merged)."""
+    from ..methods.lora import Lora, merged_backbone
+    from ..train import load_trained
+
+    if cfg.method.name not in FULL_FORMAT_METHODS:
+        raise ValueError(f"{run_dir} was trained with method {cfg.method.name!r}, which adds parts outside the backbone "
+                         f"weights (prompts, heads or caches) that the {fmt!r} format cannot hold; export it with "
+                         f"--format adapter (full formats take runs of methods {list(FULL_FORMAT_METHODS)})")
+    model, method, _ = load_trained(run_dir)
+    if isinstance(method, Lora):
+        model = merged_backbone(model, inplace=True)
+    return model.eval()
+
+
+def require_rgb(preprocess: PreprocessConfig, fmt: str) -> None:
+    """open_clip and transformers preprocessing feed 3-channel RGB images."""
+    if preprocess.channels != 3:
+        raise ValueError(f"the run's preprocessing has {preprocess.channels} channel(s) (mean {list(preprocess.mean)}); "
+                         f"the {fmt!r} format only describes 3-channel RGB input")
+
+
+def export_info(fmt: str, cfg: RunConfig, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The provenance record written beside every export (no data paths: only names and configs)."""
+    return {"format": fmt, "source_run": cfg.name, "method": cfg.method.name, "backbone": info.get("backbone", {}),
+            **extra}
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None], info: dict[str, Any]) -> Path:
+    """Run ``write(tmp)`` into a fresh sibling folder, then move it to ``out`` (never half-written).
+
+    ``out`` must not exist or be an empty folder: stale files of another export would be picked
+    up by loaders that search a folder for weights.
+    """
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export folder {out} already exists and is not empty; choose a new folder or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        atomic_write_text(tmp / EXPORT_INFO_FILE, json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

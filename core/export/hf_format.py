@@ -1,0 +1,89 @@
+"""Hugging Face transformers export: a CLIPModel / SiglipModel folder with its processor.
+
+The folder holds the (merged) model's ``config.json`` and ``model.safetensors``, the tokenizer
+(its ``model_max_length`` set to the run's context length) and an image processor that applies
+the run's preprocessing (size, crop, mean, std, resampling filter), plus ``processor_config.json``
+so that ``AutoProcessor`` loads both. It works with::
+
+    transformers.pipeline("zero-shot-image-classification", model=DIR)
+    transformers.AutoModel.from_pretrained(DIR); transformers.AutoProcessor.from_pretrained(DIR)
+
+Only runs whose backbone is a transformers CLIP/SigLIP (``model.kind: hf``) export to this
+format; an open_clip backbone exports with ``--format open_clip``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..backbones.base import Backbone, PreprocessConfig
+from .common import require_rgb
+
+# PIL resampling codes, as transformers image processors store them
+RESAMPLE = {"bilinear": 2, "bicubic": 3}
+# model types whose processors this module writes (SigLIP 2's patch-based processor is not covered)
+EXPORTED_MODEL_TYPES = ("clip", "siglip")
+
+
+def image_processor_for(preprocess: PreprocessConfig, source: Any) -> Any:
+    """An image processor of ``source``'s class (CLIPImageProcessor when it cannot centre-crop)
+    whose resizing, cropping and normalisation are exactly ``preprocess``."""
+    from transformers import CLIPImageProcessor
+
+    from ..backbones.hf import preprocess_from_image_processor
+
+    settings = {k: v for k, v in source.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    size = preprocess.image_size
+    settings.update(image_mean=list(preprocess.mean), image_std=list(preprocess.std),
+                    resample=RESAMPLE[preprocess.interpolation], do_resize=True, do_normalize=True)
+    cls = type(source)
+    if preprocess.resize_mode == "shortest":
+        if "do_center_crop" not in settings:  # e.g. SiglipImageProcessor only squashes
+            cls = CLIPImageProcessor
+        settings.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True)
+    else:
+        settings["size"] = {"height": size, "width": size}
+        if "do_center_crop" in settings:
+            settings["do_center_crop"] = False
+    processor = cls(**settings)
+    if preprocess_from_image_processor(processor, {}) != preprocess:
+        raise ValueError(f"transformers export: cannot express the run's preprocessing {preprocess.to_dict()} "
+                         f"with {cls.__name__}")
+    return processor
+
+
+def write_hf(model: Backbone, out: Path) -> None:
+    """Write ``model`` (an ``hf`` backbone without adapters) into folder ``out``."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    require_rgb(model.preprocess, "hf")
+    model_type = model.model.config.model_type
+    if model_type not in EXPORTED_MODEL_TYPES:
+        raise ValueError(f"transformers export: a {model_type!r} model; the hf format is written for "
+                         f"{list(EXPORTED_MODEL_TYPES)} models (use --format adapter)")
+    config = model.config_dict()
+    revision = {"revision": config["revision"]} if config.get("revision") else {}
+    source_processor = AutoImageProcessor.from_pretrained(config["name"], **revision)
+    image_processor = image_processor_for(model.preprocess, source_processor)
+    tokenizer = AutoTokenizer.from_pretrained(config["name"], **revision, **tokenizer_settings(model))
+    model.model.save_pretrained(out)
+    processor_class = _processor_class(model_type)
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(out)
+    AutoProcessor.from_pretrained(out)  # fail here, not in the user's hands, if the folder does not load
+
+
+def tokenizer_settings(model: Backbone) -> dict[str, Any]:
+    """Tokenizer settings saved with the export so that users tokenize as the kit does: truncation at
+    the run's context length, and for SigLIP no attention mask (the kit's SigLIP, like the original,
+    pads to the maximum length and attends to the padding)."""
+    settings: dict[str, Any] = {"model_max_length": int(model.context_length)}
+    if model.is_siglip:
+        settings["model_input_names"] = ["input_ids"]
+    return settings
+
+
+def _processor_class(model_type: str) -> type:
+    from transformers import CLIPProcessor, SiglipProcessor
+
+    return SiglipProcessor if model_type.startswith("siglip") else CLIPProcessor

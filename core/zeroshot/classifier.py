@@ -1,0 +1,251 @@
+"""``ZeroShotClassifier``: class probabilities of images for any label set, for applications.
+
+The text side is the kit's prompt-ensemble classifier (``build_zeroshot_classifier``: every
+template filled with every label, encoded, averaged per label), computed once per (labels,
+templates) and kept in memory, so repeated calls with the same labels only run the image tower.
+Probabilities follow the model's training objective: ``softmax(logit_scale * cosine)`` for CLIP,
+``sigmoid(logit_scale * cosine + logit_bias)`` for models with a logit bias (SigLIP: each label
+is an independent yes/no, the probabilities need not sum to 1). A run folder whose method has a
+classifier of its own (learned prompts, a linear probe, a Tip-Adapter cache) classifies with it:
+``softmax`` of the method's logits.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..eval import build_zeroshot_classifier
+from .images import ImageInput, ImagePreparer, as_image_list, image_name
+from .loading import LoadedModel, LogitsFactory, describe, load_model
+
+Templates = Sequence[str] | Mapping[str, Sequence[str]]
+
+
+@dataclass
+class ZeroShotResult:
+    """The prediction for one image.
+
+    Attributes:
+        image: the image's path, or ``#i`` (its position in the input) for in-memory images.
+        labels: the ``top_k`` most probable labels, most probable first.
+        probabilities: their probabilities, in the same order.
+    """
+
+    image: str
+    labels: list[str]
+    probabilities: list[float]
+
+    @property
+    def label(self) -> str:
+        """The most probable label."""
+        return self.labels[0]
+
+    @property
+    def probability(self) -> float:
+        """The probability of the most probable label."""
+        return self.probabilities[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image,
+                "predictions": [{"label": label, "probability": prob}
+                                for label, prob in zip(self.labels, self.probabilities)]}
+
+
+class PromptEnsembleHead(nn.Module):
+    """Normalised image features (N, D) -> probabilities (N, C) against prompt-ensemble weights."""
+
+    def __init__(self, weights: torch.Tensor, logit_scale: float, logit_bias: float | None):
+        super().__init__()
+        self.register_buffer("weights", weights.detach().float().clone())
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.sigmoid = logit_bias is not None
+        self.register_buffer("logit_bias", torch.tensor(float(logit_bias or 0.0)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.logit_scale * (features.float() @ self.weights)
+        if self.sigmoid:
+            return torch.sigmoid(logits + self.logit_bias)
+        return logits.softmax(dim=-1)
+
+
+class MethodHead(nn.Module):
+    """A trained method's classifier (``logits_fn`` on CPU features) -> softmax probabilities."""
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.logits_fn = logits_fn
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits_fn(features.float().cpu()).float().to(features.device).softmax(dim=-1)
+
+
+def check_labels(labels: Sequence[str]) -> list[str]:
+    """The label list as strings; empty, blank or repeated labels are errors."""
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a list of class names, got the string {labels!r} "
+                         "(split it, e.g. labels.split(','))")
+    labels = [str(label).strip() for label in labels]
+    if not labels:
+        raise ValueError("labels is empty: give at least one class name")
+    blank = [i for i, label in enumerate(labels) if not label]
+    if blank:
+        raise ValueError(f"labels has blank entries at positions {blank}")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"labels are repeated: {repeated}; each class name must appear once")
+    return labels
+
+
+def _templates_key(templates: Templates) -> tuple:
+    if isinstance(templates, Mapping):
+        return ("per-class", tuple(sorted((str(k), tuple(v)) for k, v in templates.items())))
+    return ("shared", tuple(templates))
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``None`` = the GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ZeroShotClassifier:
+    """Zero-shot image classification with any backbone or finished run of the kit.
+
+    Args:
+        model: a backbone (or a method's wrapper of one) with ``encode_image``, ``tokenize``,
+            ``preprocess`` and ``logit_scale``.
+        templates: default prompt templates (``"a photo of a {}."``); ``classify`` may override.
+        logits_factory: a trained method's ``logits_fn``, or None for the prompt ensemble.
+        device: ``"cpu"``, ``"cuda"``, ...; None picks the GPU when there is one.
+        batch_size: images per forward pass of the image tower.
+        workers: threads that decode and resize images (0 = the calling thread).
+        source, method: what was loaded (reported by ``info``).
+    """
+
+    def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
+                 logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 32, workers: int = 0, source: str = "", method: str = ""):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.templates = list(templates) if templates else ["a photo of a {}."]
+        self.logits_factory = logits_factory
+        self.batch_size = batch_size
+        self.images = ImagePreparer(model.preprocess, workers)
+        self.source, self.method = source, method
+        self._heads: dict[tuple, nn.Module] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
+                        batch_size: int = 32, workers: int = 0, pretrained: str = "",
+                        revision: str = "") -> "ZeroShotClassifier":
+        """Load a run folder, a model folder (open_clip / Hugging Face / compact base), an open_clip
+        architecture or ``hf-hub:`` id, a Hugging Face id, or ``compact_base``.
+
+        ``pretrained``: weights tag or file for an open_clip architecture name; ``revision``: git
+        revision of a Hugging Face hub id.
+        """
+        loaded = load_model(path_or_id, pretrained=pretrained, revision=revision)
+        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "ZeroShotClassifier":
+        return cls(loaded.model, templates=loaded.templates, logits_factory=loaded.logits_factory,
+                   source=loaded.source, method=loaded.method, **kwargs)
+
+    @property
+    def preprocess(self):
+        """The weights' ``PreprocessConfig`` (image size, mean, std, resize)."""
+        return self.model.preprocess
+
+    def info(self) -> dict[str, Any]:
+        """What this classifier runs: source, method, backbone kind, device, default templates."""
+        loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
+        return {**describe(loaded), "device": str(self.device), "templates": list(self.templates),
+                "preprocess": self.preprocess.to_dict()}
+
+    # --- the text side: one head per (labels, templates), cached -------------------------------
+    def head(self, labels: Sequence[str], templates: Templates | None = None) -> nn.Module:
+        """Features -> probabilities for ``labels`` (built on first use, then from memory)."""
+        labels = check_labels(labels)
+        templates = self.templates if templates is None else templates
+        if isinstance(templates, str):
+            templates = [templates]
+        key = (tuple(labels), _templates_key(templates))
+        if key not in self._heads:
+            self._heads[key] = self._build_head(labels, templates)
+        return self._heads[key]
+
+    def _build_head(self, labels: list[str], templates: Templates) -> nn.Module:
+        if self.logits_factory is not None:
+            if isinstance(templates, Mapping):
+                raise ValueError(f"method {self.method!r} classifies with its own head; it takes a list of "
+                                 "templates, not class-specific prompts")
+            logits_fn = self.logits_factory(self.model, labels, list(templates))
+            if logits_fn is not None:
+                return MethodHead(logits_fn)
+        weights = build_zeroshot_classifier(self.model, labels, templates)
+        bias = getattr(self.model, "logit_bias", None)
+        with torch.no_grad():
+            scale = float(self.model.logit_scale.exp())
+        return PromptEnsembleHead(weights, scale, None if bias is None else float(bias.detach())).to(self.device)
+
+    def clear_cache(self) -> None:
+        """Forget the cached text classifiers (e.g. after changing the model's weights)."""
+        self._heads.clear()
+
+    # --- the image side ------------------------------------------------------------------------
+    def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """L2-normalised image features (N, D), float32 on the classifier's device, in batches."""
+        items = as_image_list(images)
+        parts = []
+        with torch.inference_mode():
+            for batch in self.images.batches(items, self.batch_size):
+                parts.append(self.model.encode_image(batch.to(self.device), normalize=True).float())
+        return torch.cat(parts)
+
+    def predict_proba(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],
+                      templates: Templates | None = None) -> torch.Tensor:
+        """Probabilities (N images, C labels) as a float32 CPU tensor, in input and label order."""
+        head = self.head(labels, templates)
+        items = as_image_list(images)
+        parts = []
+        with torch.inference_mode():
+            for batch in self.images.batches(items, self.batch_size):
+                features = self.model.encode_image(batch.to(self.device), normalize=True)
+                parts.append(head(features).float().cpu())
+        return torch.cat(parts)
+
+    def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],
+                 templates: Templates | None = None, top_k: int | None = None) -> list[ZeroShotResult]:
+        """The ``top_k`` most probable labels of each image (all labels when None), one result per image."""
+        labels = check_labels(labels)
+        items = as_image_list(images)
+        probabilities = self.predict_proba(items, labels, templates)
+        return rank(probabilities, labels, [image_name(item, i) for i, item in enumerate(items)], top_k)
+
+
+def rank(probabilities: torch.Tensor, labels: Sequence[str], names: Sequence[str],
+         top_k: int | None) -> list[ZeroShotResult]:
+    """Per-image results from a (N, C) probability matrix, sorted most probable first."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for all labels), got {top_k}")
+    k = len(labels) if top_k is None else min(top_k, len(labels))
+    values, order = probabilities.sort(dim=-1, descending=True, stable=True)
+    return [ZeroShotResult(name, [labels[j] for j in row_order[:k].tolist()], row_values[:k].tolist())
+            for name, row_values, row_order in zip(names, values, order)]
+
+
+def results_to_rows(results: Sequence[ZeroShotResult]) -> list[dict[str, Any]]:
+    """Long table of results: one row per (image, rank) with label and probability."""
+    return [{"image": result.image, "rank": rank_index + 1, "label": label, "probability": prob}
+            for result in results
+            for rank_index, (label, prob) in enumerate(zip(result.labels, result.probabilities))]
+
