@@ -103,6 +103,9 @@ def run_configs(spec: CompareConfig, recipe: dict[str, Any], out: Path) -> list[
                 data["output_dir"] = str(out / "runs")
                 data.setdefault("train", {})["seed"] = seed
                 data["train"].setdefault("progress", False)
+                # a run folder left by an interrupted comparison is retrained, not resumed, so every
+                # row's training time covers its whole training
+                data["train"]["resume"] = "never"
                 source = data["data"]["train"]
                 source.update({"shots": k, "shot_seed": seed})
                 if spec.protocol == "base_to_novel":

@@ -43,6 +43,7 @@ def test_few_shot_comparison_table(colour_squares: Path, tmp_path: Path) -> None
     # each k-shot run really trained on k images per class
     config = yaml.safe_load((out / "runs" / "full_k2_s1" / "config.yaml").read_text())
     assert config["data"]["train"]["shots"] == 2 and config["data"]["batch_size"] == 6
+    assert config["train"]["resume"] == "never"  # timings cover whole runs, never a resumed tail
     assert "| zero-shot base | 0 |" in (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 1000
 
