@@ -212,9 +212,10 @@ class LinearProbe(AdaptationMethod):
     def logits_fn(self, model: Backbone, class_names: list[str], templates: list[str]
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         weight, bias = self._require_fitted()
-        if len(class_names) != weight.shape[0]:
-            raise ValueError(f"the linear probe was fitted on {weight.shape[0]} classes; the evaluation data has "
-                             f"{len(class_names)} ({class_names[:5]}...)")
+        if not self.covers_classes(class_names):
+            fitted = self.class_names or f"{weight.shape[0]} classes"
+            raise ValueError(f"the linear probe was fitted on {fitted}; it has no weights for the evaluation "
+                             f"classes {list(class_names)[:5]}... (a probe cannot classify classes it never saw)")
 
         def logits(features: torch.Tensor) -> torch.Tensor:
             return features.float() @ weight.T + bias

@@ -250,6 +250,21 @@ class TipAdapter(AdaptationMethod):
         return F.cross_entropy(logits[labelled], labels[labelled])
 
     # --- evaluation and state ---------------------------------------------------------------------
+    def _values_for(self, class_names: list[str], values: torch.Tensor) -> torch.Tensor:
+        """Cache values re-indexed to ``class_names``: a class the cache never saw gets no cache
+        logits (it is classified zero-shot, as in the base-to-novel protocol)."""
+        trained = list(self.task.class_names)
+        if not trained:  # a state loaded without its task: only the same number of classes makes sense
+            if len(class_names) != values.shape[1]:
+                raise ValueError(f"the Tip-Adapter cache holds {values.shape[1]} classes; the evaluation data has "
+                                 f"{len(class_names)} ({class_names[:5]}...)")
+            return values
+        mapped = torch.zeros(values.shape[0], len(class_names))
+        for column, name in enumerate(class_names):
+            if name in trained:
+                mapped[:, column] = values[:, trained.index(name)]
+        return mapped
+
     def covers_classes(self, class_names: list[str]) -> bool:
         return not self.task.class_names or list(class_names) == list(self.task.class_names)
 
@@ -258,12 +273,10 @@ class TipAdapter(AdaptationMethod):
         inner = _unwrap(model)
         if not inner.cache_keys.shape[0]:
             raise RuntimeError("the Tip-Adapter cache is empty: fit or load a trained state first")
-        if len(class_names) != inner.cache_values.shape[1]:
-            raise ValueError(f"the Tip-Adapter cache holds {inner.cache_values.shape[1]} classes; the evaluation "
-                             f"data has {len(class_names)} ({class_names[:5]}...)")
         cache = FeatureCache(self.cfg.cache_dir or None)
         zeroshot = cached_zeroshot_classifier(cache, inner.base, list(class_names), list(templates))
-        keys, values = inner.cache_keys.detach().float().cpu(), inner.cache_values.float().cpu()
+        keys = inner.cache_keys.detach().float().cpu()
+        values = self._values_for(list(class_names), inner.cache_values.float().cpu())
         alpha, beta = float(inner.alpha), float(inner.beta)
 
         def logits(features: torch.Tensor) -> torch.Tensor:
