@@ -249,3 +249,46 @@ class SigLipLoss(nn.Module):
             not_negative = same_class_negatives(labels, all_labels, row_offset)
             pair_losses = pair_losses.masked_fill(not_negative, 0.0)
         return pair_losses.sum() * (world_size / global_size)
+
+
+class OneToKLoss(nn.Module):
+    """1-to-K contrastive loss (Nie et al., "Improving the Consistency in Cross-Lingual Cross-Modal
+    Retrieval with 1-to-K Contrastive Learning", KDD 2024): one image against its K parallel captions.
+
+    Inputs: normalised ``image_features`` (B, D), ``text_features`` (B, K, D) (caption ``[i, k]``
+    describes image ``i`` in language ``k``) and the exponentiated ``logit_scale``.
+
+    * image -> text: for each image ``i`` and language ``k``, a softmax over the positive
+      ``[i, k]`` and every caption of the *other* images in *all* languages; the image's other
+      K - 1 captions are left out of the denominator (they are positives too), so every language
+      is pulled equally and the negatives of all languages compete in one softmax;
+    * text -> image: each caption against all B images (its own image is the target).
+
+    The value is the mean of the two directions, each averaged over the B * K pairs. With several
+    processes the features are gathered with gradient and scaled as :class:`ClipLoss` with
+    ``local_loss`` (exact to the single-process loss on the global batch).
+    """
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor | float) -> torch.Tensor:
+        if image_features.dim() != 2 or text_features.dim() != 3 or text_features.shape[0] != image_features.shape[0] \
+                or text_features.shape[2] != image_features.shape[1]:
+            raise ValueError(f"OneToKLoss: expected image_features (B, D) and text_features (B, K, D), got "
+                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        _check_scalar(logit_scale, "logit_scale", "OneToKLoss")
+        local, count, _ = text_features.shape
+        _, world_size = world_info()
+        all_images, offset = gather_with_grad(image_features)
+        all_texts, _ = gather_with_grad(text_features.reshape(local * count, -1))
+        total = all_images.shape[0]
+        if total == 0:
+            raise ValueError("OneToKLoss: the global batch is empty")
+        own = offset + torch.arange(local, device=image_features.device)
+        owner = torch.arange(total * count, device=image_features.device) // count  # image of each text column
+        logits = logit_scale * image_features @ all_texts.T  # (local, total*K)
+        positives = logits.view(local, total, count)[torch.arange(local), own]  # (local, K)
+        negatives = logits.masked_fill(owner[None, :] == own[:, None], float("-inf")).logsumexp(dim=1, keepdim=True)
+        image_to_text = (torch.logaddexp(positives, negatives) - positives).sum()
+        text_logits = logit_scale * text_features.reshape(local * count, -1) @ all_images.T  # (local*K, total)
+        text_to_image = F.cross_entropy(text_logits, own.repeat_interleave(count), reduction="sum")
+        return (image_to_text + text_to_image) * (world_size / (total * count * 2))

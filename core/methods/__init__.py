@@ -6,5 +6,6 @@ from . import prompt_learning  # noqa: F401  (registers "coop", "cocoop", "maple
 from . import linear_probe  # noqa: F401  (registers "linear_probe")
 from . import projector  # noqa: F401  (registers "projector")
 from . import tip_adapter  # noqa: F401  (registers "tip_adapter")
+from . import cross_lingual  # noqa: F401  (registers "teacher", "one_to_k")
 
 __all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "TaskInfo", "build_method", "register_method"]

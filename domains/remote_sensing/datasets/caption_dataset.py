@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from domainclip.core.data.records import RecordSet
 from domainclip.core.data.sources import load_records
 
-from .common import RecordImageDataset
+from domainclip.core.data.record_dataset import RecordImageDataset
 from .presets import CaptionPreset, preset_source
 
 Sample = dict[str, Any]

@@ -6,7 +6,7 @@ from typing import Any
 
 
 from domainclip.core.data.sources import DataSourceConfig, load_records
-from .common import RecordImageDataset
+from domainclip.core.data.record_dataset import RecordImageDataset
 
 Sample = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the data set classes."""
+"""Dict-sample data sets over records (torchgeo style), shared by the domain data set classes."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from domainclip.core.data.dataset import BadImageError, open_rgb_image
+from .dataset import BadImageError, open_rgb_image
 
 
 def rgb_tensor(path: str) -> torch.Tensor:

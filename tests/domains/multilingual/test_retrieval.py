@@ -1,0 +1,91 @@
+"""Parallel captions, per-language recall, and Mean Rank Variance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainclip.core.backbones import create_backbone
+from domainclip.core.backbones.factory import ModelConfig
+from domainclip.core.data.sources import in_holdout
+from domainclip.domains.multilingual import (benchmark_records, evaluate_languages, language_ranks, load_parallel,
+                                             mean_rank_variance)
+
+from .make_fake_data import SCENES, write_parallel
+
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "multilingual" / "flickr8k_multi30k"
+
+
+def test_mean_rank_variance_by_hand() -> None:
+    ranks = torch.tensor([[1, 4, 2], [3, 4, 2]])  # 2 languages x 3 queries
+    # per query variance over languages: 1, 0, 0 -> mean 1/3
+    assert mean_rank_variance(ranks) == pytest.approx(1 / 3)
+    assert mean_rank_variance(ranks + 1) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="K >= 2 languages"):
+        mean_rank_variance(torch.ones(1, 3))
+
+
+def test_language_ranks_by_hand() -> None:
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    text_to_image, image_to_text = language_ranks(images, texts)
+    assert text_to_image.tolist() == [0, 1, 0]  # caption 1 prefers image 0
+    assert image_to_text.tolist() == [0, 0, 0]  # image 1 scores its own caption 0.1, the others 0.0
+
+
+def test_load_parallel_keeps_complete_images(tmp_path: Path) -> None:
+    path = write_parallel(tmp_path / "m30k", copies=2, english_only=2)
+    data = load_parallel(path.parent, languages=["en", "de", "cs"], holdout="")
+    assert len(data.images) == 2 * len(SCENES) and data.skipped == 2
+    assert data.captions["en"][0] == "a red car on a street" and data.captions["cs"][1] == "pes běží po zelené trávě"
+    english = load_parallel(path, languages=["en"], holdout="")
+    assert len(english.images) == 2 * len(SCENES) + 2
+    held = load_parallel(path, languages=["en"], holdout="test", holdout_fraction=0.5)
+    rest = load_parallel(path, languages=["en"], holdout="train", holdout_fraction=0.5)
+    assert sorted(held.images + rest.images) == sorted(english.images)
+    assert all(in_holdout(image, 0.5) for image in held.images)
+    with pytest.raises(ValueError, match="no image has captions in all of"):
+        load_parallel(path, languages=["en", "zh"], holdout="")
+    with pytest.raises(FileNotFoundError, match="captions.jsonl"):
+        load_parallel(tmp_path)
+
+
+def test_evaluate_languages_with_tiny_model(tmp_path: Path) -> None:
+    path = write_parallel(tmp_path / "m30k", copies=3)
+    data = load_parallel(path, holdout="")
+    torch.manual_seed(0)
+    model = create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit")).eval()
+    result = evaluate_languages(model, data, batch_size=5)
+    assert set(result["languages"]) == {"en", "de", "fr", "cs"} and result["n_images"] == 12
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@5", "mean_recall"):
+        expected = sum(m[key] for m in result["languages"].values()) / 4
+        assert result["mean"][key] == pytest.approx(expected)
+    assert result["languages"]["de"]["text_retrieval_recall@10"] >= result["languages"]["de"]["text_retrieval_recall@1"]
+    assert result["mrv_image_to_text"] >= 0.0 and result["mrv_text_to_image"] >= 0.0
+    records = benchmark_records(result, "fake_m30k", "tiny")
+    assert [r["dataset"] for r in records] == ["fake_m30k_en", "fake_m30k_de", "fake_m30k_fr", "fake_m30k_cs",
+                                               "fake_m30k_mean"]
+    assert records[1]["language"] == "de" and "mrv_image_to_text" in records[-1]["metrics"]
+    json.dumps(records)
+
+
+def test_identical_languages_have_zero_mrv(tmp_path: Path) -> None:
+    path = write_parallel(tmp_path / "m30k", copies=2)
+    data = load_parallel(path, holdout="")
+    data.captions["de"] = list(data.captions["en"])
+    data.captions = {"en": data.captions["en"], "de": data.captions["de"]}
+    torch.manual_seed(0)
+    model = create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit")).eval()
+    result = evaluate_languages(model, data)
+    assert result["mrv_image_to_text"] == 0.0 and result["mrv_text_to_image"] == 0.0
+    assert result["languages"]["en"] == result["languages"]["de"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared Flickr8k/Multi30k data not found at {SHARED}")
+def test_shared_holdout_has_at_least_150_images() -> None:
+    data = load_parallel(SHARED)
+    assert len(data.images) >= 150 and set(data.languages) == {"en", "de", "fr", "cs"}
+    train = load_parallel(SHARED, holdout="train")
+    assert not set(train.images) & set(data.images)
