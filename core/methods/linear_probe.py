@@ -153,8 +153,9 @@ class LinearProbe(AdaptationMethod):
         return model.requires_grad_(False)
 
     def covers_classes(self, class_names: list[str]) -> bool:
+        """Every class has probe weights (by name; any order or subset of the fitted classes)."""
         if self.class_names:
-            return list(class_names) == self.class_names
+            return all(name in self.class_names for name in class_names)
         return self.weight is None or len(class_names) == self.weight.shape[0]
 
     def fit(self, model: Backbone, loader: Any, task: TaskInfo) -> dict[str, Any]:
@@ -214,8 +215,12 @@ class LinearProbe(AdaptationMethod):
         weight, bias = self._require_fitted()
         if not self.covers_classes(class_names):
             fitted = self.class_names or f"{weight.shape[0]} classes"
+            unseen = [name for name in class_names if name not in self.class_names] or list(class_names)
             raise ValueError(f"the linear probe was fitted on {fitted}; it has no weights for the evaluation "
-                             f"classes {list(class_names)[:5]}... (a probe cannot classify classes it never saw)")
+                             f"classes {unseen[:5]} (a probe cannot classify classes it never saw)")
+        if self.class_names:  # the evaluation's class order (or a subset) picks the probe rows by name
+            rows = [self.class_names.index(name) for name in class_names]
+            weight, bias = weight[rows], bias[rows]
 
         def logits(features: torch.Tensor) -> torch.Tensor:
             return features.float() @ weight.T + bias

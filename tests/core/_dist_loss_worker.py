@@ -134,6 +134,12 @@ def main() -> None:
     for config in args.configs:
         _run_config(config, accelerator, args.out)
     accelerator.wait_for_everyone()
+    # tear gloo down before interpreter exit: a process group destroyed by exit handlers while its
+    # threads still run aborts the process ("terminate called without an active exception")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -278,8 +278,12 @@ def test_linear_probe_matches_sklearn_beats_zero_shot_and_round_trips(
     again = run(recipe_for(colour_squares, tmp_path / "runs", cfg, "probe_again"))  # a second run: cache only
     assert calls.images == before
     assert "'features_computed': 0, 'features_reused': 24" in (again.run_dir / "logs" / "train.log").read_text()
-    with pytest.raises(ValueError, match=r"the linear probe was fitted on 3 classes; the evaluation data has 2"):
-        method.logits_fn(model, ["red", "green"], TEMPLATES)
+    with pytest.raises(ValueError, match=r"has no weights for the evaluation classes \['purple'\]"):
+        method.logits_fn(model, ["red", "purple"], TEMPLATES)
+    names = records_of(held_out).class_names
+    full = method.logits_fn(model, names, TEMPLATES)(test_features)
+    reordered = method.logits_fn(model, ["red", "green"], TEMPLATES)(test_features)  # rows picked by name
+    assert torch.equal(reordered, full[:, [names.index("red"), names.index("green")]])
 
 
 def test_closed_form_fits_skip_count_and_list_bad_and_unlabelled_images(colour_squares: Path, tmp_path: Path) -> None:
