@@ -46,6 +46,8 @@ class CompareConfig:
         metric: the classification metric tabulated: ``acc1`` or ``balanced_accuracy`` (use it
             for imbalanced test sets, where always answering the majority class scores high
             top-1). Retrieval tasks report ``mean_recall``.
+        also: more metrics of the headline (first) task, each tabulated as a column of its own
+            (e.g. ``[auroc]``: two-class tasks report the AUROC of the second class); few_shot only.
     """
 
     name: str = "compare"
@@ -57,8 +59,11 @@ class CompareConfig:
     output_dir: str = "runs"
     max_batch_size: int = 32
     metric: str = "acc1"
+    also: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.also and self.protocol != "few_shot":
+            raise ValueError(f"also={self.also} applies to the few_shot protocol only")
         if self.metric not in CLASSIFICATION_METRICS:
             raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS}, got {self.metric!r}")
         if self.protocol not in PROTOCOLS:
@@ -90,6 +95,18 @@ def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
 def _headline(record: dict[str, Any], metric: str = "acc1") -> float:
     key = metric if record["task"] == "zeroshot_classification" else "mean_recall"
     return float(record["metrics"][key])
+
+
+def _scores(records: list[dict[str, Any]], spec: CompareConfig) -> dict[str, float]:
+    """Headline metric per task, then the ``also`` metrics of the first task."""
+    scores = {r["dataset"]: _headline(r, spec.metric) for r in records}
+    for metric in spec.also:
+        first = records[0]
+        if metric not in first["metrics"]:
+            raise KeyError(f"also: task {first['dataset']!r} reports no {metric!r} "
+                           f"(it has {sorted(k for k, v in first['metrics'].items() if isinstance(v, float))})")
+        scores[f"{first['dataset']} {metric}"] = float(first["metrics"][metric])
+    return scores
 
 
 def run_configs(spec: CompareConfig, recipe: dict[str, Any], out: Path) -> list[tuple[str, int, int, dict[str, Any]]]:
@@ -177,7 +194,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
         n_train = len(load_records(cfg.data.train))
         cfg.data.batch_size = min(spec.max_batch_size, n_train)
         result = train(cfg)
-        scores = {r["dataset"]: _headline(r, spec.metric) for r in result.metrics}
+        scores = _scores(result.metrics, spec)
         if spec.protocol == "base_to_novel":
             base, novel = scores[recipe["eval"][0]["name"]], scores[recipe["eval"][1]["name"]]
             scores = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
@@ -186,7 +203,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
                      "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
                      "retention_change": retention[0] if retention else None})
         atomic_write_text(out / "runs.json", json.dumps({"spec": config_lib.to_dict(spec), "runs": rows}, indent=2))
-    zero = {r["dataset"]: _headline(r, spec.metric) for r in baseline}
+    zero = _scores(baseline, spec)
     if spec.protocol == "base_to_novel":
         b, n = zero[recipe["eval"][0]["name"]], zero[recipe["eval"][1]["name"]]
         zero = {"base": b, "novel": n, "hm": harmonic_mean(b, n)}

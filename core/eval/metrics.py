@@ -31,7 +31,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, class_na
     top-C accuracy, i.e. 1.0, where CLIP_benchmark writes NaN), ``mean_per_class_recall`` and the
     same value under ``balanced_accuracy``, ``per_class_recall`` ({class name: recall}),
     ``confusion_matrix`` (rows = true class, columns = predicted class, as lists of ints) and
-    ``n_samples``.
+    ``n_samples``. With two classes, both present, also ``auroc``: the ranking quality of the
+    logit margin of the second class (e.g. "pneumonia" after "normal") over the first.
 
     A class that never occurs in ``targets`` has no defined recall: it is reported as ``None`` in
     ``per_class_recall`` and left out of the mean (this is what ``sklearn``'s
@@ -64,7 +65,10 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, class_na
         per_class[name] = n_correct / n_true if n_true > 0 else None
     present = [value for value in per_class.values() if value is not None]
     balanced = sum(present) / len(present)
-    return {
+    extra = {}
+    if num_classes == 2 and len(present) == 2:  # binary: AUROC of class 1 against class 0
+        extra["auroc"] = auroc(logits[:, 1] - logits[:, 0], targets)
+    return {**extra,
         "acc1": hits[:, 0].float().mean().item(),
         "acc5": hits.any(dim=1).float().mean().item(),
         "mean_per_class_recall": balanced,

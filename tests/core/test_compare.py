@@ -108,3 +108,15 @@ def test_balanced_accuracy_can_be_the_tabulated_metric(colour_squares: Path, tmp
     assert "metric balanced_accuracy" in (out / "compare.md").read_text()
     with pytest.raises(ValueError, match=r"metric must be one of \('acc1', 'balanced_accuracy'\), got 'auc'"):
         CompareConfig(methods={"a": {}}, metric="auc")
+
+
+def test_also_tabulates_more_metrics_of_the_headline_task(colour_squares: Path, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path, colour_squares, shots=[2], seeds=[0], also=["acc5"],
+                           methods={"full": {"method": {"name": "full"}}})
+    out = compare(load_spec(spec_path), spec_path.parent)
+    result = json.loads((out / "compare.json").read_text())
+    [record] = json.loads((out / "runs" / "full_k2_s0" / "metrics.json").read_text())
+    assert result["runs"][0]["scores"]["squares acc5"] == pytest.approx(record["metrics"]["acc5"])
+    assert "squares acc5" in result["zero_shot"] and "| squares acc5 |" in (out / "compare.md").read_text()
+    with pytest.raises(ValueError, match=r"few_shot protocol only"):
+        CompareConfig(methods={"a": {}}, protocol="base_to_novel", also=["auroc"])

@@ -225,3 +225,16 @@ def test_deduplicate_by_index_drops_padding_and_repeated_samples() -> None:
     assert kept_indices.tolist() == [0, 1, 2, 3, 4]
     assert kept_labels.tolist() == [0, 10, 20, 30, 40]
     assert kept_features[:, 0].tolist() == [1.0, 2.0, 3.0, 0.0, 4.0]  # first occurrence of each index
+
+
+def test_binary_classification_reports_the_auroc_of_the_second_class() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 2, generator=generator)
+    targets = torch.randint(0, 2, (40,), generator=generator)
+    metrics = classification_metrics(logits, targets, ["normal", "pneumonia"])
+    expected = roc_auc_score(targets.numpy(), (logits[:, 1] - logits[:, 0]).numpy())
+    assert metrics["auroc"] == pytest.approx(expected, abs=1e-6)
+    assert "auroc" not in classification_metrics(logits, torch.zeros(40, dtype=torch.long), ["a", "b"])  # one class only
+    assert "auroc" not in classification_metrics(torch.randn(40, 3, generator=generator), targets, ["a", "b", "c"])
