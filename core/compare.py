@@ -216,13 +216,20 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
 
 
 def _finished_rows(path: Path, spec: CompareConfig) -> list[dict[str, Any]]:
-    """Rows of an interrupted earlier invocation of the same spec (none if the spec changed)."""
+    """Rows of an earlier invocation that still hold: same spec apart from ``methods``, and the
+    row's method configured exactly as now (adding a method to a spec runs only the new one)."""
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
-    if not isinstance(saved, dict) or saved.get("spec") != json.loads(json.dumps(config_lib.to_dict(spec))):
+    current = json.loads(json.dumps(config_lib.to_dict(spec)))
+    if not isinstance(saved, dict) or not isinstance(saved.get("spec"), dict):
         return []
-    return list(saved.get("runs", []))
+    before = dict(saved["spec"])
+    old_methods, new_methods = before.pop("methods", {}), current.pop("methods")
+    if before != current:
+        return []
+    return [row for row in saved.get("runs", [])
+            if row["method"] in new_methods and old_methods.get(row["method"]) == new_methods[row["method"]]]
 
 
 def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]]) -> str:

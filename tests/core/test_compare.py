@@ -91,11 +91,20 @@ def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Pa
     out = compare(load_spec(spec_path), spec_path.parent)
     assert trained == ["lit_k2_s0"]  # the finished run is not repeated
     assert len(json.loads((out / "compare.json").read_text())["runs"]) == 2
-    # a changed spec starts afresh
+    # a method added to the spec runs alone; a method whose settings changed runs again
+    trained.clear()
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["methods"]["lit2"] = {"method": {"name": "full", "lock_text": True}}
+    spec["methods"]["lit"] = {"method": {"name": "full", "lock_image": True}, "train": {"lr": 1.0e-4}}
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = compare(load_spec(spec_path), spec_path.parent)
+    assert trained == ["lit_k2_s0", "lit2_k2_s0"]
+    assert [r["method"] for r in json.loads((out / "compare.json").read_text())["runs"]] == ["full", "lit", "lit2"]
+    # any other change of the spec starts afresh
     trained.clear()
     spec_path.write_text(spec_path.read_text().replace("seeds:\n- 0", "seeds:\n- 1"))
     compare(load_spec(spec_path), spec_path.parent)
-    assert trained == ["full_k2_s1", "lit_k2_s1"]
+    assert trained == ["full_k2_s1", "lit_k2_s1", "lit2_k2_s1"]
 
 
 def test_balanced_accuracy_can_be_the_tabulated_metric(colour_squares: Path, tmp_path: Path) -> None:
