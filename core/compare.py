@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,9 @@ def _finished_rows(path: Path, spec: CompareConfig) -> list[dict[str, Any]]:
     current = json.loads(json.dumps(config_lib.to_dict(spec)))
     if not isinstance(saved, dict) or not isinstance(saved.get("spec"), dict):
         return []
-    before = dict(saved["spec"])
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(CompareConfig)}
+    before = {**json.loads(json.dumps(defaults)), **saved["spec"]}  # fields added since then: defaults
     old_methods, new_methods = before.pop("methods", {}), current.pop("methods")
     if before != current:
         return []
