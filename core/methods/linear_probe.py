@@ -178,8 +178,8 @@ class LinearProbe(AdaptationMethod):
         if len(np.unique(labels)) < 2:
             raise ValueError(f"method linear_probe: the training images hold only classes {np.unique(labels).tolist()}; "
                              f"a probe needs at least two")
-        summary = self._choose_c(features, labels)
-        final = fit_logistic_regression(features, labels, summary["C"], self.cfg.max_iter, start=summary.pop("_model"))
+        summary, sweep_model = self._choose_c(features, labels)
+        final = fit_logistic_regression(features, labels, summary["C"], self.cfg.max_iter, start=sweep_model)
         self.weight, self.bias = probe_weights(final, num_classes)
         summary.update(n_fit=int(len(labels)), n_unlabelled=int((~labelled).sum()), n_bad=len(encoded.bad),
                        bad=encoded.bad, features_computed=encoded.computed, features_reused=encoded.reused,
@@ -188,16 +188,17 @@ class LinearProbe(AdaptationMethod):
                        fit_seconds=round(time.perf_counter() - started - features_seconds, 3))
         return summary
 
-    def _choose_c(self, features: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    def _choose_c(self, features: np.ndarray, labels: np.ndarray) -> tuple[dict[str, Any], Any]:
+        """The chosen ``C`` with its validation scores, and the last model of the sweep (a warm start)."""
         c_values = sorted(float(c) for c in self.cfg.c_values)
         if len(c_values) == 1:
-            return {"C": c_values[0], "val_accuracy": {}, "n_val": 0, "_model": None}
+            return {"C": c_values[0], "val_accuracy": {}, "n_val": 0}, None
         train_rows, val_rows = stratified_split(labels, self.cfg.val_fraction, self.cfg.seed)
         if len(val_rows) == 0 and np.bincount(labels).max() < 2:
             log.warning("linear probe: every class has one training image, so no C can be validated; "
                         "using method.fallback_c=%g", self.cfg.fallback_c)
             return {"C": float(self.cfg.fallback_c), "val_accuracy": {}, "n_val": 0,
-                    "C_choice": "fallback: every class has a single training image", "_model": None}
+                    "C_choice": "fallback: every class has a single training image"}, None
         if len(val_rows) == 0 or len(np.unique(labels[train_rows])) < 2:
             raise ValueError(f"method linear_probe: a validation split of {self.cfg.val_fraction} leaves "
                              f"{len(val_rows)} validation and {len(train_rows)} training images; "
@@ -208,7 +209,7 @@ class LinearProbe(AdaptationMethod):
                                             start=probe)
             scores[c_value] = float((probe.predict(features[val_rows]) == labels[val_rows]).mean())
         best = max(c_values, key=lambda c: (scores[c], -c))
-        return {"C": best, "val_accuracy": scores, "n_val": int(len(val_rows)), "_model": probe}
+        return {"C": best, "val_accuracy": scores, "n_val": int(len(val_rows))}, probe
 
     def logits_fn(self, model: Backbone, class_names: list[str], templates: list[str]
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -312,9 +312,10 @@ def test_linear_probe_one_shot_falls_back_to_the_configured_c_and_says_so(tmp_pa
     method = build_method(LinearProbeConfig(cache_dir=str(tmp_path), fallback_c=3.0))
     features = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
     labels = np.array([0, 1, 2])  # one image per class: nothing to validate C on
-    choice = method._choose_c(features, labels)
+    choice, start = method._choose_c(features, labels)
+    assert start is None  # nothing was swept
     assert choice["C"] == 3.0 and choice["n_val"] == 0 and "single training image" in choice["C_choice"]
-    two_shot = method._choose_c(np.concatenate([features, features]), np.concatenate([labels, labels]))
+    two_shot, _ = method._choose_c(np.concatenate([features, features]), np.concatenate([labels, labels]))
     assert "C_choice" not in two_shot and two_shot["n_val"] == 3
     reference = LogisticRegression(C=3.0, max_iter=1000).fit(features, labels)
     assert reference.predict(features).tolist() == [0, 1, 2]
