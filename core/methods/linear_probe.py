@@ -101,12 +101,15 @@ def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, c_value: f
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     if start is not None and list(getattr(start, "classes_", [])) == sorted(np.unique(labels).tolist()):
         model = start.set_params(C=float(c_value), warm_start=True)
     else:
         model = LogisticRegression(C=float(c_value), max_iter=max_iter, warm_start=True)
-    with warnings.catch_warnings(record=True) as caught:
+    # One BLAS/OpenMP thread: a probe's matrices are small (images x feature dim), so spinning up a
+    # thread team costs more than it saves, and on a busy machine it costs up to 50x (measured).
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(features, labels)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
