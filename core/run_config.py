@@ -6,6 +6,7 @@ from typing import Any
 
 from .backbones.factory import ModelConfig
 from .data.sources import DataSourceConfig
+from .eval.groups import GroupEvalConfig
 from .losses import LossConfig
 from .methods.base import MethodConfig
 from .methods.full import FullConfig
@@ -129,6 +130,8 @@ class EvalTaskConfig:
         batch_size: images per evaluation batch.
         retention: also evaluate the base model before training and report the change, so you
             see what the domain model forgot on a reference task (WiSE-FT wins it back).
+        groups: zeroshot only: also report group-level metrics (records need a group id, e.g.
+            the CT volume of each slice); off while ``groups.aggregate`` is empty.
     """
 
     name: str = ""
@@ -137,10 +140,14 @@ class EvalTaskConfig:
     templates: list[str] = field(default_factory=list)
     batch_size: int = 64
     retention: bool = False
+    groups: GroupEvalConfig = field(default_factory=GroupEvalConfig)
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:
             raise ValueError(f"eval task must be one of {EVAL_TASKS}, got {self.task!r}")
+        if self.groups.aggregate and self.task != "zeroshot":
+            raise ValueError(f"eval task {self.name!r}: groups (group-level metrics) needs task 'zeroshot', "
+                             f"got {self.task!r}")
 
 
 @dataclass

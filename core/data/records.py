@@ -25,11 +25,15 @@ class ImageTextRecord:
         image: path of the image file (already joined with the source's image root).
         captions: every caption of the image; training samples one per step.
         label: class index into ``RecordSet.class_names``, or -1 when the image has no label.
+        group: id of the object the image is one view of (e.g. the CT volume of a slice), used by
+            group-level evaluation (``core/eval/groups.py``); "" = none. A stable id that
+            identifies no person (a manifest row number, a hash), never a patient ID.
     """
 
     image: str
     captions: list[str]
     label: int = -1
+    group: str = ""
 
 
 @dataclass

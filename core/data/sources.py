@@ -35,6 +35,7 @@ Choices (documented here because ``DataSourceConfig``'s docstring is shared with
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -69,6 +70,9 @@ class DataSourceConfig:
         caption_key: manifest column with the caption(s): a string, or a list in JSONL/Parquet.
         caption_separator: split one CSV caption cell into several captions on this string.
         label_key: manifest/label-CSV column with the class name ("" = no labels).
+        group_key: csv, jsonl, parquet, label_csv and ct_slices: column with a group id per image
+            (rows with the same id are views of one object, e.g. the slices of one scan) for
+            group-level evaluation (``eval[].groups``); "" = none. Use ids that identify no person.
         class_names: map from raw class name to its natural-language name used in captions.
         templates: prompt templates with one ``{}`` turning a class name into a caption.
         num_samples: webdataset only: samples in one epoch (streams have no length).
@@ -92,6 +96,7 @@ class DataSourceConfig:
     caption_key: str = "caption"
     caption_separator: str = ""
     label_key: str = ""
+    group_key: str = ""
     class_names: dict[str, str] = field(default_factory=dict)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     num_samples: int = 0
@@ -192,7 +197,7 @@ def select_class_subset(record_set: RecordSet, subset: str, source: str) -> Reco
     split = math.ceil(count / 2)
     kept = range(0, split) if subset == "base" else range(split, count)
     renumber = {old: new for new, old in enumerate(kept)}
-    records = [ImageTextRecord(r.image, r.captions, renumber[r.label]) for r in record_set.records if r.label in renumber]
+    records = [dataclasses.replace(r, label=renumber[r.label]) for r in record_set.records if r.label in renumber]
     return RecordSet(records, [record_set.class_names[i] for i in kept],
                      [record_set.raw_class_names[i] for i in kept] if record_set.raw_class_names else [],
                      record_set.skipped)
@@ -314,6 +319,8 @@ def records_from_rows(
     require_column(rows, columns, image_key, "image_key", manifest)
     if label_key:
         require_column(rows, columns, label_key, "label_key", manifest)
+    if cfg.group_key:
+        require_column(rows, columns, cfg.group_key, "group_key", manifest)
     if caption_key is not None and not has_column(rows, columns, caption_key):
         if not label_key:
             raise MissingColumnError(
@@ -348,7 +355,9 @@ def records_from_rows(
             skipped.append((name, f"no caption in column {caption_key!r} and no label"))
             continue
         image_path = os.path.join(image_root, str(image).strip())
-        records.append(ImageTextRecord(image=image_path, captions=captions, label=index[label] if label else -1))
+        group = lookup(row, cfg.group_key) if cfg.group_key else None
+        records.append(ImageTextRecord(image=image_path, captions=captions, label=index[label] if label else -1,
+                                       group="" if is_missing(group) else str(group).strip()))
     if not records and skipped:
         first, reason = skipped[0]
         raise ValueError(f"{manifest} has no usable rows ({len(skipped)} skipped); first: {first}: {reason}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainclip.core.eval.metrics import classification_metrics, deduplicate_by_index
+from domainclip.core.eval.groups import GroupEvalConfig, group_metrics
 
 __all__ = [
     "EncodedImages",
@@ -290,8 +291,14 @@ def evaluate_zeroshot(
     accelerator: Any = None,
     text_batch_size: int = 256,
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    groups: Sequence[str] | None = None,
+    group_config: GroupEvalConfig | None = None,
 ) -> dict[str, Any]:
     """Zero-shot classification metrics of ``model`` on ``loader`` (see ``classification_metrics``).
+
+    With ``groups`` (the group id of every dataset index) and a ``group_config`` whose
+    ``aggregate`` is set, group-level metrics (``core/eval/groups.py``) are added under keys
+    prefixed ``group_config.name``.
 
     ``logits_fn`` maps normalised image features (N, D) to class logits (N, C) for adaptation
     methods with their own classifier (learned prompts, a linear probe, a Tip-Adapter cache);
@@ -320,11 +327,24 @@ def evaluate_zeroshot(
     with torch.no_grad():
         logits = logits_fn(encoded.features[labelled]).float().cpu()
     metrics = classification_metrics(logits, labels[labelled], class_names)
+    if group_config is not None and group_config.aggregate:
+        metrics.update(_group_metrics(logits, labels[labelled], indices[labelled], groups, class_names, group_config))
     metrics["n_unlabeled"] = int((~labelled).sum())
     metrics["unlabeled_indices"] = indices[~labelled].tolist()
     metrics["n_bad"] = len(encoded.bad)
     metrics["bad"] = [list(item) for item in encoded.bad]
     return metrics
+
+
+def _group_metrics(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, groups: Sequence[str] | None,
+                   class_names: list[str], config: GroupEvalConfig) -> dict[str, Any]:
+    """Group-level metrics of the labelled images (rows ``indices`` of ``groups``)."""
+    if groups is None:
+        raise ValueError(f"group-level metrics (aggregate {config.aggregate!r}) need the group id of every image")
+    if len(indices) and int(indices.max()) >= len(groups):
+        raise ValueError(f"dataset index {int(indices.max())} has no group id ({len(groups)} given)")
+    return group_metrics(logits, labels, [groups[i] for i in indices.tolist()], class_names, config.aggregate,
+                         config.k, config.label, config.name)
 
 
 def _check_single_labels(encoded: EncodedImages, num_classes: int) -> torch.Tensor:

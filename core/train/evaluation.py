@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from ..backbones import Backbone
 from ..data.dataset import Collator, ImageTextDataset
+from ..data.records import ImageTextRecord
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
@@ -22,6 +23,20 @@ def eval_loader(task: EvalTaskConfig, model: Backbone, num_workers: int):
     loader = DataLoader(dataset, batch_size=task.batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=Collator(None))
     return records, loader
+
+
+def record_groups(task: EvalTaskConfig, records: list[ImageTextRecord]) -> list[str] | None:
+    """The records' group ids when the task asks for group metrics (``groups.aggregate``), else None."""
+    if not task.groups.aggregate:
+        return None
+    missing = sum(1 for record in records if not record.group)
+    if missing:
+        raise ValueError(
+            f"eval task {task.name or task.data.path!r}: groups.aggregate={task.groups.aggregate!r} needs a group id "
+            f"on every record, but data source format {task.data.format!r} at {task.data.path!r} gave {missing} of "
+            f"{len(records)} records none (set data.group_key for csv, jsonl, parquet or label_csv; domain formats "
+            "such as CT slices set their own)")
+    return [record.group for record in records]
 
 
 def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerator | None = None,
@@ -44,7 +59,8 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
         own_classifier = method is not None and (method.covers_classes(class_names) or not task.retention)
         logits_fn = method.logits_fn(model, class_names, list(templates)) if own_classifier else None
         metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
-                                    logits_fn=logits_fn)
+                                    logits_fn=logits_fn, groups=record_groups(task, records.records),
+                                    group_config=task.groups)
         kind = "zeroshot_classification"
         if method is not None and not own_classifier:
             # a probe / cache fitted on other classes cannot score this reference task; the towers

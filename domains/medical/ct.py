@@ -11,7 +11,8 @@
 * :func:`sample_slices` picks axial slice indices (every ``stride``-th, or ``count`` evenly
   spaced, optionally only where a mask has voxels).
 * :func:`aggregate_scores` turns per-slice scores into one volume score (max, mean, top-k mean,
-  noisy-or).
+  noisy-or); it lives in core (``core/eval/groups.py``, used by volume-level evaluation) and is
+  re-exported here.
 * :func:`organs_in_slice` / :func:`organ_caption` turn an organ label map into slice labels and
   captions.
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from domainclip.core.eval.groups import AGGREGATIONS, aggregate_scores  # noqa: F401  (re-exported)
 
 from .privacy import safe_item
 
@@ -34,7 +37,6 @@ HU_WINDOWS: dict[str, tuple[float, float]] = {
     "liver": (60.0, 160.0),
 }
 DEFAULT_WINDOWS = ("lung", "mediastinum", "bone")
-AGGREGATIONS = ("max", "mean", "topk_mean", "noisy_or")
 
 
 @dataclass
@@ -124,24 +126,6 @@ def sample_slices(depth: int, stride: int = 1, count: int = 0, mask: np.ndarray 
             return candidates
         return [candidates[int(round(i))] for i in np.linspace(0, len(candidates) - 1, count)]
     return candidates[::stride]
-
-
-def aggregate_scores(scores: np.ndarray | list[float], method: str = "max", k: int = 3) -> float:
-    """One volume score from its slices' scores (probabilities in [0, 1] for ``noisy_or``)."""
-    values = np.asarray(scores, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("aggregate_scores got no slice scores")
-    if method == "max":
-        return float(values.max())
-    if method == "mean":
-        return float(values.mean())
-    if method == "topk_mean":
-        return float(np.sort(values)[-max(1, min(k, values.size)):].mean())
-    if method == "noisy_or":
-        if values.min() < 0 or values.max() > 1:
-            raise ValueError("noisy_or needs probabilities in [0, 1]")
-        return float(1.0 - np.prod(1.0 - values))
-    raise ValueError(f"unknown aggregation {method!r}; valid: {AGGREGATIONS}")
 
 
 def organs_in_slice(label_slice: np.ndarray, names: dict[int, str], min_voxels: int = 1) -> list[str]:

@@ -7,6 +7,11 @@ column is ``image_key``), optional ``label_map`` (organ label map on the same gr
 block and a test block of contiguous slices, which leak less than a random slice split).
 Relative paths start at the manifest's folder (or ``image_root``).
 
+Every record carries a group id for volume-level evaluation (``eval[].groups``): ``row<line>``,
+the manifest line its slices come from (a whole volume, or a block of one: a pseudo-volume), or
+the value of the ``group_key`` column when the config names one (rows with the same value are
+one group). Never the volume's path, which may hold a patient ID.
+
 Every axial slice (every ``stride``-th) becomes one record whose image is a PNG in the medical
 cache (three HU windows as channels, or a 2.5D slab) and whose captions name the organs in the
 slice (:func:`ct.organ_caption`). With ``label_key: <organ>`` the slice's label is the presence of
@@ -116,6 +121,8 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
     image_key = cfg.image_key if cfg.image_key in columns else "image"
     if image_key not in columns:
         raise KeyError(f"column {cfg.image_key!r} (config key 'image_key') not found in {manifest}; columns: {columns}")
+    if cfg.group_key and cfg.group_key not in columns:
+        raise KeyError(f"column {cfg.group_key!r} (config key 'group_key') not found in {manifest}; columns: {columns}")
     splits = wanted_splits(cfg.split)
     if splits and "split" not in columns:
         raise KeyError(f"split {cfg.split!r} asked for but {manifest} has no 'split' column")
@@ -130,6 +137,7 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
         if splits and row.get("split", "").strip() not in splits:
             continue
         volume_path = os.path.join(root, row[image_key].strip())
+        group = row[cfg.group_key].strip() if cfg.group_key else f"row{name.rsplit(':', 1)[1]}"
         label_path = row.get("label_map", "").strip()
         if organ and not label_path:
             raise ValueError(f"{name}: label_key {organ!r} needs a 'label_map' column value")
@@ -139,7 +147,7 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
         except (OSError, ValueError) as error:
             raise type(error)(f"{name}: {error}") from None
         if labels is None:
-            records += [ImageTextRecord(str(p), ["an axial CT slice."]) for _, p in pngs]
+            records += [ImageTextRecord(str(p), ["an axial CT slice."], group=group) for _, p in pngs]
             continue
         label_names = read_label_names(os.path.join(root, row["label_names"].strip())) if row.get("label_names") else {}
         if organ and organ not in label_names.values():
@@ -154,7 +162,7 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
                        if int(i) != 0 and c >= options.min_voxels]
             captions = [organ_caption(by_size, t) for t in templates]
             label = index["present" if organ in by_size else "absent"] if organ else -1
-            records.append(ImageTextRecord(str(png), captions, label))
+            records.append(ImageTextRecord(str(png), captions, label, group))
     if not records:
         raise ValueError(f"{manifest}: no slices (split {cfg.split!r})")
     return RecordSet(records, class_names, raw_names, skipped)
