@@ -77,9 +77,36 @@ def min_max(values: np.ndarray) -> np.ndarray:
     return np.zeros_like(values, dtype=np.float32) if high <= low else ((values - low) / (high - low)).astype(np.float32)
 
 
+def voi_lut_grey(stored: np.ndarray, dataset: Any) -> np.ndarray:
+    """Stored values through the first VOI LUT, scaled by the LUT's output bits to [0, 1].
+
+    Done here rather than by ``pydicom.pixels.apply_voi``, which indexes the table with an array
+    of the *output* type: an 8-bit LUT with more than 256 entries (12-bit input) wraps the
+    indices and returns wrong values. LUT Data as US values or as OW words (one entry per 16-bit
+    word, or 8-bit entries packed one per byte when the data is exactly one byte per entry).
+    """
+    item = dataset.VOILUTSequence[0]
+    count, first, bits = (int(v) for v in item.LUTDescriptor)
+    count = count or 2**16
+    if bits not in (8, *range(10, 17)):
+        raise BadImageError(f"VOI LUT entries of {bits} bits (the standard allows 8 or 10-16)")
+    raw = item.LUTData
+    if isinstance(raw, (bytes, bytearray)):
+        little = getattr(getattr(dataset, "file_meta", None), "_tsyntax_encoding", (None, True))[1] is not False
+        packed = bits == 8 and len(raw) == count
+        table = np.frombuffer(raw, dtype=np.uint8 if packed else ("<u2" if little else ">u2"))
+    else:
+        table = np.asarray(raw if isinstance(raw, (list, tuple)) else [raw], dtype=np.int64)
+    if len(table) < count:
+        raise BadImageError(f"VOI LUT holds {len(table)} entries, its descriptor says {count}")
+    index = np.clip(np.asarray(stored, dtype=np.int64) - first, 0, count - 1)
+    grey = table[:count].astype(np.float64)[index] / (2**bits - 1)
+    return np.clip(grey, 0, 1).astype(np.float32)
+
+
 def decode_dicom(dataset: Any, window: tuple[float, float] | None = None, use_voi: bool = True) -> np.ndarray:
     """A single-frame grey DICOM's pixels as ``(H, W)`` float32 in [0, 1] (steps in the module docstring)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -91,10 +118,7 @@ def decode_dicom(dataset: Any, window: tuple[float, float] | None = None, use_vo
     if window is not None:
         grey = apply_window(values, float(window[0]), float(window[1]))
     elif use_voi and "VOILUTSequence" in dataset:
-        lut = dataset.VOILUTSequence[0]
-        bits = int(lut.LUTDescriptor[2]) or 16
-        grey = np.clip(np.asarray(apply_voi_lut(stored, dataset, prefer_lut=True), dtype=np.float64) / (2**bits - 1), 0, 1)
-        grey = grey.astype(np.float32)
+        grey = voi_lut_grey(stored, dataset)
     elif use_voi and dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
         grey = apply_window(values, _first(dataset.WindowCenter), _first(dataset.WindowWidth),
                             str(dataset.get("VOILUTFunction", "LINEAR")))

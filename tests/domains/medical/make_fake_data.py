@@ -17,7 +17,8 @@ PHI_STRINGS = ["Zorbulon", "Quentessa", "PIDX7731", "19610302", "1961-03-02", "A
 
 def write_dicom(path: Path, pixels: np.ndarray, view: str = "PA", photometric: str = "MONOCHROME2",
                 bits_stored: int = 12, window: tuple[float, float] | None = None, slope: float = 1.0,
-                intercept: float = 0.0, burned_in: bool = False, voi_lut: np.ndarray | None = None) -> Path:
+                intercept: float = 0.0, burned_in: bool = False, voi_lut: np.ndarray | None = None,
+                voi_lut_bits: int = 16) -> Path:
     """A single-frame unsigned DICOM radiograph carrying the fake patient attributes of ``PHI``."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -41,12 +42,13 @@ def write_dicom(path: Path, pixels: np.ndarray, view: str = "PA", photometric: s
         ds.WindowCenter, ds.WindowWidth = window
     if burned_in:
         ds.BurnedInAnnotation = "YES"
-    if voi_lut is not None:  # 16-bit output LUT starting at stored value 0
+    if voi_lut is not None:  # output LUT starting at stored value 0, one entry per 16-bit OW word
+        from pydicom.dataelem import DataElement
         from pydicom.dataset import Dataset
 
         item = Dataset()
-        item.LUTDescriptor = [len(voi_lut), 0, 16]
-        item.LUTData = np.asarray(voi_lut, dtype=np.uint16).tobytes()
+        item.LUTDescriptor = [len(voi_lut), 0, voi_lut_bits]  # 8-bit entries are still stored in 16-bit words
+        item.add(DataElement(0x00283006, "OW", np.asarray(voi_lut, dtype=np.uint16).tobytes()))  # LUT Data
         ds.VOILUTSequence = [item]
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +89,9 @@ def write_dicom_set(folder: Path, count: int = 8) -> Path:
     return manifest
 
 
-def write_ct_set(folder: Path, depth: int = 8) -> Path:
-    """A tiny NIfTI CT (HU) with a 'liver' in the lower half of the slices and its label map;
-    returns ``manifest.csv`` (image, label_map, label_names)."""
+def write_ct_set(folder: Path, depth: int = 8, liver_slices: int | None = None) -> Path:
+    """A tiny NIfTI CT (HU) with a 'liver' in the first ``liver_slices`` slices (default: the lower
+    half; 0 = none) and its label map; returns ``manifest.csv`` (image, label_map, label_names)."""
     import nibabel as nib
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,8 +99,9 @@ def write_ct_set(folder: Path, depth: int = 8) -> Path:
     hu = rng.normal(-800, 30, (24, 24, depth)).astype(np.int16)  # air / lung
     labels = np.zeros((24, 24, depth), dtype=np.uint8)
     hu[6:18, 6:18, :] = rng.normal(40, 10, (12, 12, depth))  # soft tissue
-    labels[8:16, 8:16, : depth // 2] = 5  # liver in slices 0 .. depth/2 - 1
-    hu[8:16, 8:16, : depth // 2] = 90
+    liver = depth // 2 if liver_slices is None else liver_slices
+    labels[8:16, 8:16, :liver] = 5  # liver in slices 0 .. liver - 1
+    hu[8:16, 8:16, :liver] = 90
     labels[10:14, 2:5, :] = 2  # a kidney in every slice
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     nib.save(nib.Nifti1Image(hu, affine), folder / "ct.nii.gz")

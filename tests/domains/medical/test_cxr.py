@@ -54,6 +54,17 @@ def test_voi_lut_sequence_is_applied(tmp_path: Path, pydicom) -> None:
     np.testing.assert_allclose(grey, lut[pixels] / 65535.0, atol=1e-6)  # the LUT wins over the window
 
 
+def test_eight_bit_voi_lut_stored_as_ow_words(tmp_path: Path, pydicom) -> None:
+    from domainclip.domains.medical.dicom import read_dicom
+
+    lut = (np.arange(4096) * 255 // 4095)[::-1].copy()  # 8-bit entries, inverted, one per OW word
+    pixels = np.array([[0, 1024], [2048, 4095]])
+    path = write_dicom(tmp_path / "lut8.dcm", pixels, voi_lut=lut, voi_lut_bits=8)
+    assert pydicom.dcmread(path).VOILUTSequence[0]["LUTData"].VR == "OW"
+    grey, _ = read_dicom(path)
+    np.testing.assert_allclose(grey, lut[pixels] / 255.0, atol=1e-6)  # scaled by the LUT's 8 bits, not 16
+
+
 def test_view_filter_and_cached_rendering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pydicom) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     folder = tmp_path / "data"

@@ -23,7 +23,7 @@ COMMON = ["model={kind: open_clip, name: domainclip-tiny-vit}", "data.batch_size
 
 
 def test_recipe_list() -> None:
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*CXR, "ct_organs_lora"])
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*CXR, "ct_organs_lora", "cxr_chexpert_lora"])
 
 
 def write_pneumonia_folders(root: Path, per_class: int = 4) -> Path:
@@ -62,10 +62,15 @@ def test_ct_recipe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "medical_cache"))
     manifest = write_ct_set(tmp_path / "ct", depth=8)
     manifest.write_text("image,label_map,label_names,split,slices\n"
-                        "ct.nii.gz,seg.nii.gz,labels.json,train,0:4\nct.nii.gz,seg.nii.gz,labels.json,test,2:8\n")
+                        "ct.nii.gz,seg.nii.gz,labels.json,train,0:4\nct.nii.gz,seg.nii.gz,labels.json,test,2:5\n"
+                        "ct.nii.gz,seg.nii.gz,labels.json,test,5:8\n")
     overrides = [f"output_dir={tmp_path / 'runs'}", f"data.train.path={manifest}", f"eval.0.data.path={manifest}",
                  "eval.0.data.label_key=liver", *COMMON]
     result = train(config_lib.load(RunConfig, RECIPES / "ct_organs_lora.yaml", overrides))
     metrics = json.loads((result.run_dir / "metrics.json").read_text())[0]["metrics"]
     assert metrics["n_samples"] == 6  # slices 2..7: liver in 2, 3; absent in 4..7
     assert 0.0 <= metrics["acc1"] <= 1.0
+    # pseudo-volumes = the two test blocks: 2..4 (liver) and 5..7 (none), scored by their max slice
+    assert metrics["n_pseudo_volumes"] == 2 and metrics["pseudo_volume_aggregate"] == "max"
+    assert [sum(row) for row in metrics["pseudo_volume_confusion_matrix"]] == [1, 1]
+    assert 0.0 <= metrics["pseudo_volume_auroc"] <= 1.0
