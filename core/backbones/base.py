@@ -8,7 +8,7 @@ Hugging Face CLIP/SigLIP and a dual encoder are interchangeable.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -30,6 +30,11 @@ class PreprocessConfig:
         interpolation: resize filter, ``"bicubic"`` or ``"bilinear"``.
         resize_mode: ``"shortest"`` (resize the short side, centre-crop) or ``"squash"``
             (resize both sides to ``image_size``, ignoring the aspect ratio).
+        reader: empty for images decoded as RGB (or grey) by PIL; else ``{name: <reader>, ...}``
+            naming an image reader registered with ``core.data.transforms.register_image_reader``
+            (e.g. ``geotiff`` for multispectral bands): it returns a ``(channels, H, W)`` float
+            tensor in the data's own units, and ``mean``/``std`` are in those units. Omitted
+            from ``to_dict()`` when empty.
     """
 
     image_size: int = 224
@@ -37,6 +42,7 @@ class PreprocessConfig:
     std: tuple[float, ...] = OPENAI_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    reader: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
@@ -53,7 +59,10 @@ class PreprocessConfig:
         return len(self.mean)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        values = {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        if not self.reader:
+            del values["reader"]  # RGB preprocessing keeps its established layout
+        return values
 
 
 Tokens = dict[str, torch.Tensor]
@@ -196,3 +205,19 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def patch_embedding_owner(backbone: Backbone) -> tuple[nn.Module, str]:
+    """``(module, attribute)`` holding the image tower's first convolution."""
+    model = getattr(backbone, "model", None)
+    if model is not None and hasattr(getattr(model, "visual", None), "conv1"):  # open_clip ViT
+        return model.visual, "conv1"
+    if model is not None and hasattr(model, "vision_model"):  # HF CLIP / SigLIP
+        return model.vision_model.embeddings, "patch_embedding"
+    trunk = getattr(getattr(backbone, "vision", None), "trunk", None)
+    if trunk is not None and hasattr(getattr(trunk, "patch_embed", None), "proj"):  # dual encoder, timm ViT
+        return trunk.patch_embed, "proj"
+    if trunk is not None and hasattr(trunk, "conv1"):  # dual encoder, open_clip visual
+        return trunk, "conv1"
+    raise ValueError(f"cannot find the patch-embedding convolution of a {type(backbone).__name__} "
+                     f"(kind {backbone.kind!r}); supported: open_clip ViTs, HF CLIP/SigLIP, dual encoders with a ViT")

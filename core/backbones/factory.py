@@ -1,6 +1,7 @@
 """One factory for every backbone: ``kind`` picks the family, the rest says which weights."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,7 +19,8 @@ class ModelConfig:
         name: open_clip: architecture name (``ViT-B-32``) or ``hf-hub:ORG/NAME``;
             hf: hub id or local directory; dual_encoder: unused.
         pretrained: open_clip: pretrained tag (``laion2b_s34b_b79k``), a local ``.safetensors``
-            / ``.pt`` file, or empty for random init. hf: unused (``name`` says it).
+            file (a downloaded ``.pt`` is refused: ``domainclip convert-weights`` it), or empty for
+            random init. hf: unused (``name`` says it).
         revision: hf: git revision of a hub id (pin it for reproducible runs).
         vision: dual_encoder: ``timm:<model>`` or ``open_clip:<arch>`` for the image tower.
         vision_pretrained: dual_encoder: ``true``/tag to load the vision tower's pretrained weights.
@@ -37,6 +39,11 @@ class ModelConfig:
         preprocess: overrides for the weights' preprocessing (``image_size``, ``mean``, ``std``,
             ``interpolation``, ``resize_mode``); normally empty: preprocessing travels with weights.
         context_length: maximum text tokens (0 = the model's own).
+        input: a registered input adapter that changes what the image tower reads, as
+            ``{name: <adapter>, ...options}`` (e.g. ``multispectral`` from the remote-sensing
+            domain: N bands of GeoTIFFs, see docs/remote_sensing.md); empty = RGB images.
+            ``domainclip train`` fills in what it computes from data.train (band statistics),
+            so the saved config.yaml and model/model.json rebuild the same tower.
     """
 
     kind: str = "open_clip"
@@ -54,6 +61,7 @@ class ModelConfig:
     weights: str = ""
     preprocess: dict[str, Any] = field(default_factory=dict)
     context_length: int = 0
+    input: dict[str, Any] = field(default_factory=dict)
 
 
 BACKBONES: dict[str, Callable[[ModelConfig], Backbone]] = {}
@@ -81,4 +89,48 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
         from ..checkpoint import load_safetensors_into
 
         load_safetensors_into(model, cfg.weights, strict=False, what="model.weights")
+    if cfg.input:
+        model = input_adapter(cfg.input).apply(model, dict(cfg.input))
     return model
+
+
+# --- input adapters (registered by domains) -----------------------------------------------------
+INPUT_ADAPTERS: dict[str, Any] = {}
+
+
+def register_input_adapter(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``model.input: {name: <name>, ...}`` adapt a new backbone.
+
+    The class is instantiated without arguments and provides ``apply(backbone, options) ->
+    backbone`` (change the tower and its ``preprocess``; ``options`` includes ``name``) and
+    ``resolve(options, records) -> options`` (fill in what is computed from the training
+    records, called by ``domainclip train`` before the config is saved).
+    """
+
+    def decorator(cls: type) -> type:
+        INPUT_ADAPTERS[name] = cls()
+        return cls
+
+    return decorator
+
+
+def input_adapter(options: dict[str, Any]) -> Any:
+    """The registered adapter ``options["name"]`` names (domains are loaded when needed)."""
+    name = str(options.get("name", ""))
+    if name not in INPUT_ADAPTERS:
+        from ..plugins import load_domain_plugins
+
+        load_domain_plugins()
+    if name not in INPUT_ADAPTERS:
+        close = difflib.get_close_matches(name, list(INPUT_ADAPTERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model.input.name {name!r} is not a registered input adapter{hint} "
+                         f"(valid: {sorted(INPUT_ADAPTERS)})")
+    return INPUT_ADAPTERS[name]
+
+
+def resolve_model_input(cfg: ModelConfig, records: Any) -> ModelConfig:
+    """``cfg`` with ``input`` completed from the training ``records`` (unchanged without ``input``)."""
+    if not cfg.input:
+        return cfg
+    return dataclasses.replace(cfg, input=input_adapter(cfg.input).resolve(dict(cfg.input), records))

@@ -158,6 +158,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
         seed: base seed of caption draws and augmentations.
         train: draw a caption per step (True) or always use caption 0 (False).
 
+    A transform with an ``open_image(path)`` method (``transforms.ReadingTransform``, for
+    multispectral input) opens the files itself; others get ``open_rgb_image``'s PIL image.
+
     ``load_images = False`` makes items carry an empty ``image`` tensor without opening the file:
     for methods that read image features from a cache (unreadable files were listed when the
     cache was built).
@@ -196,7 +199,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             caption = pick_caption(record.captions, self.train, self.seed, epoch, index)
             return {"image": torch.zeros(0), "caption": caption, "label": record.label, "index": index}
         try:
-            image = open_rgb_image(record.image)
+            image = getattr(self.transform, "open_image", open_rgb_image)(record.image)
         except BadImageError as error:
             return {"bad": (record.image, error.reason), "index": index}
         caption = pick_caption(record.captions, self.train, self.seed, epoch, index)

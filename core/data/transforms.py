@@ -8,6 +8,13 @@ mild crop suited to fine-tuning, where strong augmentation costs zero-shot robus
 
 Geometric steps run on the PIL image (as open_clip's preprocessing does, so a fine-tuned model
 sees the same pixels at training and inference time); then the image becomes a float tensor.
+
+Multispectral input. When ``preprocess.reader`` names an image reader (registered by a domain
+with :func:`register_image_reader`, e.g. ``geotiff``), the transform is a :class:`ReadingTransform`:
+its ``open_image(path)`` returns a ``(C, H, W)`` float tensor in the data's units and the same
+resize/crop steps run on that tensor (any number of channels), then per-band ``Normalize``; no
+scaling to [0, 1] and no colour step. Datasets open files with ``transform.open_image`` when the
+transform has one, else with ``open_rgb_image``.
 """
 from __future__ import annotations
 
@@ -40,6 +47,9 @@ def build_image_transform(
         steps.append(v2.Resize((size, size), interpolation=interpolation, antialias=True))
     else:
         steps += [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+    if preprocess.reader:
+        steps.append(v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)))
+        return with_reader(v2.Compose(steps), preprocess)
     if preprocess.channels == 1:
         steps.append(v2.Grayscale(num_output_channels=1))
     elif preprocess.channels != 3:
@@ -94,6 +104,60 @@ def build_train_transform(preprocess: PreprocessConfig, augment: dict | None,
         raise ValueError(f"data.augment.name {name!r} is not a registered transform{hint} "
                          f"(valid: {sorted(TRAIN_TRANSFORMS)})")
     try:
-        return TRAIN_TRANSFORMS[name](preprocess, scale=scale, **options)
+        return with_reader(TRAIN_TRANSFORMS[name](preprocess, scale=scale, **options), preprocess)
     except TypeError as error:
         raise ValueError(f"data.augment {augment!r}: bad options for transform {name!r}: {error}") from error
+
+
+# --- image readers for non-PIL input (registered by domains) ------------------------------------
+ImageReaderFactory = Callable[..., Callable]
+IMAGE_READERS: dict[str, ImageReaderFactory] = {}
+
+
+def register_image_reader(name: str) -> Callable[[ImageReaderFactory], ImageReaderFactory]:
+    """Decorator: make ``preprocess.reader: {name: <name>, ...}`` open image files.
+
+    The factory is called as ``factory(preprocess, **options)`` and returns a picklable callable
+    ``path -> (C, H, W) float tensor``; it raises ``BadImageError`` for an unreadable file (the
+    item is counted as bad) and any other error for a configuration mistake (training stops).
+    """
+
+    def register(factory: ImageReaderFactory) -> ImageReaderFactory:
+        IMAGE_READERS[name] = factory
+        return factory
+
+    return register
+
+
+def build_image_reader(preprocess: PreprocessConfig) -> Callable:
+    """The registered reader ``preprocess.reader`` names, built with its options."""
+    options = dict(preprocess.reader)
+    name = options.pop("name", "")
+    if name not in IMAGE_READERS:
+        from ..plugins import load_domain_plugins
+
+        load_domain_plugins()
+    if name not in IMAGE_READERS:
+        raise ValueError(f"preprocess.reader {preprocess.reader!r}: {name!r} is not a registered image reader "
+                         f"(valid: {sorted(IMAGE_READERS)})")
+    return IMAGE_READERS[name](preprocess, **options)
+
+
+class ReadingTransform:
+    """A transform that also knows how to open its input files (``open_image``)."""
+
+    def __init__(self, transform: Callable, reader: Callable) -> None:
+        self.transform = transform
+        self.open_image = reader
+
+    @property
+    def takes_caption(self) -> bool:
+        return bool(getattr(self.transform, "takes_caption", False))
+
+    def __call__(self, image):  # noqa: ANN001, ANN204 - a tensor, or a {"image", "caption"} dict
+        return self.transform(image)
+
+
+def with_reader(transform: Callable, preprocess: PreprocessConfig) -> Callable:
+    """``transform`` as a :class:`ReadingTransform` when ``preprocess`` names a reader, else as is."""
+    return ReadingTransform(transform, build_image_reader(preprocess)) if preprocess.reader else transform

@@ -56,7 +56,8 @@ def require_rgb(preprocess: PreprocessConfig, fmt: str) -> None:
     """open_clip and transformers preprocessing feed 3-channel RGB images."""
     if preprocess.channels != 3:
         raise ValueError(f"the run's preprocessing has {preprocess.channels} channel(s) (mean {list(preprocess.mean)}); "
-                         f"the {fmt!r} format only describes 3-channel RGB input")
+                         f"the {fmt!r} format only describes 3-channel RGB input; export a multispectral run with "
+                         f"--format adapter")
 
 
 def export_info(fmt: str, cfg: RunConfig, info: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..backbones.base import Backbone
 from ..backbones.compact_base import CONFIG_FILE, SPEC_FIELDS, WEIGHTS_FILE
 from ..checkpoint import atomic_write_text, save_tensors
+from .common import require_rgb
 
 TEXT_PREFIX = "text."
 
@@ -30,12 +34,23 @@ def write_dual_encoder(model: Backbone, out: Path, text_trained: bool) -> None:
 
     ``text_trained``: the run changed the text encoder, so its weights go into the file.
     """
-    config = model.config_dict()
-    spec = {key: config[key] for key in SPEC_FIELDS if config.get(key) not in (None, "", {}, [])}
-    spec["preprocess"] = model.preprocess.to_dict()  # preprocessing travels with the weights
+    require_rgb(model.preprocess, "dual_encoder")  # kind compact_base rebuilds a 3-channel tower
     state = {k: v for k, v in model.state_dict().items() if text_trained or not k.startswith(TEXT_PREFIX)}
-    save_tensors(state, out / WEIGHTS_FILE, metadata={"format": "pt", "text_weights": str(text_trained).lower()})
+    write_compact_folder(out, state, model.config_dict(), model.preprocess.to_dict(),
+                         {"format": "pt", "text_weights": str(text_trained).lower()})
+
+
+def write_compact_folder(out: Path, state: dict[str, torch.Tensor], model_config: dict[str, Any],
+                         preprocess: dict[str, Any], metadata: dict[str, str]) -> dict[str, Any]:
+    """The folder layout itself (weights + ``config.json`` with the preprocessing); returns the config.
+
+    Shared by the export above and ``domainclip build-base``, which writes only the image tower.
+    """
+    spec = {key: model_config[key] for key in SPEC_FIELDS if model_config.get(key) not in (None, "", {}, [])}
+    spec["preprocess"] = preprocess  # preprocessing travels with the weights
+    save_tensors(state, out / WEIGHTS_FILE, metadata=metadata)
     atomic_write_text(out / CONFIG_FILE, json.dumps(spec, indent=2) + "\n")
+    return spec
 
 
 def trains_text_tower(trained_names: list[str]) -> bool:

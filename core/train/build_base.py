@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from .. import config as config_lib
-from ..backbones.compact_base import CONFIG_FILE, SPEC_FIELDS, WEIGHTS_FILE, default_folder
-from ..checkpoint import atomic_write_text, save_tensors
+from ..backbones.compact_base import default_folder
+from ..checkpoint import atomic_write_text
+from ..export.dual_encoder_format import write_compact_folder
 from ..run_config import RunConfig
 
 KEPT_PREFIXES = ("vision.", "image_projection.", "logit_scale")
@@ -32,12 +33,10 @@ def export_compact_base(run_dir: str | Path, out: str | Path | None = None) -> P
     if set(state) - set(kept):
         raise ValueError(f"{run_dir} trained more than the image tower: {sorted(set(state) - set(kept))[:3]}")
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(kept, out / WEIGHTS_FILE, metadata={"format": "pt", "source_run": cfg.name})
-    model_cfg = config_lib.to_dict(cfg.model)
-    spec = {k: model_cfg[k] for k in SPEC_FIELDS if model_cfg.get(k) not in (None, "", {}, [])}
-    # preprocessing travels with the weights: the exact values the run trained with
-    spec["preprocess"] = json.loads((run_dir / "model" / "model.json").read_text())["backbone"]["preprocess"]
-    atomic_write_text(out / CONFIG_FILE, json.dumps(spec, indent=2) + "\n")
+    # the exact preprocessing values the run trained with
+    preprocess = json.loads((run_dir / "model" / "model.json").read_text())["backbone"]["preprocess"]
+    spec = write_compact_folder(out, kept, config_lib.to_dict(cfg.model), preprocess,
+                                {"format": "pt", "source_run": cfg.name})
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = json.loads((run_dir / "train_summary.json").read_text())
     metadata = base_metadata(cfg, metrics, summary, kept, spec["preprocess"])

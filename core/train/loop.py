@@ -6,6 +6,7 @@ accumulation, checkpointing, logging and evaluation are the same for all of them
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
+from ..backbones.factory import resolve_model_input
 from ..data.bad_inputs import BadInputReport
 from ..data.dataset import Collator, ImageTextDataset
 from ..data.sources import STREAM_FORMATS, load_records
@@ -173,10 +175,12 @@ def train(cfg: RunConfig) -> TrainResult:
         project_dir=str(Path(cfg.output_dir) / cfg.name / "logs"),
     )
     run = RunFolder(Path(cfg.output_dir) / cfg.name, accelerator)
+    records = load_train_records(cfg)
+    # what model.input computes from the data (band statistics) is saved with the recipe
+    cfg = dataclasses.replace(cfg, model=resolve_model_input(cfg.model, records))
     run.prepare(cfg)
     set_seed(cfg.train.seed)
 
-    records = load_train_records(cfg)
     task = task_of(cfg, records) if records is not None else TaskInfo()
     base = create_backbone(cfg.model).to(accelerator.device)
     before = run_eval_tasks(cfg, base, accelerator, method=None, only_retention=True)

@@ -89,8 +89,8 @@ class ImagePreparer:
                 return self.transform(to_rgb(item))
             except BadImageError as error:
                 raise ValueError(f"image #{position}: {error.reason}") from None
-        try:
-            return self.transform(open_rgb_image(item))
+        try:  # a multispectral preprocessing opens its files with its own reader
+            return self.transform(getattr(self.transform, "open_image", open_rgb_image)(item))
         except BadImageError as error:
             raise ValueError(f"image {os.fspath(item)!r}: {error.reason}") from None
 

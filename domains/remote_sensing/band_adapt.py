@@ -18,12 +18,13 @@ given per-band mean and std (``PreprocessConfig.channels`` becomes N).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from domainclip.core.backbones.base import Backbone, PreprocessConfig
+from domainclip.core.backbones.base import Backbone, patch_embedding_owner
 
 
 def expand_rgb_filters(weight: torch.Tensor, band_names: Sequence[str], rgb: Sequence[str]) -> torch.Tensor:
@@ -41,25 +42,13 @@ def expand_rgb_filters(weight: torch.Tensor, band_names: Sequence[str], rgb: Seq
     return torch.stack(columns, dim=1).contiguous()
 
 
-def patch_embedding_owner(backbone: Backbone) -> tuple[nn.Module, str]:
-    """``(module, attribute)`` holding the image tower's first convolution."""
-    model = getattr(backbone, "model", None)
-    if model is not None and hasattr(getattr(model, "visual", None), "conv1"):  # open_clip ViT
-        return model.visual, "conv1"
-    if model is not None and hasattr(model, "vision_model"):  # HF CLIP / SigLIP
-        return model.vision_model.embeddings, "patch_embedding"
-    trunk = getattr(getattr(backbone, "vision", None), "trunk", None)
-    if trunk is not None and hasattr(getattr(trunk, "patch_embed", None), "proj"):  # dual encoder, timm ViT
-        return trunk.patch_embed, "proj"
-    if trunk is not None and hasattr(trunk, "conv1"):  # dual encoder, open_clip visual
-        return trunk, "conv1"
-    raise ValueError(f"cannot find the patch-embedding convolution of a {type(backbone).__name__} "
-                     f"(kind {backbone.kind!r}); supported: open_clip ViTs, HF CLIP/SigLIP, dual encoders with a ViT")
-
-
 def adapt_vision_tower(backbone: Backbone, band_names: Sequence[str], rgb: Sequence[str],
-                       mean: Sequence[float], std: Sequence[float]) -> Backbone:
-    """Make ``backbone``'s image tower take ``len(band_names)`` bands (in place; returns it)."""
+                       mean: Sequence[float], std: Sequence[float], reader: dict | None = None) -> Backbone:
+    """Make ``backbone``'s image tower take ``len(band_names)`` bands (in place; returns it).
+
+    ``reader`` becomes ``preprocess.reader`` (how data sets open the N-band files, e.g.
+    ``{"name": "geotiff", "bands": [...]}``); None keeps the current one.
+    """
     if not len(band_names) == len(mean) == len(std):
         raise ValueError(f"need one mean and std per band: {len(band_names)} bands, {len(mean)} means, {len(std)} stds")
     owner, attribute = patch_embedding_owner(backbone)
@@ -78,5 +67,6 @@ def adapt_vision_tower(backbone: Backbone, band_names: Sequence[str], rgb: Seque
     if config is not None and hasattr(getattr(config, "vision_config", None), "num_channels"):
         config.vision_config.num_channels = len(band_names)
     old = backbone.preprocess
-    backbone.preprocess = PreprocessConfig(old.image_size, tuple(mean), tuple(std), old.interpolation, old.resize_mode)
+    backbone.preprocess = dataclasses.replace(old, mean=tuple(mean), std=tuple(std),
+                                              reader=dict(reader) if reader is not None else old.reader)
     return backbone

@@ -98,7 +98,13 @@ class OverheadAugment:
 
 
 def as_float_array(image: Any) -> np.ndarray:
-    """PIL image (8-bit) or array -> ``(H, W, C)`` float32; 8-bit data is scaled to [0, 1]."""
+    """PIL image (8-bit) or array -> ``(H, W, C)`` float32; 8-bit data is scaled to [0, 1].
+
+    A torch tensor is a ``(C, H, W)`` band stack from an image reader (multispectral GeoTIFFs,
+    in the data's own units): it is transposed and kept unscaled.
+    """
+    if isinstance(image, torch.Tensor):
+        return image.detach().float().permute(1, 2, 0).numpy()
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[..., None]

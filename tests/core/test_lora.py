@@ -201,6 +201,29 @@ def test_logit_scale_trains_only_when_asked() -> None:
     assert "model.logit_scale" in trained and all("lora_" in n for n in trained - {"model.logit_scale"})
 
 
+@pytest.mark.parametrize("family, conv", [("open_clip", "model.visual.conv1.weight"),
+                                          ("hf", "model.vision_model.embeddings.patch_embedding.weight"),
+                                          ("dual_timm", "vision.trunk.patch_embed.proj.weight")])
+def test_patch_embedding_trains_in_full_when_asked(family: str, conv: str, hf_clip_dir: Path, tmp_path: Path) -> None:
+    model = build(family, hf_clip_dir)
+    method = build_method(LoraConfig(towers=["image"], targets=[MLP], train_patch_embedding=True))
+    method.apply(model)
+    trained = set(method.trainable_state(model))
+    assert conv in trained and all("lora_" in n or n.startswith(conv.rsplit(".", 1)[0]) for n in trained)
+    assert dict(model.named_parameters())[conv].requires_grad
+    with torch.no_grad():
+        dict(model.named_parameters())[conv].add_(0.5)
+    save_tensors(method.trainable_state(model), tmp_path / "adapters.safetensors")
+    fresh = build(family, hf_clip_dir)
+    fresh_method = build_method(LoraConfig(towers=["image"], targets=[MLP], train_patch_embedding=True))
+    fresh_method.apply(fresh)
+    fresh_method.load_trainable_state(fresh, load_file(str(tmp_path / "adapters.safetensors")))
+    assert torch.equal(dict(fresh.named_parameters())[conv], dict(model.named_parameters())[conv])
+    plain = build_method(LoraConfig(towers=["image"], targets=[MLP]))
+    plain.apply(build(family, hf_clip_dir))
+    assert plain.full_parameters == set()
+
+
 def test_explicit_target_modules_replace_the_preset() -> None:
     model = build("open_clip", Path())
     method = build_method(LoraConfig(towers=["image"], target_modules=["attn.v_proj", "c_fc"], rank=2))

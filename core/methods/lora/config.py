@@ -38,6 +38,9 @@ class LoraConfig(MethodConfig):
             name equals it or ends with ``.NAME``, e.g. ``attn.q_proj`` or ``mlp.c_fc``); only Linear
             layers inside the chosen towers are matched, and every entry must match one.
         train_logit_scale: also learn the temperature (and SigLIP bias).
+        train_patch_embedding: also train the image tower's first convolution (the patch
+            embedding) in full, saved beside the adapters. Use it with a multispectral
+            ``model.input``: otherwise the bands added to an RGB tower keep their initial filters.
     """
 
     name: str = "lora"
@@ -50,6 +53,7 @@ class LoraConfig(MethodConfig):
     merge: bool = False
     target_modules: list[str] = field(default_factory=list)
     train_logit_scale: bool = False
+    train_patch_embedding: bool = False
 
     def __post_init__(self) -> None:
         _check_choices("method.towers", self.towers, TOWERS)

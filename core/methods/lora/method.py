@@ -19,7 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...backbones.base import Backbone
+from ...backbones.base import Backbone, patch_embedding_owner
 from ...checkpoint import save_tensors
 from ..base import AdaptationMethod, TaskInfo, register_method
 from .attention import join_attention, set_submodule
@@ -48,6 +48,7 @@ class Lora(AdaptationMethod):
     def __init__(self, cfg: LoraConfig):
         super().__init__(cfg)
         self.plan: TargetPlan | None = None
+        self.full_parameters: set[str] = set()  # trained in full beside the adapters (patch embedding)
 
     def peft_config(self, target_modules: list[str]) -> peft.LoraConfig:
         """The peft config for ``target_modules`` (full module names)."""
@@ -60,15 +61,21 @@ class Lora(AdaptationMethod):
         for param in model.parameters():
             param.requires_grad_(False)
         peft.inject_adapter_in_model(self.peft_config(self.plan.modules), model, adapter_name=ADAPTER_NAME)
+        if self.cfg.train_patch_embedding:
+            owner, attribute = patch_embedding_owner(model)
+            conv = getattr(owner, attribute)
+            own = {id(p) for p in conv.parameters()}
+            self.full_parameters = {name for name, param in model.named_parameters() if id(param) in own}
         for name, param in model.named_parameters():
             param.requires_grad_(self._is_trained(name))
         return model
 
     def _is_trained(self, name: str) -> bool:
-        return is_adapter_parameter(name) or (self.cfg.train_logit_scale and is_temperature_parameter(name))
+        return (is_adapter_parameter(name) or name in self.full_parameters
+                or (self.cfg.train_logit_scale and is_temperature_parameter(name)))
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The adapter tensors (plus the temperature when it is trained), nothing of the backbone."""
+        """The adapter tensors (plus the temperature / patch embedding when trained), nothing else."""
         return {name: param.detach() for name, param in model.named_parameters() if self._is_trained(name)}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> None:

@@ -17,7 +17,8 @@ METHODS = ["full", "lit", "lora", "coop", "cocoop", "maple", "projector", "linea
 
 
 def test_every_method_has_a_recipe() -> None:
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(METHODS)
+    # multispectral_*.yaml read GeoTIFFs (smoke-tested in test_multispectral_training.py)
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml") if not p.stem.startswith("multispectral_")) == sorted(METHODS)
 
 
 def smoke_overrides(data: Path, out: Path, batch_size: int = 4) -> list[str]:
