@@ -84,6 +84,49 @@ def load_safetensors_into(model: nn.Module, path: str | Path, strict: bool = Tru
     return list(result.missing_keys)
 
 
+def convert_torch_checkpoint(source: str | Path, target: str | Path, key: str = "") -> dict[str, Any]:
+    """Rewrite a PyTorch ``.pt``/``.bin`` state dict (e.g. a published CLIP checkpoint) as safetensors.
+
+    The kit loads weights only from safetensors; this is the one deliberate exception, run by the
+    user once per downloaded file. It uses ``torch.load(weights_only=True)``, PyTorch's restricted
+    unpickler that rebuilds tensors and plain containers only and refuses any other object, so a
+    malicious file fails instead of running code. ``key`` picks a nested state dict
+    (``state_dict``, ``model``); by default the first of those present is used. A ``module.``
+    prefix left by DistributedDataParallel is removed. Returns a summary (tensors, parameters).
+    """
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise FileNotFoundError(f"convert-weights: {source} does not exist")
+    if target.suffix != ".safetensors":
+        raise ValueError(f"convert-weights: the target {target} must end in .safetensors")
+    try:
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # the restricted unpickler names the refused global
+        raise ValueError(f"convert-weights: {source} is not a plain tensor checkpoint "
+                         f"(torch.load(weights_only=True) refused it: {error})") from error
+    state = loaded
+    for name in ([key] if key else ["state_dict", "model", "model_state_dict"]):
+        if isinstance(state, dict) and isinstance(state.get(name), dict):
+            state = state[name]
+            break
+        if key:
+            raise KeyError(f"convert-weights: {source} has no dict under key {key!r}; "
+                           f"top-level keys: {sorted(loaded)[:10] if isinstance(loaded, dict) else type(loaded).__name__}")
+    if not isinstance(state, dict):
+        raise ValueError(f"convert-weights: {source} holds a {type(state).__name__}, expected a state dict")
+    others = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ValueError(f"convert-weights: {source} mixes non-tensor entries into its state dict, e.g. {others[:5]}; "
+                         f"pass key=... naming the nested state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    save_tensors(state, tmp, metadata={"converted_from": source.name})
+    os.replace(tmp, target)
+    return {"target": str(target), "tensors": len(state), "parameters": int(sum(v.numel() for v in state.values()))}
+
+
 # --- optimizer and RNG state without pickle ------------------------------------------------------
 
 def optimizer_to_safetensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

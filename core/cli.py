@@ -7,6 +7,7 @@
     domainclip compare SPEC [KEY=VALUE ...]     methods side by side (k-shot or base-to-novel)
     domainclip wise-ft RUN --select-on TASK     WiSE-FT sweep over the mixing weight
     domainclip merge RUN                        LoRA adapters merged into full weights
+    domainclip convert-weights IN.pt OUT.safetensors  a downloaded .pt state dict as safetensors
     domainclip build-base [KEY=VALUE ...]       rebuild the offline compact base
     domainclip export RUN --format F --out DIR  open_clip / hf / adapter / dual_encoder folder
     domainclip publish RUN --repo-id ORG/NAME   export + model card to the Hub (--dry-run DIR: only write it)
@@ -146,6 +147,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_torch_checkpoint
+
+    print(json.dumps(convert_torch_checkpoint(args.source, args.target, args.key)))
+    return 0
+
+
 def _cmd_build_base(args: argparse.Namespace) -> int:
     from .train.build_base import build_base
 
@@ -235,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run")
     merge.add_argument("--out", default="", help="safetensors file (default RUN/model/merged.safetensors)")
     merge.set_defaults(func=_cmd_merge)
+    conv = sub.add_parser("convert-weights", help="rewrite a downloaded .pt/.bin state dict as safetensors "
+                                                  "(restricted loader: tensors only)")
+    conv.add_argument("source", help=".pt or .bin checkpoint (e.g. RemoteCLIP-ViT-B-32.pt)")
+    conv.add_argument("target", help=".safetensors file to write")
+    conv.add_argument("--key", default="", help="nested state dict to take (default: state_dict / model if present)")
+    conv.set_defaults(func=_cmd_convert_weights)
     base = sub.add_parser("build-base", help="rebuild the offline compact base (model_cards/compact_base)")
     base.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of recipes/base/compact_base.yaml")
     base.add_argument("--out", default="", help="folder to write (default: the package's model_cards/compact_base)")
