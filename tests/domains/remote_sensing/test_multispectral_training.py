@@ -208,3 +208,18 @@ def test_multispectral_recipe_smoke(tmp_path: Path) -> None:
     assert main(["eval", str(result.run_dir)]) == 0
     again = json.loads((result.run_dir / "metrics_eval.json").read_text())[0]["metrics"]
     assert again["acc1"] == scenes["metrics"]["acc1"] and again["n_samples"] == 9
+
+
+def test_torchgeo_statistics_fill_the_input_without_reading_data() -> None:
+    pytest.importorskip("torchgeo", reason="torchgeo (extra 'geo') is not installed")
+    from domainclip.core.backbones.factory import resolve_model_input
+
+    cfg = ModelConfig(kind="open_clip", name="domainclip-tiny-vit",
+                      input={"name": "multispectral", "bands": BANDS, "stats": "torchgeo"})
+    resolved = resolve_model_input(cfg, records=None)  # no training data needed
+    expected = BandStats.from_torchgeo(BANDS)
+    assert resolved.input["mean"] == pytest.approx([float(v) for v in expected.mean])
+    assert resolved.input["std"] == pytest.approx([float(v) for v in expected.std])
+    model = create_backbone(resolved)
+    assert model.preprocess.mean == pytest.approx(tuple(float(v) for v in expected.mean))
+    assert model.model.visual.conv1.in_channels == len(BANDS)
