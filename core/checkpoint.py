@@ -84,6 +84,21 @@ def load_safetensors_into(model: nn.Module, path: str | Path, strict: bool = Tru
     return list(result.missing_keys)
 
 
+NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def _nested_state_dict(loaded: Any, key: str, source: Path) -> Any:
+    """``loaded[key]`` (an error if absent), else the first of :data:`NESTED_STATE_KEYS` present,
+    else ``loaded`` itself."""
+    if key:
+        if not (isinstance(loaded, dict) and isinstance(loaded.get(key), dict)):
+            keys = sorted(map(str, loaded))[:10] if isinstance(loaded, dict) else type(loaded).__name__
+            raise KeyError(f"convert-weights: {source} has no dict under key {key!r}; top-level keys: {keys}")
+        return loaded[key]
+    found = [name for name in NESTED_STATE_KEYS if isinstance(loaded, dict) and isinstance(loaded.get(name), dict)]
+    return loaded[found[0]] if found else loaded
+
+
 def convert_torch_checkpoint(source: str | Path, target: str | Path, key: str = "") -> dict[str, Any]:
     """Rewrite a PyTorch ``.pt``/``.bin`` state dict (e.g. a published CLIP checkpoint) as safetensors.
 
@@ -104,14 +119,7 @@ def convert_torch_checkpoint(source: str | Path, target: str | Path, key: str = 
     except Exception as error:  # the restricted unpickler names the refused global
         raise ValueError(f"convert-weights: {source} is not a plain tensor checkpoint "
                          f"(torch.load(weights_only=True) refused it: {error})") from error
-    state = loaded
-    for name in ([key] if key else ["state_dict", "model", "model_state_dict"]):
-        if isinstance(state, dict) and isinstance(state.get(name), dict):
-            state = state[name]
-            break
-        if key:
-            raise KeyError(f"convert-weights: {source} has no dict under key {key!r}; "
-                           f"top-level keys: {sorted(loaded)[:10] if isinstance(loaded, dict) else type(loaded).__name__}")
+    state = _nested_state_dict(loaded, key, source)
     if not isinstance(state, dict):
         raise ValueError(f"convert-weights: {source} holds a {type(state).__name__}, expected a state dict")
     others = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
