@@ -96,7 +96,7 @@ def voi_lut_grey(stored: np.ndarray, dataset: Any) -> np.ndarray:
         packed = bits == 8 and len(raw) == count
         table = np.frombuffer(raw, dtype=np.uint8 if packed else ("<u2" if little else ">u2"))
     else:
-        table = np.asarray(raw if isinstance(raw, (list, tuple)) else [raw], dtype=np.int64)
+        table = np.atleast_1d(np.asarray(raw, dtype=np.int64))  # US: a pydicom MultiValue (or one int)
     if len(table) < count:
         raise BadImageError(f"VOI LUT holds {len(table)} entries, its descriptor says {count}")
     index = np.clip(np.asarray(stored, dtype=np.int64) - first, 0, count - 1)

@@ -18,7 +18,7 @@ PHI_STRINGS = ["Zorbulon", "Quentessa", "PIDX7731", "19610302", "1961-03-02", "A
 def write_dicom(path: Path, pixels: np.ndarray, view: str = "PA", photometric: str = "MONOCHROME2",
                 bits_stored: int = 12, window: tuple[float, float] | None = None, slope: float = 1.0,
                 intercept: float = 0.0, burned_in: bool = False, voi_lut: np.ndarray | None = None,
-                voi_lut_bits: int = 16) -> Path:
+                voi_lut_bits: int = 16, voi_lut_vr: str = "OW") -> Path:
     """A single-frame unsigned DICOM radiograph carrying the fake patient attributes of ``PHI``."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -48,7 +48,9 @@ def write_dicom(path: Path, pixels: np.ndarray, view: str = "PA", photometric: s
 
         item = Dataset()
         item.LUTDescriptor = [len(voi_lut), 0, voi_lut_bits]  # 8-bit entries are still stored in 16-bit words
-        item.add(DataElement(0x00283006, "OW", np.asarray(voi_lut, dtype=np.uint16).tobytes()))  # LUT Data
+        values = np.asarray(voi_lut, dtype=np.uint16)
+        item.add(DataElement(0x00283006, voi_lut_vr,  # LUT Data: OW bytes or a US value list
+                             values.tobytes() if voi_lut_vr == "OW" else [int(v) for v in values]))
         ds.VOILUTSequence = [item]
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)

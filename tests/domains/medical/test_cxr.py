@@ -63,6 +63,9 @@ def test_eight_bit_voi_lut_stored_as_ow_words(tmp_path: Path, pydicom) -> None:
     assert pydicom.dcmread(path).VOILUTSequence[0]["LUTData"].VR == "OW"
     grey, _ = read_dicom(path)
     np.testing.assert_allclose(grey, lut[pixels] / 255.0, atol=1e-6)  # scaled by the LUT's 8 bits, not 16
+    as_us = write_dicom(tmp_path / "lut8_us.dcm", pixels, voi_lut=lut, voi_lut_bits=8, voi_lut_vr="US")
+    assert pydicom.dcmread(as_us).VOILUTSequence[0]["LUTData"].VR == "US"
+    np.testing.assert_allclose(read_dicom(as_us)[0], lut[pixels] / 255.0, atol=1e-6)  # a US value list too
 
 
 def test_view_filter_and_cached_rendering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pydicom) -> None:
