@@ -114,7 +114,8 @@ class AdaptationMethod:
 
     @property
     def reads_cached_features(self) -> bool:
-        """True when ``compute_loss`` takes image features from a cache, not ``batch["images"]``."""
+        """True when ``compute_loss`` does not read ``batch["images"]`` (image features from a cache,
+        or none at all, as in text-only teacher learning): the loop then skips decoding images."""
         return False
 
     def fit(self, model: Backbone, loader: Any, task: TaskInfo) -> dict[str, Any]:

@@ -38,7 +38,8 @@ from ..backbones.base import Backbone
 from ..data.dataset import derive_seed
 from ..data.sources import DataSourceConfig, load_records
 from ..distributed import world_info
-from ..losses import OneToKLoss
+from ..eval.zeroshot import encode_texts
+from ..losses import ClipLoss, OneToKLoss
 from .base import AdaptationMethod, MethodConfig, TaskInfo, register_method
 from .full import FullConfig, FullFineTune
 
@@ -78,20 +79,6 @@ def text_features(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     if hasattr(model, "module"):
         return model(batch["images"], batch["tokens"])["text_features"]
     return model.encode_text(batch["tokens"], normalize=True)
-
-
-@torch.no_grad()
-def encode_captions(model: Backbone, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Normalised features ``(N, D)`` of ``captions`` on the CPU (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(captions), batch_size):
-        tokens = {k: v.to(device) for k, v in model.tokenize(captions[start:start + batch_size]).items()}
-        parts.append(model.encode_text(tokens, normalize=True).float().cpu())
-    model.train(was_training)
-    return torch.cat(parts)
 
 
 @dataclass
@@ -153,7 +140,7 @@ class TeacherLearning(AdaptationMethod):
         keys = list(dict.fromkeys(image_key(r.image) for r in records))
         unique = list(dict.fromkeys(c for key in keys for c in teacher_captions[key]))
         teacher = self._teacher(model)
-        features = dict(zip(unique, encode_captions(teacher, unique)))
+        features = dict(zip(unique, encode_texts(teacher, unique).cpu()))
         if features[unique[0]].shape[0] != model.embed_dim:
             raise ValueError(f"method.teacher_model embeds in {features[unique[0]].shape[0]} dimensions but the "
                              f"student backbone in {model.embed_dim}")
@@ -209,6 +196,7 @@ class OneToK(FullFineTune):
     def __init__(self, cfg: OneToKConfig):
         super().__init__(cfg)
         self.parallel: list[list[list[str]]] = []  # per record, per extra language: its captions
+        self.loss = OneToKLoss()
         self.steps = 0
 
     def prepare_data(self, model: Backbone, loader: Any) -> list[tuple[str, str]]:
@@ -231,6 +219,10 @@ class OneToK(FullFineTune):
         """:class:`OneToKLoss` of each image against its K captions (the batch's + one per language)."""
         if not self.parallel:
             raise RuntimeError("one_to_k: prepare_data was not called before the first step")
+        if type(loss_fn) is not ClipLoss or loss_fn.label_aware:
+            raise ValueError(f"method one_to_k brings its own loss (1-to-K InfoNCE); the recipe's loss section "
+                             f"asks for {type(loss_fn).__name__}(label_aware={getattr(loss_fn, 'label_aware', None)}), "
+                             f"which it would ignore: use loss: {{name: clip}}")
         self.steps += 1
         rows = batch["indices"].tolist()
         texts = [[caption] + [random.Random(derive_seed(self.steps, i, k)).choice(options)
@@ -240,12 +232,6 @@ class OneToK(FullFineTune):
         unwrapped = getattr(model, "module", model)
         flat = [caption for group in texts for caption in group]
         tokens = {k: v.to(batch["images"].device) for k, v in unwrapped.tokenize(flat).items()}
-        images = batch["images"].repeat_interleave(count, dim=0) if hasattr(model, "module") else None
-        if images is not None:  # DDP: one forward for gradient sync (images repeated K times)
-            out = model(images, tokens)
-            image_features = out["image_features"][::count]
-            text = out["text_features"]
-        else:
-            image_features, text = model.encode_image(batch["images"]), model.encode_text(tokens)
+        out = model(batch["images"], tokens)  # B images, B*K captions; under DDP one forward syncs gradients
         scale = unwrapped.logit_scale.exp()
-        return OneToKLoss()(image_features, text.view(len(texts), count, -1), scale)
+        return self.loss(out["image_features"], out["text_features"].view(len(texts), count, -1), scale)

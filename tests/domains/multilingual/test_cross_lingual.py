@@ -132,3 +132,10 @@ def test_one_to_k_needs_every_language(tmp_path: Path) -> None:
                 extra=("data.train.split=''",))  # English-only images join the training set
     with pytest.raises(ValueError, match="has no caption in method.parallel_data"):
         train(cfg)
+
+
+def test_one_to_k_refuses_a_loss_it_would_ignore(tmp_path: Path) -> None:
+    data = write_parallel(tmp_path / "m30k", copies=1)
+    cfg = smoke("one_to_k", data, tmp_path / "runs", steps=1, lr=1e-3, extra=("loss.name=siglip",))
+    with pytest.raises(ValueError, match=r"one_to_k brings its own loss.*SigLipLoss"):
+        train(cfg)
