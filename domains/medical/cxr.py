@@ -9,12 +9,14 @@ may name the patient) are listed in ``RecordSet.skipped`` under a pseudonym, nev
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 from domainclip.core.data.dataset import BadImageError
 from domainclip.core.data.records import ImageTextRecord, RecordSet
+from domainclip.core.data.sources import IMAGE_EXTENSIONS
 
 from .dicom import check_views, read_dicom
 from .pixel_cache import cached_paths, load_sidecar, save_rendering
@@ -24,11 +26,12 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def is_dicom(path: str | os.PathLike[str]) -> bool:
-    """``.dcm``/``.dicom`` suffix, or a suffix-less file starting with the DICOM preamble + ``DICM``."""
+    """``.dcm``/``.dicom`` suffix, or any file without an image suffix that starts with the DICOM
+    preamble + ``DICM`` (series files are often named by UID, ``CT.1.3.12.2...``, with dots)."""
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    if path.suffix or not path.is_file():
+    if path.suffix.lower() in IMAGE_EXTENSIONS or not path.is_file():
         return False
     with open(path, "rb") as handle:
         return handle.read(132)[128:] == b"DICM"
@@ -75,5 +78,5 @@ def dicom_records(record_set: RecordSet, views: tuple[str, ...] | list[str] = ()
         if skip_burned_in and str(meta.get("BurnedInAnnotation", "")).upper() == "YES":
             skipped.append((safe_item(record.image), "BurnedInAnnotation = YES (text in the pixels)"))
             continue
-        records.append(ImageTextRecord(str(png), list(record.captions), record.label))
+        records.append(dataclasses.replace(record, image=str(png), captions=list(record.captions)))  # keeps group
     return RecordSet(records, record_set.class_names, record_set.raw_class_names, skipped)

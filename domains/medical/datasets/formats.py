@@ -59,9 +59,9 @@ def load_chexpert(cfg: DataSourceConfig, uncertain: str) -> RecordSet:
     table = read_label_csv(manifest, uncertain=uncertain, image_key=cfg.image_key if cfg.image_key != "image" else "Path")
     root = image_root_for(cfg, manifest)
     templates = cxr_templates(cfg)
-    target_column = table.findings.index(cfg.label_key) if cfg.label_key else -1
     if cfg.label_key and cfg.label_key not in table.findings:
         raise KeyError(f"label_key {cfg.label_key!r} is not a finding column of {manifest}; columns: {table.findings}")
+    target_column = table.findings.index(cfg.label_key) if cfg.label_key else -1
     mapping = {"0": f"no {finding_phrase(cfg.label_key)}", "1": finding_phrase(cfg.label_key), **cfg.class_names} \
         if cfg.label_key else {}
     index, class_names, raw_names = build_class_index(["0", "1"], mapping) if cfg.label_key else ({}, [], [])

@@ -233,3 +233,24 @@ def test_iu_reports_dataset_class(tmp_path: Path) -> None:
     assert first["findings"] == "Lungs clear." and first["impression"] == "" and first["captions"] == ["Lungs clear."]
     assert second["impression"] == "Small left effusion." and second["image_path"].endswith("img/2.png")
     assert IUXrayReports(tmp_path / "reports.csv", deid_policy="mask")[0]["impression"] == "Normal chest x-[redacted]."
+
+
+def test_dicom_records_keep_groups_and_find_uid_named_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            pydicom) -> None:
+    from domainclip.domains.medical.cxr import is_dicom
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    named = write_dicom(tmp_path / "a.dcm", chest_pixels(1, True))
+    by_uid = tmp_path / "CT.1.3.12.2.1107.5.1.4.16573"  # series files are often named by UID
+    by_uid.write_bytes(named.read_bytes())
+    (tmp_path / "photo.1.png").write_bytes(b"\x89PNG not a dicom")
+    assert is_dicom(by_uid) and not is_dicom(tmp_path / "photo.1.png")
+    (tmp_path / "m.csv").write_text(f"image,caption,scan\na.dcm,x,s1\n{by_uid.name},y,s2\n")
+    records = load_records(DataSourceConfig(format="cxr_dicom", path=str(tmp_path / "m.csv"), group_key="scan"))
+    assert [r.group for r in records] == ["s1", "s2"] and all(r.image.endswith(".png") for r in records)
+
+
+def test_chexpert_unknown_label_key_names_the_columns(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text(CHEXPERT)
+    with pytest.raises(KeyError, match=r"label_key 'Edemaa' is not a finding column .*'Edema'"):
+        load_records(DataSourceConfig(format="chexpert", path=str(tmp_path / "train.csv"), label_key="Edemaa"))
