@@ -187,7 +187,6 @@ def train(cfg: RunConfig) -> TrainResult:
     model, method = build_model(cfg, task, base=base)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    trainable = method.trainable_parameter_count(model)
     started = time.perf_counter()
     if method.fits_in_closed_form:
         if records is None:

@@ -10,7 +10,8 @@ Held-out split. Multi30k's own test split covers only 31 of the 1,000 images, so
 the core hash hold-out (``core/data/sources.py`` ``in_holdout``): an image is held out when its
 file-name hash is below ``holdout_fraction``. 0.2 (the default) is exactly the hold-out the
 compact base excluded from its Flickr8k training captions (recipes/base/compact_base.yaml), so
-the compact base never saw these images; it holds 187 images with all four languages.
+the compact base never saw these images; it holds 186 images, 175 of them with all four languages
+(the 11 others are counted as skipped).
 """
 from __future__ import annotations
 
