@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import nn
@@ -26,6 +25,7 @@ from torch import nn
 from .. import config as config_lib
 from ..backbones import Backbone, ModelConfig, create_backbone
 from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..features.cache import tensors_sha256
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
 
@@ -37,12 +37,7 @@ FORMAT_VERSION = 1
 
 def weights_sha256(model: nn.Module) -> str:
     """SHA-256 of ``model``'s state dict: sorted names, dtypes, shapes and raw tensor bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(sorted(model.state_dict().items()))
 
 
 def file_sha256(path: Path) -> str:

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,9 +136,14 @@ def weights_fingerprint(model: nn.Module, tower: str, output: str = "embedding")
     ``.data`` would not bump a version counter); ~0.4 s for a ViT-B/32 image tower on a CPU.
     """
     tensors = dict(_named_tensors(model))
+    return tensors_sha256((name, tensors[name]) for name in tower_weight_names(model, tower, output))
+
+
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over ``name|dtype|shape|`` and the raw bytes of each tensor, in the order given."""
     digest = hashlib.sha256()
-    for name in tower_weight_names(model, tower, output):
-        tensor = tensors[name].detach()
+    for name, tensor in named:
+        tensor = tensor.detach()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.numel():
             digest.update(tensor.cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
