@@ -182,6 +182,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if args.model.endswith(".onnx"):
         from .zeroshot import OnnxZeroShotClassifier
 
+        ignored = [flag for flag, value in (("--templates", args.templates), ("--export-onnx", args.export_onnx),
+                                            ("--device", args.device)) if value]
+        if ignored:
+            raise ValueError(f"classify: {', '.join(ignored)} cannot apply to an .onnx model (its prompts are baked "
+                             f"in at export; it runs on onnxruntime's CPU provider)")
+
         onnx_classifier = OnnxZeroShotClassifier(args.model, batch_size=args.batch_size, workers=args.workers)
         results = onnx_classifier.classify(args.images, labels, top_k=args.top_k) if args.images else []
     else:

@@ -77,7 +77,8 @@ def export_onnx(classifier: ZeroShotClassifier, labels: Sequence[str], path: str
     metadata = {
         "format_version": FORMAT_VERSION,
         "labels": labels,
-        "templates": dict(used_templates) if isinstance(used_templates, Mapping) else list(used_templates),
+        "templates": (dict(used_templates) if isinstance(used_templates, Mapping)
+                      else [used_templates] if isinstance(used_templates, str) else list(used_templates)),
         "preprocess": preprocess.to_dict(),
         "output": ("sigmoid" if isinstance(head, PromptEnsembleHead) and head.sigmoid else "softmax"),
         "source": classifier.source,

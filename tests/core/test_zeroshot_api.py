@@ -229,6 +229,7 @@ def test_top_k_orders_labels_by_probability(classifier, colour_squares: Path) ->
     paths = square_paths(colour_squares, 4)
     probs = classifier.predict_proba(paths, LABELS)
     results = classifier.classify(paths, LABELS, top_k=2)
+    assert len(results) == len(probs) == 4
     for result, row in zip(results, probs):
         assert len(result.labels) == 2 and result.image in paths
         best = row.argsort(descending=True)[:2].tolist()
@@ -324,8 +325,11 @@ def test_cli_exports_onnx_and_classifies_with_it(tmp_path: Path, colour_squares:
     from_torch = json.loads(capsys.readouterr().out)
     assert main(["classify", "--model", str(onnx_path), "--labels", "red,green,blue", *paths]) == 0
     from_onnx = json.loads(capsys.readouterr().out)
+    assert len(from_torch) == len(from_onnx) == len(paths)
     for a, b in zip(from_torch, from_onnx):
         assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
         assert max(abs(p["probability"] - q["probability"]) for p, q in zip(a["predictions"], b["predictions"])) <= 1e-4
     assert main(["classify", "--model", str(onnx_path), "--labels", "red,green", *paths]) == 2
     assert "was exported for labels" in capsys.readouterr().err
+    assert main(["classify", "--model", str(onnx_path), "--labels", "red,green,blue", "--templates", "a {}", *paths]) == 2
+    assert "--templates cannot apply to an .onnx model" in capsys.readouterr().err
