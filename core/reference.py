@@ -14,8 +14,17 @@ from .config import TaggedConfig, to_dict
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """``{field: description}`` from the ``Attributes:`` section of ``cls``'s docstring."""
-    doc = inspect.getdoc(cls) or ""
+    """``{field: description}`` from the ``Attributes:`` sections of ``cls``'s docstring and its
+    base classes' (a subclass's description wins), so inherited fields keep their documentation."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    doc = cls.__doc__ or ""  # not inspect.getdoc: it would return a base class's docstring
+    doc = inspect.cleandoc(doc)
     if "Attributes:" not in doc:
         return {}
     docs: dict[str, str] = {}
