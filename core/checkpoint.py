@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 LATEST = "latest"
@@ -129,9 +129,8 @@ def convert_torch_checkpoint(source: str | Path, target: str | Path, key: str = 
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    save_tensors(state, tmp, metadata={"converted_from": source.name})
-    os.replace(tmp, target)
+    atomic_write_bytes(target, save({k: v.detach().contiguous().clone() for k, v in state.items()},  # tied: own copies
+                                    metadata={"converted_from": source.name}))
     return {"target": str(target), "tensors": len(state), "parameters": int(sum(v.numel() for v in state.values()))}
 
 
