@@ -116,16 +116,10 @@ def register_input_adapter(name: str) -> Callable[[type], type]:
 
 def input_adapter(options: dict[str, Any]) -> Any:
     """The registered adapter ``options["name"]`` names (domains are loaded when needed)."""
-    name = str(options.get("name", ""))
-    if name not in INPUT_ADAPTERS:
-        from ..plugins import load_domain_plugins
+    from ..plugins import require_registered
 
-        load_domain_plugins()
-    if name not in INPUT_ADAPTERS:
-        close = difflib.get_close_matches(name, list(INPUT_ADAPTERS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"model.input.name {name!r} is not a registered input adapter{hint} "
-                         f"(valid: {sorted(INPUT_ADAPTERS)})")
+    name = str(options.get("name", ""))
+    require_registered(name, INPUT_ADAPTERS, f"model.input.name {name!r} is not a registered input adapter")
     return INPUT_ADAPTERS[name]
 
 

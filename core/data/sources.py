@@ -36,7 +36,6 @@ Choices (documented here because ``DataSourceConfig``'s docstring is shared with
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -137,17 +136,9 @@ def valid_formats() -> list[str]:
 
 def check_format(fmt: str) -> None:
     """Raise ``ValueError`` naming an unknown format, the valid ones and the closest match."""
-    if fmt in valid_formats():
-        return
-    from ..plugins import load_domain_plugins
+    from ..plugins import require_registered
 
-    load_domain_plugins()  # domains register their named presets (``rsicd``...) on import
-    valid = valid_formats()
-    if fmt in valid:
-        return
-    close = difflib.get_close_matches(fmt, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown data format {fmt!r} (config key 'format'); valid formats: {', '.join(valid)}{hint}")
+    require_registered(fmt, valid_formats, f"unknown data format {fmt!r} (config key 'format')", valid="valid formats")
 
 
 def load_records(cfg: DataSourceConfig) -> RecordSet:

@@ -92,17 +92,9 @@ def build_train_transform(preprocess: PreprocessConfig, augment: dict | None,
         return build_image_transform(preprocess, train=True, scale=scale)
     options = dict(augment)
     name = options.pop("name", "")
-    if name not in TRAIN_TRANSFORMS:
-        from ..plugins import load_domain_plugins
+    from ..plugins import require_registered
 
-        load_domain_plugins()
-    if name not in TRAIN_TRANSFORMS:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(TRAIN_TRANSFORMS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"data.augment.name {name!r} is not a registered transform{hint} "
-                         f"(valid: {sorted(TRAIN_TRANSFORMS)})")
+    require_registered(name, TRAIN_TRANSFORMS, f"data.augment.name {name!r} is not a registered transform")
     try:
         return with_reader(TRAIN_TRANSFORMS[name](preprocess, scale=scale, **options), preprocess)
     except TypeError as error:
@@ -133,13 +125,10 @@ def build_image_reader(preprocess: PreprocessConfig) -> Callable:
     """The registered reader ``preprocess.reader`` names, built with its options."""
     options = dict(preprocess.reader)
     name = options.pop("name", "")
-    if name not in IMAGE_READERS:
-        from ..plugins import load_domain_plugins
+    from ..plugins import require_registered
 
-        load_domain_plugins()
-    if name not in IMAGE_READERS:
-        raise ValueError(f"preprocess.reader {preprocess.reader!r}: {name!r} is not a registered image reader "
-                         f"(valid: {sorted(IMAGE_READERS)})")
+    require_registered(name, IMAGE_READERS, f"preprocess.reader {preprocess.reader!r}: {name!r} is not a "
+                                            f"registered image reader")
     return IMAGE_READERS[name](preprocess, **options)
 
 
