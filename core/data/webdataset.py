@@ -293,6 +293,9 @@ def build_webdataset(
     """
     if not cfg.path:
         raise FileNotFoundError("data path is empty (config key 'path' of the webdataset data source)")
+    if getattr(transform, "open_image", None) is not None:  # e.g. multispectral model.input
+        raise ValueError(f"data source {cfg.path!r}: webdataset streams decode RGB images only, but the model "
+                         f"reads its files with an image reader (model.input); use a manifest format (csv, folders...)")
     urls = expand_shard_pattern(cfg.path)
     missing = [url for url in urls if _is_local(url) and not os.path.isfile(url)]
     if missing:

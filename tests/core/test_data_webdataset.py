@@ -144,6 +144,14 @@ def test_missing_shards_are_named(tmp_path: Path) -> None:
         build_webdataset(DataSourceConfig(format="webdataset", path=pattern), TRANSFORM)
 
 
+def test_a_transform_with_its_own_image_reader_is_refused(tmp_path: Path) -> None:
+    from domainclip.core.data.transforms import ReadingTransform
+
+    reading = ReadingTransform(TRANSFORM, reader=lambda path: None)
+    with pytest.raises(ValueError, match="webdataset streams decode RGB images only"):
+        build_webdataset(DataSourceConfig(format="webdataset", path=str(tmp_path / "s-{0..2}.tar")), reading)
+
+
 def test_stream_length_needs_num_samples(shards) -> None:
     _, result = shards
     stream = build_webdataset(DataSourceConfig(format="webdataset", path=result.pattern), TRANSFORM)
