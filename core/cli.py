@@ -165,10 +165,7 @@ def _cmd_build_base(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    try:
-        out = export_run(args.run, args.format, args.out)
-    except FileExistsError as err:
-        raise ValueError(str(err)) from err
+    out = export_run(args.run, args.format, args.out)
     print(json.dumps({"format": args.format, "out": str(out)}))
     return 0
 
@@ -300,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"domainclip {args.command}: error: {err}", file=sys.stderr)
         return 2
 

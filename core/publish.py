@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .cards import CardConfig, scrub_text, write_card
+from .export.common import require_new_folder
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -116,9 +117,11 @@ def publish_run(run_dir: str | Path, repo_id: str, fmt: str = "", private: bool 
     fmt = fmt or default_format(run_dir)
     result: dict[str, Any] = {"repo_id": repo_id, "format": fmt, "private": private, "revision": revision or None}
     if dry_run:
-        if Path(dry_run).exists() and (not Path(dry_run).is_dir() or any(Path(dry_run).iterdir())):
+        try:
+            require_new_folder(dry_run)
+        except FileExistsError:
             raise ValueError(f"--dry-run folder {dry_run} exists and is not empty; give a new or empty folder "
-                             f"(it must hold exactly what would be uploaded)")
+                             f"(it must hold exactly what would be uploaded)") from None
         folder = stage_folder(run_dir, dry_run, fmt, repo_id, card, domain, license_id)
         return {**result, "dry_run": True, "folder": str(folder), "files": folder_files(folder)}
     with tempfile.TemporaryDirectory(prefix="domainclip-publish-") as tmp:

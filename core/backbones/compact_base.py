@@ -59,4 +59,7 @@ class CompactBase(DualEncoder):
         self._cfg = spec
 
     def config_dict(self) -> dict[str, Any]:
-        return {**super().config_dict(), "kind": "compact_base", "name": str(self.folder)}
+        # the bundled base is recorded as "" (resolves on any machine; no local path in run folders
+        # or exports); another folder keeps its path
+        name = "" if self.folder.resolve() == default_folder().resolve() else str(self.folder)
+        return {**super().config_dict(), "kind": "compact_base", "name": name}

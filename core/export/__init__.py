@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..backbones.base import Backbone
 from .adapter_format import load_adapter, weights_sha256, write_adapter
-from .common import KIND_FAMILY, export_info, full_backbone, read_run, write_folder
+from .common import KIND_FAMILY, export_info, full_backbone, read_run, require_new_folder, write_folder
 
 EXPORT_FORMATS: tuple[str, ...] = ("open_clip", "hf", "adapter", "dual_encoder")
 # backbone family -> the formats a run on it can export to
@@ -44,6 +44,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
         close = difflib.get_close_matches(str(fmt), EXPORT_FORMATS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"export format {fmt!r} is not known{hint} (valid formats: {', '.join(EXPORT_FORMATS)})")
+    require_new_folder(out)  # before the (possibly long) model rebuild
     run_dir = Path(run_dir)
     cfg, info = read_run(run_dir)
     kind = cfg.model.kind

@@ -61,9 +61,22 @@ def require_rgb(preprocess: PreprocessConfig, fmt: str) -> None:
 
 
 def export_info(fmt: str, cfg: RunConfig, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The provenance record written beside every export (no data paths: only names and configs)."""
-    return {"format": fmt, "source_run": cfg.name, "method": cfg.method.name, "backbone": info.get("backbone", {}),
-            **extra}
+    """The provenance record written beside every export: names and configs, passed through the
+    card scrubber (a local weights path or an identifier-like run name becomes ``[redacted]``)."""
+    from ..cards import scrub
+
+    record = {"format": fmt, "source_run": cfg.name, "method": cfg.method.name, "backbone": info.get("backbone", {}),
+              **extra}
+    return scrub(record, keep=("preprocess",))[0]
+
+
+def require_new_folder(out: str | Path) -> Path:
+    """``out`` resolved; ``FileExistsError`` when it exists and is not an empty folder (stale files of
+    another export would be picked up by loaders that search a folder for weights)."""
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export folder {out} already exists and is not empty; choose a new folder or delete it")
+    return out
 
 
 def write_folder(out: str | Path, write: Callable[[Path], None], info: dict[str, Any]) -> Path:
@@ -72,9 +85,7 @@ def write_folder(out: str | Path, write: Callable[[Path], None], info: dict[str,
     ``out`` must not exist or be an empty folder: stale files of another export would be picked
     up by loaders that search a folder for weights.
     """
-    out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"export folder {out} already exists and is not empty; choose a new folder or delete it")
+    out = require_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

@@ -335,3 +335,18 @@ def test_cli_export(open_clip_lora: Path, tmp_path: Path, capsys: pytest.Capture
     assert "valid formats: open_clip, hf, adapter, dual_encoder" in capsys.readouterr().err
     assert main(["export", str(open_clip_lora), "--format", "adapter", "--out", str(tmp_path / "oc")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_export_record_carries_no_local_path_and_the_bundled_base_is_named_by_kind() -> None:
+    from domainclip.core.backbones import ModelConfig, create_backbone
+    from domainclip.core.export.common import export_info
+    from domainclip.core.run_config import RunConfig
+
+    info = {"backbone": {"kind": "open_clip", "name": "ViT-B-32", "pretrained": "/home/alice/weights/ft.safetensors",
+                         "preprocess": {"mean": [0.5], "std": [0.5]}}}
+    record = export_info("open_clip", RunConfig(name="cxr"), info)
+    assert record["backbone"]["pretrained"] == "[redacted]" and record["backbone"]["name"] == "ViT-B-32"
+    assert record["backbone"]["preprocess"] == {"mean": [0.5], "std": [0.5]} and record["source_run"] == "cxr"
+    base = create_backbone(ModelConfig(kind="compact_base")).config_dict()
+    assert base["kind"] == "compact_base" and base["name"] == ""  # resolves to the bundled folder anywhere
+    assert create_backbone(ModelConfig(**{k: base[k] for k in ("kind", "name")})).config_dict() == base
