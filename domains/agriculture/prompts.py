@@ -17,7 +17,7 @@ Crop and disease words come from the curated tables :data:`CROP_NAMES` and
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 SEPARATOR = "___"
@@ -115,14 +115,13 @@ def parse_class_name(raw: str) -> LeafClass:
     return LeafClass(raw.strip(), crop, disease)
 
 
-def class_phrases(raw_names: Iterable[str], attribute: str = "full",
-                  overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``{class key: phrase}`` under ``attribute`` for the raw names (``overrides`` win by key)."""
+def class_phrases(raw_names: Iterable[str], attribute: str = "full") -> dict[str, str]:
+    """``{class key: phrase}`` under ``attribute`` for the raw names."""
     phrases: dict[str, str] = {}
     for raw in raw_names:
         leaf = parse_class_name(raw)
         phrases[leaf.key(attribute)] = leaf.phrase(attribute)
-    return {**phrases, **{k: v for k, v in (overrides or {}).items() if k in phrases}}
+    return phrases
 
 
 def leaf_prompts(raw_name: str, attribute: str = "full", templates: Iterable[str] = LEAF_TEMPLATES) -> list[str]:

@@ -62,7 +62,7 @@ def leaf_classes(record_set: RecordSet) -> list[LeafClass]:
 
 def relabel(record_set: RecordSet, attribute: str, templates: list[str],
             overrides: dict[str, str] | None = None) -> RecordSet:
-    """Records of a full-class set labelled by ``attribute`` (crop / disease), captions rebuilt."""
+    """Records of a full-class set labelled by ``attribute`` (full / crop / disease), captions rebuilt."""
     parsed = leaf_classes(record_set)
     phrases = class_phrases(record_set.raw_class_names, attribute)
     unknown = sorted(set(overrides or {}) - set(phrases))
@@ -85,11 +85,9 @@ def load_leaf_records(cfg: DataSourceConfig, attribute: str) -> RecordSet:
     """Read ``cfg`` (PlantVillage layout) labelled by ``attribute`` (full, crop or disease)."""
     source = core_source(cfg)
     loader = FORMAT_LOADERS[source.format]
-    first = loader(source)  # manifests only
-    if attribute != "full":
-        return relabel(first, attribute, source.templates, cfg.class_names)
-    names = {**class_phrases(first.raw_class_names), **cfg.class_names}
-    return loader(dataclasses.replace(source, class_names=names))
+    # one read; class names (and their template captions) are set afterwards, and an unknown
+    # class_names key is an error in every mode (for "full" the keys are the raw class names)
+    return relabel(loader(source), attribute, source.templates, cfg.class_names)
 
 
 @register_format("plantvillage")

@@ -78,6 +78,9 @@ def test_class_name_overrides(tmp_path: Path) -> None:
     full = load_records(DataSourceConfig(format="plantvillage", path=str(root), split="test",
                                          class_names={"Apple___healthy": "no disease, healthy"}))
     assert full.class_names[-1] == "no disease, healthy" and full.class_names[0] == "an apple leaf with apple scab"
+    with pytest.raises(ValueError, match=r"class_names keys \['Apple___Blackrot'\] are not full classes"):
+        load_records(DataSourceConfig(format="plantvillage", path=str(root), split="test",
+                                      class_names={"Apple___Blackrot": "typo"}))  # was silently a new class
 
 
 def test_dataset_samples_carry_both_attributes(tmp_path: Path) -> None:
