@@ -48,7 +48,10 @@ def report_table(csv: str) -> str:
 def encode(model: torch.nn.Module, records) -> torch.Tensor:
     dataset = ImageTextDataset(records, build_image_transform(model.preprocess, train=False), train=False)
     loader = DataLoader(dataset, batch_size=32, collate_fn=Collator(None))
-    return encode_loader_images(model, loader, None, need_labels=False).features
+    encoded = encode_loader_images(model, loader, None, need_labels=False)
+    if encoded.bad:  # the features would no longer line up with the slices' labels
+        raise ValueError(f"{len(encoded.bad)} CT slice renderings could not be read, e.g. {encoded.bad[:3]}")
+    return encoded.features
 
 
 def organ_logits(model: torch.nn.Module, features: torch.Tensor, class_names: list[str]) -> torch.Tensor:

@@ -31,6 +31,7 @@ the file has; an unreadable file is a bad input (counted, skipped) like an unrea
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,10 @@ def training_band_stats(spec: MultispectralInput, paths: list[str]) -> BandStats
     if not images:
         raise ValueError(f"model.input.stats=data: none of the {count} training images read could be opened "
                          f"(first: {chosen[0]})")
+    if len(images) < count:  # counted here; the loader lists each one in bad_inputs.json
+        logging.getLogger("domainclip.multispectral").warning(
+            "band statistics: %d of %d sampled training images could not be read and were left out",
+            count - len(images), count)
     return BandStats.from_images(images)
 
 
