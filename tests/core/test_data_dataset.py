@@ -1,7 +1,6 @@
 """ImageTextDataset, image decoding and the Collator."""
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 from collections import Counter
@@ -26,11 +25,11 @@ from domainclip.core.data import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import make_fake_images as fake  # noqa: E402
+from ..conftest import shared_data_root  # noqa: E402
 
 
 def shared_data() -> Path:
-    env = os.environ.get("DOMAINCLIP_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    return shared_data_root()
 
 
 RSICD_IMAGES = shared_data() / "remote_sensing" / "rsicd" / "RSICD_images"

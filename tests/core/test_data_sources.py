@@ -14,11 +14,11 @@ from domainclip.core.data import DataSourceConfig, ImageTextRecord, load_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import make_fake_images as fake  # noqa: E402
+from ..conftest import shared_data_root  # noqa: E402
 
 
 def shared_data() -> Path:
-    env = os.environ.get("DOMAINCLIP_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    return shared_data_root()
 
 
 RSICD_JSON = shared_data() / "remote_sensing" / "rsicd" / "dataset_rsicd.json"

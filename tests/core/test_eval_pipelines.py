@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from domainclip.core.eval.zeroshot import (
     encode_loader_images,
     evaluate_zeroshot,
 )
+from ..conftest import shared_data_root
 
 VOCAB = 997
 TEMPLATES = ["a photo of {}.", "an aerial image of {}.", "{}"]
@@ -437,11 +437,6 @@ def test_evaluate_retrieval_matches_metrics_on_reference_features_and_lists_skip
 # --------------------------------------------------------------------------------------------
 # real data (../shared/data)
 # --------------------------------------------------------------------------------------------
-def shared_data_root() -> Path:
-    configured = os.environ.get("DOMAINCLIP_SHARED_DATA")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 RSICD = shared_data_root() / "remote_sensing" / "rsicd"

@@ -12,7 +12,9 @@ from domainclip.domains.agriculture.datasets import PlantVillage
 
 from .make_fake_data import CLASSES, write_plantvillage
 
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "agriculture" / "plantvillage_apple"
+from ...conftest import shared_data_root  # noqa: E402
+
+SHARED = shared_data_root() / "agriculture" / "plantvillage_apple"
 SAMPLE = Path(__file__).resolve().parents[3] / "recipes" / "sample_data" / "plantvillage_apple"
 
 

@@ -21,7 +21,9 @@ from domainclip.domains.medical.privacy import CACHE_ENV
 
 from .make_fake_data import PHI_STRINGS, write_ct_series, write_ct_set
 
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "medical" / "ct_totalsegmentator"
+from ...conftest import shared_data_root  # noqa: E402
+
+SHARED = shared_data_root() / "medical" / "ct_totalsegmentator"
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ from domainclip.domains.medical.privacy import CACHE_ENV
 
 from .make_fake_data import chest_pixels, write_dicom
 
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "medical"
+from ...conftest import shared_data_root  # noqa: E402
+
+SHARED = shared_data_root() / "medical"
 
 
 @pytest.fixture

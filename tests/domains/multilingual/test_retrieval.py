@@ -15,7 +15,9 @@ from domainclip.domains.multilingual import (benchmark_records, evaluate_languag
 
 from .make_fake_data import SCENES, write_parallel
 
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "multilingual" / "flickr8k_multi30k"
+from ...conftest import shared_data_root  # noqa: E402
+
+SHARED = shared_data_root() / "multilingual" / "flickr8k_multi30k"
 
 
 def test_mean_rank_variance_by_hand() -> None:
@@ -63,7 +65,8 @@ def test_evaluate_languages_with_tiny_model(tmp_path: Path) -> None:
         expected = sum(m[key] for m in result["languages"].values()) / 4
         assert result["mean"][key] == pytest.approx(expected)
     assert result["languages"]["de"]["text_retrieval_recall@10"] >= result["languages"]["de"]["text_retrieval_recall@1"]
-    assert result["mrv_image_to_text"] >= 0.0 and result["mrv_text_to_image"] >= 0.0
+    # languages with different captions rank images differently (identical ones give 0, tested below)
+    assert result["mrv_image_to_text"] > 0.0 and result["mrv_text_to_image"] > 0.0
     records = benchmark_records(result, "fake_m30k", "tiny")
     assert [r["dataset"] for r in records] == ["fake_m30k_en", "fake_m30k_de", "fake_m30k_fr", "fake_m30k_cs",
                                                "fake_m30k_mean"]
