@@ -271,12 +271,19 @@ def _training_data(cfg: RunConfig, card: CardConfig) -> list[dict[str, Any]]:
 
 def _input(preprocess: dict[str, Any], card: CardConfig) -> dict[str, Any]:
     channels = len(preprocess["mean"])
-    default_bands = ["red", "green", "blue"] if channels == 3 else ["grey"] if channels == 1 else []
+    reader = preprocess.get("reader") or {}
+    if reader:  # e.g. multispectral GeoTIFFs: values in the data's own units, no / 255
+        default_bands, value_range = list(reader.get("bands", [])), NOT_STATED
+        decoding = (f"files read by the {reader.get('name')!r} reader as (bands, H, W) floats in the data's own "
+                    f"units (no scaling to 0..1); then (x - mean) / std per band")
+    else:
+        default_bands = ["red", "green", "blue"] if channels == 3 else ["grey"] if channels == 1 else []
+        value_range = [0, 255]
+        decoding = ("8-bit RGB after decoding; 16-bit and float grey images are scaled by their own "
+                    "minimum..maximum to 0..255; pixels / 255, then (x - mean) / std per channel")
     return {"modality": card.input.modality or "image", "channels": channels,
-            "bands": card.input.bands or default_bands, "value_range": card.input.value_range or [0, 255],
-            "decoding": "8-bit RGB after decoding; 16-bit and float grey images are scaled by their own "
-                        "minimum..maximum to 0..255; pixels / 255, then (x - mean) / std per channel",
-            "notes": card.input.notes, "preprocess": preprocess}
+            "bands": card.input.bands or default_bands, "value_range": card.input.value_range or value_range,
+            "decoding": decoding, "notes": card.input.notes, "preprocess": preprocess}
 
 
 def _evaluation(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -423,8 +430,10 @@ def _classes_text(meta: dict[str, Any]) -> str:
 def _input_text(meta: dict[str, Any]) -> str:
     info = meta["input"]
     pre = info["preprocess"]
+    span = info["value_range"]
+    span = f"{span[0]}–{span[-1]}" if isinstance(span, list) and span else NOT_STATED
     lines = [f"- Modality: {info['modality']}", f"- Channels: {info['channels']} ({', '.join(info['bands'])})",
-             f"- Value range after decoding: {info['value_range'][0]}–{info['value_range'][-1]}",
+             f"- Value range after decoding: {span}",
              f"- Preprocessing: resize ({pre.get('resize_mode')}, {pre.get('interpolation')}) to "
              f"{pre.get('image_size')} px, mean {pre.get('mean')}, std {pre.get('std')}; {info['decoding']}."]
     if info["notes"]:

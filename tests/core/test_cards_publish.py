@@ -302,3 +302,18 @@ def test_publish_bad_input_errors_and_cli(tiny_run, tmp_path: Path, capsys: pyte
     assert header["license"] == "mit" and "remote-sensing" in header["tags"]
     assert main(["publish", str(tiny_run.run_dir), "--repo-id", "nope"]) == 2
     assert "is not a Hugging Face repo id" in capsys.readouterr().err
+
+
+def test_input_section_of_a_multispectral_model_states_its_reader_not_8_bit_rgb() -> None:
+    from domainclip.core.cards import CardConfig, _input, _input_text
+
+    preprocess = {"image_size": 64, "mean": [1200.0, 1100.0, 900.0, 2500.0], "std": [300.0] * 4,
+                  "interpolation": "bilinear", "resize_mode": "shortest",
+                  "reader": {"name": "geotiff", "bands": ["B02", "B03", "B04", "B08"]}}
+    info = _input(preprocess, CardConfig())
+    assert info["bands"] == ["B02", "B03", "B04", "B08"] and info["channels"] == 4
+    assert info["value_range"] == "not stated" and "no scaling to 0..1" in info["decoding"]
+    text = _input_text({"input": info})
+    assert "Value range after decoding: not stated" in text and "/ 255" not in text
+    rgb = _input({**preprocess, "mean": [0.5] * 3, "std": [0.5] * 3, "reader": {}}, CardConfig())
+    assert rgb["value_range"] == [0, 255] and rgb["bands"] == ["red", "green", "blue"]
