@@ -110,8 +110,7 @@ def _load_run(run_dir: Path) -> LoadedModel:
     from ..train.run_folder import load_trained
 
     model, method, cfg = load_trained(run_dir)
-    info_file = run_dir / "model" / "model.json"
-    task = json.loads(info_file.read_text()).get("task", {}) if info_file.is_file() else {}
+    task = json.loads((run_dir / "model" / "model.json").read_text()).get("task", {})  # load_trained needs the file
     templates = list(task.get("templates") or cfg.data.train.templates or DEFAULT_TEMPLATES)
     return LoadedModel(model=model, source=str(run_dir), templates=templates, logits_factory=method.logits_fn,
                        method=str(cfg.method.name))

@@ -154,13 +154,3 @@ def read_dicom(path: str | os.PathLike[str], window: tuple[float, float] | None 
     finally:
         del dataset
     return pixels, meta
-
-
-def read_dicom_view(path: str | os.PathLike[str]) -> str:
-    """Only the view position of a file (header read without pixels)."""
-    pydicom = import_pydicom()
-    try:
-        dataset = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, specific_tags=["ViewPosition"])
-    except Exception as error:
-        raise BadImageError(f"cannot read DICOM header: {type(error).__name__}") from None
-    return normalise_view(dataset.get("ViewPosition"))

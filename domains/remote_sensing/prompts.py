@@ -76,10 +76,3 @@ def normalise_class_name(raw: str, extra: dict[str, str] | None = None) -> str:
 def class_name_map(raw_names: Iterable[str], extra: dict[str, str] | None = None) -> dict[str, str]:
     """``{raw: natural}`` for every raw name: the ``class_names`` value of a data source."""
     return {raw: normalise_class_name(raw, extra) for raw in raw_names}
-
-
-def overhead_prompts(class_name: str, templates: Iterable[str] = OVERHEAD_TEMPLATES) -> list[str]:
-    """Every overhead template applied to one (already natural) class name."""
-    from domainclip.core.data.records import captions_from_templates
-
-    return captions_from_templates(class_name, list(templates))
