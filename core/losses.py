@@ -30,7 +30,7 @@ from domainclip.core.distributed import gather_no_grad, gather_with_grad, world_
 
 __all__ = [
     "LossConfig", "FilipLossConfig", "ClipLoss", "SigLipLoss", "FilipLoss", "LOSSES", "register_loss", "build_loss",
-    "loss_inputs", "late_interaction_scores", "same_class_negatives",
+    "loss_inputs", "late_interaction_scores", "paired_late_interaction", "same_class_negatives",
 ]
 
 
@@ -430,6 +430,26 @@ def late_interaction_scores(
             text_to_image.append(best_patch.sum(dim=2) / text_counts[None, start:start + step])
     return (torch.cat(image_to_text, dim=1) if image_to_text else None,
             torch.cat(text_to_image, dim=1) if text_to_image else None)
+
+
+def paired_late_interaction(image_tokens: torch.Tensor, image_mask: torch.Tensor, text_tokens: torch.Tensor,
+                            text_mask: torch.Tensor, direction: str) -> torch.Tensor:
+    """The late-interaction score of each aligned pair (image row n with text row n), shape (n,).
+
+    ``direction`` is ``image_to_text`` or ``text_to_image`` (see :func:`late_interaction_scores`,
+    whose diagonal this is); retrieval re-ranking scores each query against its own candidates.
+    """
+    if direction not in SCORE_DIRECTIONS[1:]:
+        raise ValueError(f"direction must be one of {SCORE_DIRECTIONS[1:]}, got {direction!r}")
+    _check_tokens("image", image_tokens, image_mask)
+    _check_tokens("text", text_tokens, text_mask)
+    image_mask, text_mask = image_mask.bool(), text_mask.bool()
+    tokens = torch.einsum("nkd,nrd->nkr", image_tokens, text_tokens)  # (n, I, T)
+    if direction == "image_to_text":
+        best = tokens.masked_fill(~text_mask[:, None, :], float("-inf")).amax(dim=2).masked_fill(~image_mask, 0.0)
+        return best.sum(dim=1) / image_mask.sum(dim=1).to(best.dtype)
+    best = tokens.masked_fill(~image_mask[:, :, None], float("-inf")).amax(dim=1).masked_fill(~text_mask, 0.0)
+    return best.sum(dim=1) / text_mask.sum(dim=1).to(best.dtype)
 
 
 def _check_tokens(tower: str, tokens: torch.Tensor, mask: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from .backbones.factory import ModelConfig
 from .data.sources import DataSourceConfig
 from .eval.groups import GroupEvalConfig
+from .eval.retrieval import RerankConfig
 from .losses import LossConfig
 from .methods.base import MethodConfig
 from .methods.full import FullConfig
@@ -132,6 +133,8 @@ class EvalTaskConfig:
             see what the domain model forgot on a reference task (WiSE-FT wins it back).
         groups: zeroshot only: also report group-level metrics (records need a group id, e.g.
             the CT volume of each slice); off while ``groups.aggregate`` is empty.
+        rerank: retrieval only: re-rank each query's top k by a finer score
+            (``{name: filip, k: 50}``: FILIP late interaction of the token features).
     """
 
     name: str = ""
@@ -141,6 +144,7 @@ class EvalTaskConfig:
     batch_size: int = 64
     retention: bool = False
     groups: GroupEvalConfig = field(default_factory=GroupEvalConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:
@@ -148,6 +152,8 @@ class EvalTaskConfig:
         if self.groups.aggregate and self.task != "zeroshot":
             raise ValueError(f"eval task {self.name!r}: groups (group-level metrics) needs task 'zeroshot', "
                              f"got {self.task!r}")
+        if self.rerank.name and self.task != "retrieval":
+            raise ValueError(f"eval task {self.name!r}: rerank needs task 'retrieval', got {self.task!r}")
 
 
 @dataclass

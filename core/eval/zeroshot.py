@@ -106,6 +106,29 @@ def encode_texts(model: nn.Module, texts: Sequence[str], batch_size: int = 256) 
     return torch.cat(parts)
 
 
+def encode_text_tokens(model: nn.Module, texts: Sequence[str],
+                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised pooled features (N, D) on the model's device plus per-token normalised final-layer
+    tokens (N, T, D) and their mask (N, T) as float32 / bool on the CPU, T = the longest caption's
+    real tokens (padding beyond it is dropped to save memory)."""
+    device = model_device(model)
+    pooled, tokens, masks = [], [], []
+    with evaluation_mode(model):
+        for start in range(0, len(texts), batch_size):
+            batch = {k: v.to(device) for k, v in model.tokenize(list(texts[start:start + batch_size])).items()}
+            encoded = model.encode_text_tokens(batch)
+            last = int(encoded.mask.any(dim=0).nonzero().max()) + 1  # columns after it are padding everywhere
+            pooled.append(F.normalize(encoded.pooled.float(), dim=-1))
+            tokens.append(F.normalize(encoded.tokens[:, :last].float(), dim=-1).cpu())
+            masks.append(encoded.mask[:, :last].bool().cpu())
+    if not pooled:
+        raise ValueError("encode_text_tokens got no texts")
+    width = max(t.shape[1] for t in tokens)
+    tokens = [F.pad(t, (0, 0, 0, width - t.shape[1])) for t in tokens]
+    masks = [F.pad(m, (0, width - m.shape[1]), value=False) for m in masks]
+    return torch.cat(pooled), torch.cat(tokens), torch.cat(masks)
+
+
 def build_zeroshot_classifier(
     model: nn.Module, class_names: Sequence[str], templates: Templates, batch_size: int = 256
 ) -> torch.Tensor:
@@ -138,16 +161,21 @@ class EncodedImages:
         labels: the batches' ``labels`` concatenated (N,) or (N, L), or None when not asked for.
         indices: (N,) dataset indices, or None when the batches carry none.
         bad: (path, reason) of every item the loader skipped.
+        tokens: with ``with_tokens``: (N, I, D) float32 final-layer tokens, normalised per token.
+        token_mask: (N, I) bool, True for real tokens.
     """
 
     features: torch.Tensor
     labels: torch.Tensor | None
     indices: torch.Tensor | None
     bad: list[tuple[str, str]] = field(default_factory=list)
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
 
 
 def encode_loader_images(
-    model: nn.Module, loader: Iterable[Mapping[str, Any]], accelerator: Any = None, need_labels: bool = False
+    model: nn.Module, loader: Iterable[Mapping[str, Any]], accelerator: Any = None, need_labels: bool = False,
+    with_tokens: bool = False,
 ) -> EncodedImages:
     """Encode every image of ``loader`` (batch dicts with ``images``, ``labels``, ``indices``, ``bad``).
 
@@ -156,12 +184,14 @@ def encode_loader_images(
     on several processes, the results of all processes are
     gathered and the samples a distributed sampler repeats are dropped by their dataset index
     (``gather_for_metrics`` cannot do that here: skipped bad items make the processes' batches
-    uneven, which breaks its drop-the-last-remainder rule).
+    uneven, which breaks its drop-the-last-remainder rule). ``with_tokens`` also keeps each
+    image's final-layer tokens (``model.encode_image_tokens``; the pooled feature comes from the
+    same pass).
     """
     device = model_device(model)
     dtype = _model_float_dtype(model)
     autocast = accelerator.autocast if accelerator is not None else nullcontext
-    feature_parts, label_parts, index_parts = [], [], []
+    feature_parts, label_parts, index_parts, token_parts, mask_parts = [], [], [], [], []
     bad: list[tuple[str, str]] = []
     carries_indices: bool | None = None
     with evaluation_mode(model):
@@ -175,7 +205,13 @@ def encode_loader_images(
             if images.shape[0] == 0:
                 continue
             with autocast():
-                features = model.encode_image(images.to(device=device, dtype=dtype), normalize=True)
+                if with_tokens:
+                    encoded = model.encode_image_tokens(images.to(device=device, dtype=dtype))
+                    features = F.normalize(encoded.pooled.float(), dim=-1)
+                    token_parts.append(F.normalize(encoded.tokens.float(), dim=-1))
+                    mask_parts.append(encoded.mask.to(torch.uint8))  # gloo gathers no bool
+                else:
+                    features = model.encode_image(images.to(device=device, dtype=dtype), normalize=True)
             feature_parts.append(features.float())
             if need_labels:
                 label_parts.append(labels.to(device))
@@ -185,6 +221,7 @@ def encode_loader_images(
     features = torch.cat(feature_parts) if feature_parts else torch.empty(0, 0, device=device)
     labels = torch.cat(label_parts) if label_parts else None
     indices = torch.cat(index_parts) if index_parts else None
+    extra = [torch.cat(token_parts), torch.cat(mask_parts)] if token_parts else []
     distributed = accelerator is not None and accelerator.num_processes > 1
     if indices is not None and (indices < 0).any():
         if distributed:
@@ -198,13 +235,14 @@ def encode_loader_images(
             raise ValueError(
                 "distributed evaluation needs batches with 'indices' to drop the samples a sampler repeats"
             )
-        features, labels, indices = _gather_across_processes(accelerator, features, labels, indices)
+        features, labels, indices, extra = _gather_across_processes(accelerator, features, labels, indices, extra)
         bad = _gather_bad_items(bad)
     elif indices is not None:
         _check_unique_indices(indices)
     if indices is not None:  # one row per dataset index, in index order
-        indices, features, *maybe_labels = deduplicate_by_index(indices, features, *_present(labels))
-        labels = maybe_labels[0] if maybe_labels else None
+        indices, features, *rest = deduplicate_by_index(indices, features, *extra, *_present(labels))
+        extra, rest = rest[:len(extra)], rest[len(extra):]
+        labels = rest[0] if rest else None
     if features.shape[0] == 0:
         raise ValueError(f"the loader yielded no images to evaluate ({len(bad)} items skipped as bad)")
     return EncodedImages(
@@ -212,6 +250,8 @@ def encode_loader_images(
         labels=labels.cpu() if labels is not None else None,
         indices=indices.cpu() if indices is not None else None,
         bad=bad,
+        tokens=extra[0].cpu() if extra else None,
+        token_mask=extra[1].bool().cpu() if extra else None,
     )
 
 
@@ -262,15 +302,16 @@ def _check_unique_indices(indices: torch.Tensor) -> None:
 
 
 def _gather_across_processes(
-    accelerator: Any, features: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    accelerator: Any, features: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor,
+    extra: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
     """Pad every process's rows to the same count (index -1 marks padding), then gather."""
+    def gather(rows: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(accelerator.pad_across_processes(rows, dim=0))
+
     gathered_indices = accelerator.gather(accelerator.pad_across_processes(indices, dim=0, pad_index=-1))
-    gathered_features = accelerator.gather(accelerator.pad_across_processes(features, dim=0))
-    gathered_labels = None
-    if labels is not None:
-        gathered_labels = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))
-    return gathered_features, gathered_labels, gathered_indices
+    gathered_labels = gather(labels) if labels is not None else None
+    return gather(features), gathered_labels, gathered_indices, [gather(rows) for rows in extra]
 
 
 def _gather_bad_items(bad: list[tuple[str, str]]) -> list[tuple[str, str]]:

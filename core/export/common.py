@@ -24,7 +24,7 @@ EXPORT_INFO_FILE = "domainclip_export.json"
 # Backbone kind -> the family that decides which full format fits it.
 KIND_FAMILY = {"open_clip": "open_clip", "hf": "hf", "dual_encoder": "dual_encoder", "compact_base": "dual_encoder"}
 # Methods whose trained model is a plain backbone (after merging adapters).
-FULL_FORMAT_METHODS = ("full", "lora")
+FULL_FORMAT_METHODS = ("full", "lora", "distill")
 
 
 def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:

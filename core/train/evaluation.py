@@ -68,7 +68,8 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             notes = "prompt ensemble: the method's classifier covers only its training classes"
     else:
         captions, text_to_image = captions_from_records(records.records)
-        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator)
+        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator,
+                                     rerank=task.rerank)
         kind = "zeroshot_retrieval"
     if records.skipped:
         metrics["n_skipped_records"] = len(records.skipped)

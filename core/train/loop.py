@@ -213,6 +213,10 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     """Optimizer steps until ``total_steps``, with accumulation, checkpoints, logs and resume."""
     data = TrainData(cfg, model, records, accelerator)
     loss_fn = build_loss(cfg.loss)
+    token_loss = getattr(loss_fn, "needs_tokens", False)
+    if token_loss and not method.supports_token_losses:
+        raise ValueError(f"loss.name={cfg.loss.name!r} needs token features, but method {cfg.method.name!r} computes "
+                         f"its own loss without them; use it with a method that trains a tower (full, lora)")
     steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"one epoch of data.train has {data.batches_per_epoch} batches per process: "
@@ -244,7 +248,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
 
     unwrapped: Backbone = accelerator.unwrap_model(model)
     towers = frozen_towers(unwrapped)
-    cache_text = cfg.train.cache_text_features and uses_text_cache(unwrapped, method)
+    # a token-level loss needs the text tokens, not only the cached pooled features
+    cache_text = cfg.train.cache_text_features and uses_text_cache(unwrapped, method) and not token_loss
     text_cache = TextFeatureCache(unwrapped) if cache_text else None
     if towers:
         run.log(f"frozen towers (eval mode): {towers}; cached text features: {text_cache is not None}")

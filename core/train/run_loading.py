@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
 from ..methods import AdaptationMethod, TaskInfo, build_method
+from ..methods.distill import set_run_loader
 from ..run_config import RunConfig
 
 
@@ -43,3 +44,6 @@ def load_trained(run_dir: str | Path) -> tuple[Backbone, AdaptationMethod, RunCo
     model, method = build_model(cfg, TaskInfo(**info.get("task", {})))
     method.load_trainable_state(model, load_file(str(weights)), source=str(weights))
     return model, method, cfg
+
+
+set_run_loader(lambda run_dir: load_trained(run_dir)[0])  # a finished run as a distillation teacher
