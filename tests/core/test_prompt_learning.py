@@ -225,11 +225,13 @@ def test_maple_deep_prompts_change_both_towers_and_only_prompts_train(make_backb
 
 
 def test_gradient_checkpointing_gives_the_same_prompt_gradients(make_backbone, monkeypatch: pytest.MonkeyPatch) -> None:
-    from domainclip.core.methods.prompt_learning import text_encoders
+    from domainclip.core.backbones import prompting
+    from domainclip.core.backbones.families.open_clip import prompts as open_clip_prompts
 
     calls = []
-    real_checkpoint = text_encoders.checkpoint
-    monkeypatch.setattr(text_encoders, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    for module in (prompting, open_clip_prompts):
+        real = module.checkpoint
+        monkeypatch.setattr(module, "checkpoint", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     batch = {"images": images(), "labels": torch.tensor([0, 1, 2, 0])}
     grads = []
     for enabled in (False, True):

@@ -158,8 +158,9 @@ def test_backbones_without_a_known_text_tower_are_refused_with_the_reason() -> N
     class Unknown(Backbone):
         kind = "unknown"
 
-    with pytest.raises(ValueError, match=r"method 'cocoop': prompt learning needs a text transformer whose input words "
-                                         r"it can replace .* model.kind 'unknown' \(Unknown\) has none"):
+    with pytest.raises(NotImplementedError, match=r"method 'cocoop': prompt learning needs a text transformer whose "
+                                                  r"input words it can replace; model.kind 'unknown' \(Unknown\) "
+                                                  r"provides none"):
         build_method(CoCoOpConfig()).apply(Unknown(), TaskInfo(NAMES, []))
 
 
@@ -266,10 +267,11 @@ def test_maple_needs_a_vit_image_tower_but_coop_works_with_any() -> None:
 
 
 def test_gradient_checkpointing_gives_the_same_prompt_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    from domainclip.core.methods.prompt_learning import dual_encoders, text_encoders
+    from domainclip.core.backbones import prompting
+    from domainclip.core.backbones.families.dual_encoder import prompts as dual_encoder_prompts
 
     calls = []
-    for module in (text_encoders, dual_encoders):
+    for module in (prompting, dual_encoder_prompts):
         real = module.checkpoint
         monkeypatch.setattr(module, "checkpoint", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     batch = {"images": images(), "labels": torch.tensor([0, 1, 2, 0])}
