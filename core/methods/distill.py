@@ -209,6 +209,12 @@ class Distill(FullFineTune):
                 self.targets.logit_scale)
         return loss
 
+    def plain_backbone(self, model: Backbone) -> Backbone:
+        """The student alone: the training-only projection to the teacher's width is dropped."""
+        if hasattr(model, PROJECTION):
+            delattr(model, PROJECTION)
+        return model
+
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> None:
         """Recreate the student -> teacher projection from the saved shapes before loading."""
         weight = state.get(f"{PROJECTION}.image.weight")

@@ -186,3 +186,63 @@ def test_unknown_loss_names_the_closest_and_registration_is_one_line() -> None:
     finally:
         LOSSES.pop("toy_clip")
         LossConfig.REGISTRY.pop("toy_clip")
+
+
+# --- in the training loop ----------------------------------------------------------------------
+def _filip_recipe(manifest, tmp_path, method: dict) -> dict:
+    from ..conftest import tiny_recipe
+
+    data = tiny_recipe(manifest, tmp_path / "runs", max_steps=3)
+    data.update(method=method, loss={"name": "filip", "clip_weight": 0.5, "chunk_size": 3},
+                eval=[{"name": "squares_retrieval", "task": "retrieval", "batch_size": 8, "rerank": {"name": "filip", "k": 5},
+                       "data": {"format": "csv", "path": str(manifest), "caption_separator": "|"}}])
+    return data
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "rank": 2, "alpha": 4}])
+def test_filip_trains_a_tower_and_retrieval_reports_reranked_recalls(colour_squares, tmp_path, method) -> None:
+    from domainclip.core.run_config import RunConfig
+    from domainclip.core.train import train
+
+    result = train(from_dict(RunConfig, _filip_recipe(colour_squares, tmp_path, method)))
+    record = result.metrics[0]["metrics"]
+    assert record["rerank"] == "filip@5"
+    for key in ("mean_recall", "reranked_mean_recall", "reranked_image_retrieval_recall@1",
+                "reranked_text_retrieval_recall@10"):
+        assert 0.0 <= record[key] <= 1.0, key
+    import json
+
+    logged = [json.loads(line) for line in (result.run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in logged)
+
+
+def test_token_loss_with_a_method_that_computes_its_own_loss_is_refused(colour_squares, tmp_path) -> None:
+    from domainclip.core.run_config import RunConfig
+    from domainclip.core.train import train
+
+    recipe = _filip_recipe(colour_squares, tmp_path, {"name": "coop", "n_ctx": 2})
+    recipe["data"]["train"]["templates"] = ["a {} square"]
+    with pytest.raises(ValueError, match="loss.name='filip' needs token features, but method 'coop'"):
+        train(from_dict(RunConfig, recipe))
+
+
+def test_default_compute_loss_passes_tokens_only_to_token_losses() -> None:
+    from domainclip.core.methods.base import AdaptationMethod, MethodConfig
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images, tokens, text_features=None, **kwargs):
+            calls.append(kwargs)
+            x = _inputs(seed=7, dtype=torch.float32)
+            return {"logit_bias": None, **x}
+
+    batch = {"images": None, "tokens": None, "labels": torch.zeros(BATCH, dtype=torch.long)}
+    method = AdaptationMethod(MethodConfig())
+    clip_value = method.compute_loss(Recorder(), batch, ClipLoss())
+    filip_value = method.compute_loss(Recorder(), batch, FilipLoss(clip_weight=0.0))
+    assert calls == [{}, {"with_tokens": True}]
+    x = _inputs(seed=7, dtype=torch.float32)
+    torch.testing.assert_close(clip_value, ClipLoss()(x["image_features"], x["text_features"], x["logit_scale"]))
+    torch.testing.assert_close(filip_value, naive_filip(x))
