@@ -15,7 +15,7 @@ from domainclip.core.methods import TaskInfo, build_method
 from domainclip.core.methods.prompt_learning import CoCoOpConfig, CoOpConfig, MaPLeConfig
 
 from ..conftest import tiny_recipe
-from .test_backbones import minilm, save_tiny_hf
+from ..tiny_models import save_tiny_hf
 
 REPO = Path(__file__).resolve().parents[2]
 
