@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from domainclip.core import config as config_lib
-from domainclip.core.backbones import (Backbone, ModelConfig, PreprocessConfig, TokenFeatures, Tokens, create_backbone,
-                                       register_backbone)
+from domainclip.core.backbones import (BACKBONES, Backbone, ModelConfig, PreprocessConfig, TokenFeatures, Tokens,
+                                       create_backbone, register_backbone)
 from domainclip.core.backbones.base import all_tokens_mask
 from domainclip.core.data.records import ImageTextRecord, RecordSet, captions_from_templates
-from domainclip.core.data.sources import DataSourceConfig, register_format
-from domainclip.core.data.transforms import build_image_transform, register_transform
+from domainclip.core.data.sources import FORMAT_LOADERS, DataSourceConfig, register_format
+from domainclip.core.data.transforms import TRAIN_TRANSFORMS, build_image_transform, register_transform
 from domainclip.core.methods import METHODS, AdaptationMethod, MethodConfig, TaskInfo, register_method
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train
@@ -28,6 +28,20 @@ from domainclip.core.train import load_trained, train
 from ..conftest import tiny_recipe
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
+
+
+@pytest.fixture(autouse=True)
+def toy_extensions() -> Any:
+    """Register the toy method, domain and family as the page says, for this module's tests only (the
+    kit's registries, and so the generated recipe reference, stay as shipped for every other test)."""
+    register_method("bias_only", BiasOnlyConfig)(BiasOnly)
+    register_format("toy_colours")(load_toy_colours)
+    register_transform("toy_jitter")(build_toy_jitter)
+    register_backbone("toy")(ToyBackbone)
+    yield
+    for registry, name in ((METHODS, "bias_only"), (MethodConfig.REGISTRY, "bias_only"), (FORMAT_LOADERS, "toy_colours"),
+                           (TRAIN_TRANSFORMS, "toy_jitter"), (BACKBONES, "toy")):
+        registry.pop(name)
 
 
 # --- "Add a method" ------------------------------------------------------------------------------
@@ -39,7 +53,6 @@ class BiasOnlyConfig(MethodConfig):
     train_logit_scale: bool = False
 
 
-@register_method("bias_only", BiasOnlyConfig)
 class BiasOnly(AdaptationMethod):
     def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         for name, param in model.named_parameters():
@@ -65,7 +78,6 @@ def test_a_method_is_one_registration_and_trains_resumes_and_saves_only_what_it_
 
 
 # --- "Add a domain" ------------------------------------------------------------------------------
-@register_format("toy_colours")
 def load_toy_colours(cfg: DataSourceConfig) -> RecordSet:
     """A ``path,colour`` CSV; captions from the recipe's templates; unknown colours listed as skipped."""
     manifest = Path(cfg.path)
@@ -91,7 +103,6 @@ class ToyJitter:
         return tensor + self.strength * torch.randn_like(tensor)
 
 
-@register_transform("toy_jitter")
 def build_toy_jitter(preprocess: PreprocessConfig, scale: tuple[float, float] = (0.9, 1.0),
                      strength: float = 0.1) -> ToyJitter:
     return ToyJitter(preprocess, strength)
@@ -133,7 +144,6 @@ class _Tokenize:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-@register_backbone("toy")
 class ToyBackbone(Backbone):
     """Patch tokens of an 8x8 convolution and character embeddings, each mean-pooled and projected."""
 
