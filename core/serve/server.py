@@ -2,7 +2,7 @@
 
 uvicorn handles SIGTERM and SIGINT: it stops accepting connections, lets requests in flight
 finish (up to ``GRACEFUL_SECONDS``), runs the app's shutdown (the micro-batcher's worker is
-joined) and exits with status 0.
+joined); ``serve`` then returns and the command exits with status 0.
 """
 from __future__ import annotations
 
@@ -29,9 +29,14 @@ def build_app(model: str, index: str | None = None, settings: ServeSettings | No
 def serve(model: str, index: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings | None = None) -> None:
     """Serve until SIGTERM / SIGINT (one process; see docs/serve.md for several workers)."""
+    import signal
+
     import uvicorn
 
     app = build_app(model, index, settings)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found:
+    # with this one installed the process then ends with status 0 instead of dying by the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SECONDS)
 
 
