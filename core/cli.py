@@ -26,30 +26,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_lib
-
-
-def resolve_recipe(spec: str) -> Path:
-    """A recipe path, or a bundled recipe name such as ``remote_sensing/full``."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    import domainclip.recipes as bundled
-
-    for root in bundled.__path__:
-        candidate = Path(root) / (spec if spec.endswith(".yaml") else f"{spec}.yaml")
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"recipe {spec!r}: no such file and no bundled recipe of that name "
-                            f"(bundled recipes: {', '.join(list_recipes()) or 'none'})")
-
-
-def list_recipes() -> list[str]:
-    import domainclip.recipes as bundled
-
-    names = []
-    for root in bundled.__path__:
-        names += [str(p.relative_to(root).with_suffix("")) for p in Path(root).rglob("*.yaml")]
-    return sorted(names)
+from .recipe_files import list_recipes, resolve_recipe  # noqa: F401  (list_recipes: public CLI helper)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -135,7 +112,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_wise_ft(args: argparse.Namespace) -> int:
-    from .methods.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
+    from .wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
 
     alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(DEFAULT_ALPHAS)
     result = wise_ft_sweep(args.run, alphas, args.select_on, args.out or None)
@@ -144,7 +121,7 @@ def _cmd_wise_ft(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .methods.lora import merge_run
+    from .export.merge import merge_run
 
     print(json.dumps({"merged": str(merge_run(args.run, args.out or None))}))
     return 0
@@ -158,7 +135,7 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_base(args: argparse.Namespace) -> int:
-    from .train.build_base import build_base
+    from .build_base import build_base
 
     folder = build_base(args.overrides, args.out or None)
     print(json.dumps({"compact_base": str(folder)}))
@@ -284,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="export a run with its model card and upload it to the Hugging Face Hub")
     pub.add_argument("run", help="finished run folder")
     pub.add_argument("--repo-id", required=True, help="ORG/NAME of the Hub model repo")
-    pub.add_argument("--format", default="", choices=["", "open_clip", "hf", "adapter", "dual_encoder"],
+    pub.add_argument("--format", default="",
                      help="export format (default: the full format of the run's backbone)")
     pub.add_argument("--private", action="store_true", help="create the repo private (refused if it exists public)")
     pub.add_argument("--revision", default="", metavar="TAG", help="tag the uploaded commit with TAG (e.g. v1.0)")

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_lib
+from .backbones import create_backbone
 from .checkpoint import atomic_write_text
+from .data import load_records
+from .recipe_files import resolve_recipe
 from .run_config import RunConfig
+from .train import train
+from .train.evaluation import run_eval_tasks
 
 PROTOCOLS = ("few_shot", "base_to_novel")
 
@@ -85,7 +90,6 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
-    from .cli import resolve_recipe
 
     candidate = spec_dir / spec.recipe
     path = candidate if candidate.is_file() else resolve_recipe(spec.recipe)
@@ -174,11 +178,6 @@ def harmonic_mean(a: float, b: float) -> float:
 
 def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
     """Run every (method, k, seed) and write ``compare.json``, ``compare.md`` and ``compare.png``."""
-    from .backbones import create_backbone
-    from .data import load_records
-    from .train import train
-    from .train.evaluation import run_eval_tasks
-
     out = Path(spec.output_dir) / spec.name
     out.mkdir(parents=True, exist_ok=True)
     recipe = _recipe_dict(spec, spec_dir)

@@ -1,5 +1,5 @@
-"""The one training loop and the run folder it writes."""
-from .loop import TrainResult, build_model, load_run_config, train
-from .run_folder import load_trained
+"""The one training loop, the run folder it writes, and rebuilding runs from it."""
+from .loop import TrainResult, load_run_config, train
+from .run_loading import build_model, load_trained
 
 __all__ = ["TrainResult", "build_model", "load_run_config", "load_trained", "train"]

@@ -31,13 +31,14 @@ from ..data.transforms import build_image_transform, build_train_transform
 from ..losses import build_loss
 from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
-from ..methods import AdaptationMethod, TaskInfo, build_method
+from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .evaluation import add_retention, run_eval_tasks
 from .frozen import TextFeatureCache, frozen_towers, set_frozen_towers_eval, uses_text_cache
 from .optim import build_optimizer, cosine_with_warmup
 from .run_folder import RunFolder
+from .run_loading import build_model
 from .sampler import EpochSampler
 
 log = logging.getLogger("domainclip.train")
@@ -53,15 +54,6 @@ class TrainResult:
     trainable_parameters: int = 0
     train_seconds: float = 0.0
     samples_per_second: float = 0.0
-
-
-def build_model(cfg: RunConfig, task: TaskInfo | None = None,
-                base: Backbone | None = None) -> tuple[Backbone, AdaptationMethod]:
-    """The backbone (``base`` or a new one) with the recipe's method applied for ``task``."""
-    model = base if base is not None else create_backbone(cfg.model)
-    method = build_method(cfg.method)
-    model = method.apply(model, task or TaskInfo())
-    return model, method
 
 
 def load_train_records(cfg: RunConfig) -> RecordSet | None:

@@ -21,7 +21,7 @@ from typing import Any
 import tqdm
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 
 from .. import config as config_lib
 from ..checkpoint import atomic_write_text, save_tensors
@@ -127,22 +127,3 @@ def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Pat
     if changed:
         raise ValueError(f"{path} holds a run with a different recipe ({', '.join(changed[:5])} changed); "
                          f"resuming would not continue it exactly. Use a new name=..., or train.resume=never to overwrite")
-
-
-def load_trained(run_dir: str | Path):
-    """Rebuild a finished run's model: base weights + the method + its trained state."""
-    from safetensors.torch import load_file
-
-    from .loop import build_model
-
-    run_dir = Path(run_dir)
-    cfg = config_lib.load(RunConfig, run_dir / "config.yaml")
-    weights = run_dir / "model" / "trainable.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{run_dir} has no finished model ({weights} is missing); did training complete?")
-    info = json.loads((run_dir / "model" / "model.json").read_text())
-    # seeded like training, so parts the method does not save (a random-init base) come back equal
-    set_seed(cfg.train.seed)
-    model, method = build_model(cfg, TaskInfo(**info.get("task", {})))
-    method.load_trainable_state(model, load_file(str(weights)), source=str(weights))
-    return model, method, cfg

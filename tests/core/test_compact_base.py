@@ -11,7 +11,7 @@ from domainclip.core import config as config_lib
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train
-from domainclip.core.train.build_base import export_compact_base
+from domainclip.core.build_base import export_compact_base
 
 from ..conftest import tiny_recipe
 

@@ -15,7 +15,8 @@ from domainclip.core import config as config_lib
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.checkpoint import save_tensors
 from domainclip.core.methods import build_method
-from domainclip.core.methods.lora import (LoraConfig, SeparateProjectionAttention, adapted_layer_names, merge_run,
+from domainclip.core.export.merge import merge_run
+from domainclip.core.methods.lora import (LoraConfig, SeparateProjectionAttention, adapted_layer_names,
                                           merged_backbone)
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train

@@ -14,8 +14,9 @@ from domainclip.core import config as config_lib
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.methods import build_method
 from domainclip.core.methods.full import FullConfig
-from domainclip.core.methods.lora import LoraConfig, load_trained_run, merged_backbone
-from domainclip.core.methods.wise_ft import interpolate, weight_space, wise_ft_sweep
+from domainclip.core.methods.lora import LoraConfig, merged_backbone
+from domainclip.core.train import load_trained
+from domainclip.core.wise_ft import interpolate, weight_space, wise_ft_sweep
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import train
 
@@ -163,7 +164,7 @@ def test_sweep_picks_the_validation_best_alpha_and_writes_it(method: dict, colou
 
     set_seed(0)
     base_state = create_backbone(TINY).state_dict()
-    finetuned, _, _ = load_trained_run(run_dir)
+    finetuned, _, _ = load_trained(run_dir)
     if method["name"] == "lora":  # merged weights: a full backbone
         kind, file, expected = "backbone", "model.safetensors", merged_backbone(finetuned).state_dict()
     else:

@@ -33,7 +33,7 @@ class LoraConfig(MethodConfig):
         merge: also write the adapters merged into the backbone weights at the end of the run
             (``RUN/model/merged.safetensors``, a full backbone state dict usable as ``model.weights``).
             The run's ``trainable.safetensors`` always holds just the adapters;
-            ``domainclip.core.methods.lora.merge_run(RUN)`` merges any finished run afterwards.
+            ``domainclip.core.export.merge.merge_run(RUN)`` merges any finished run afterwards.
         target_modules: explicit module names that replace the preset (each matches a module whose
             name equals it or ends with ``.NAME``, e.g. ``attn.q_proj`` or ``mlp.c_fc``); only Linear
             layers inside the chosen towers are matched, and every entry must match one.

@@ -3,7 +3,7 @@
 How a merged model is produced: the run's ``model/trainable.safetensors`` always holds only the
 adapters (and the temperature if trained). :func:`merged_backbone` folds the adapters of an
 adapted model into its Linear weights and returns a plain backbone whose state dict has exactly the
-keys of a freshly built one; :func:`merge_run` does this for a finished run folder and writes the
+keys of a freshly built one; ``domainclip merge`` (:mod:`domainclip.core.export.merge`) does this for a finished run folder and writes the
 full state dict to ``RUN/model/merged.safetensors``, loadable as ``model.weights`` of a recipe with
 the same ``model`` section. With ``method.merge: true`` the run writes that file itself (through
 :meth:`Lora.save_artifacts`).
@@ -19,7 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...backbones.base import Backbone, patch_embedding_owner
+from ...backbones.base import Backbone
 from ...checkpoint import save_tensors
 from ..base import AdaptationMethod, TaskInfo, register_method
 from .attention import join_attention, set_submodule
@@ -55,6 +55,9 @@ class Lora(AdaptationMethod):
         return peft.LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
                                use_dora=self.cfg.dora, target_modules=list(target_modules), bias="none")
 
+    def plain_backbone(self, model: Backbone) -> Backbone:
+        return merged_backbone(model, inplace=True)
+
     def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         """Freeze the backbone and inject adapters into the targeted layers of the chosen towers."""
         self.plan = plan_targets(model, self.cfg)
@@ -62,7 +65,7 @@ class Lora(AdaptationMethod):
             param.requires_grad_(False)
         peft.inject_adapter_in_model(self.peft_config(self.plan.modules), model, adapter_name=ADAPTER_NAME)
         if self.cfg.train_patch_embedding:
-            owner, attribute = patch_embedding_owner(model)
+            owner, attribute = model.patch_embedding()
             conv = getattr(owner, attribute)
             own = {id(p) for p in conv.parameters()}
             self.full_parameters = {name for name, param in model.named_parameters() if id(param) in own}
@@ -142,39 +145,6 @@ def save_merged(model: Backbone, path: str | Path, source: str = "") -> Path:
     return path
 
 
-def merge_run(run_dir: str | Path, out_file: str | Path | None = None) -> Path:
-    """Merge a finished LoRA run's adapters into its backbone; writes and returns a safetensors file.
-
-    The file (default ``RUN/model/merged.safetensors``) is a full backbone state dict: set it as
-    ``model.weights`` in a recipe with the run's ``model`` section to use the merged model.
-    """
-    model, method, cfg = load_trained_run(run_dir)
-    if not isinstance(method, Lora):
-        raise ValueError(f"{run_dir} was trained with method {cfg.method.name!r}; merge_run merges LoRA runs")
-    out = Path(out_file) if out_file is not None else Path(run_dir) / "model" / MERGED_FILE
-    return save_merged(merged_backbone(model, inplace=True), out, source=str(run_dir))
-
-
 def adapted_layer_names(model: nn.Module) -> list[str]:
     """Names of the modules that carry adapters (peft tuner layers)."""
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-
-
-
-def load_trained_run(run_dir: str | Path):
-    """``load_trained`` seeded with the run's ``train.seed`` first, as training seeds before building.
-
-    LoRA runs save only adapters, so the base weights are rebuilt: seeding makes a randomly
-    initialised base (tests, from-scratch towers) the same one the adapters were trained on.
-    """
-    from accelerate.utils import set_seed
-
-    from ... import config as config_lib
-    from ...run_config import RunConfig
-    from ...train import load_trained
-
-    config_file = Path(run_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder ({config_file} is missing)")
-    set_seed(config_lib.load(RunConfig, config_file).train.seed)
-    return load_trained(run_dir)

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone
-from ..checkpoint import atomic_write_text, save_tensors
-from .base import AdaptationMethod
+from .backbones.base import Backbone
+from .checkpoint import atomic_write_text, save_tensors
+from .methods.base import AdaptationMethod, TaskInfo
+from .train import build_model, load_trained
+from .train.evaluation import run_eval_tasks
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 MAIN_METRICS = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",
@@ -123,14 +125,9 @@ def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, 
     """
     from accelerate.utils import set_seed
 
-    from ..train import build_model
-    from ..train.evaluation import run_eval_tasks
-    from .base import TaskInfo
-    from .lora.method import load_trained_run
-
     run_dir = Path(run_dir)
     alphas = sorted(_check_alphas(alphas))  # ascending, so ties keep the smaller alpha
-    finetuned, method, cfg = load_trained_run(run_dir)
+    finetuned, method, cfg = load_trained(run_dir)
     task_names = [task.name or task.data.path for task in cfg.eval]
     if not task_names:
         raise ValueError(f"{run_dir / 'config.yaml'} has no eval tasks; WiSE-FT picks alpha on a validation eval task")

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .. import config as config_lib
-from ..backbones.compact_base import default_folder
-from ..checkpoint import atomic_write_text
-from ..export.dual_encoder_format import write_compact_folder
-from ..run_config import RunConfig
+from . import config as config_lib
+from .backbones.families.dual_encoder import default_folder
+from .checkpoint import atomic_write_text
+from .backbones.families.dual_encoder.export import write_compact_folder
+from .recipe_files import resolve_recipe
+from .run_config import RunConfig
+from .train import train
 
 KEPT_PREFIXES = ("vision.", "image_projection.", "logit_scale")
 
@@ -130,9 +132,6 @@ domainclip build-base
 
 def build_base(overrides: list[str], out: str | Path | None = None) -> Path:
     """Train the compact-base recipe (resuming if interrupted) and export it."""
-    from ..cli import resolve_recipe
-    from .loop import train
-
     cfg = config_lib.load(RunConfig, resolve_recipe("base/compact_base"), overrides)
     result = train(cfg)
     return export_compact_base(result.run_dir, out)
