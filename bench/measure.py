@@ -227,3 +227,29 @@ def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
     from torch.utils.flop_counter import sdpa_backward_flop_count
 
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+QUIET_LOAD = 1.0
+"""Speed results are written only when the 1-minute load average stayed at or below this."""
+
+
+def load_1min() -> float:
+    """The machine's 1-minute load average (other work competing for the cores)."""
+    return os.getloadavg()[0]
+
+
+def write_if_quiet(path: str | Path | None, results: dict[str, Any], loads: dict[str, float]) -> bool:
+    """Write ``results`` (with the ``loads`` recorded around each contender) as JSON to ``path``,
+    unless a load average exceeded ``QUIET_LOAD``: then print why and write nothing."""
+    import json
+
+    results = {**results, "load_average_1min": loads}
+    print(json.dumps(results, indent=2))
+    busy = {name: value for name, value in loads.items() if value > QUIET_LOAD}
+    if busy:
+        print(f"NOT WRITTEN: load average above {QUIET_LOAD} at {busy}; rerun on a quiet machine")
+        return False
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written: {path}")
+    return True
