@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...backbones.base import Backbone, Tokens
-from ...eval.zeroshot import evaluation_mode
+from ...encode import eval_mode
 from ..base import AdaptationMethod, TaskInfo
 from .text_encoders import Piece, PromptLayout, PromptTextEncoder, build_text_encoder
 from .vision_encoders import PromptVisionEncoder, build_vision_encoder
@@ -220,13 +220,13 @@ class PromptLearningMethod(AdaptationMethod):
             chunk = max(1, EVAL_PROMPTS_PER_CHUNK // len(class_names))
 
             def image_conditioned_logits(features: torch.Tensor) -> torch.Tensor:
-                with evaluation_mode(model):
+                with eval_mode(model):
                     parts = [model.class_logits(part.to(device), class_names).float().cpu()
                              for part in features.split(chunk)]
                 return torch.cat(parts) if parts else torch.empty(0, len(class_names))
 
             return image_conditioned_logits
-        with evaluation_mode(model):
+        with eval_mode(model):
             text = model.class_text_features(class_names).float().cpu()
             scale = model.logit_scale.exp().float().cpu()
 
