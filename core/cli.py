@@ -160,7 +160,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         from .zeroshot import OnnxZeroShotClassifier
 
         ignored = [flag for flag, value in (("--templates", args.templates), ("--export-onnx", args.export_onnx),
-                                            ("--device", args.device)) if value]
+                                            ("--device", args.device), ("--precision", args.precision)) if value]
         if ignored:
             raise ValueError(f"classify: {', '.join(ignored)} cannot apply to an .onnx model (its prompts are baked "
                              f"in at export; it runs on onnxruntime's CPU provider)")
@@ -171,7 +171,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         from .zeroshot import ZeroShotClassifier, export_onnx
 
         classifier = ZeroShotClassifier.from_pretrained(args.model, device=args.device or None,
-                                                        batch_size=args.batch_size, workers=args.workers)
+                                                        batch_size=args.batch_size, workers=args.workers,
+                                                        precision=args.precision or "auto")
         if args.export_onnx:
             path = export_onnx(classifier, labels, args.export_onnx, templates=args.templates)
             print(json.dumps({"onnx": str(path), "labels": labels}), file=sys.stderr)
@@ -253,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=None, help="labels per image (default: all)")
     classify.add_argument("--format", choices=["json", "csv"], default="json")
     classify.add_argument("--batch-size", type=int, default=32)
-    classify.add_argument("--workers", type=int, default=0, help="image-decoding threads (0 = main thread)")
+    classify.add_argument("--workers", type=int, default=2,
+                          help="image-decoding threads, overlapping the forward pass (0 = main thread)")
+    classify.add_argument("--precision", default="", choices=["", "auto", "fp32", "bf16", "fp16"],
+                          help="dtype of the frozen weights (default auto: bf16 where the device computes it "
+                               "fast, else fp32; see docs/zeroshot.md)")
     classify.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: GPU if there is one)")
     classify.add_argument("--export-onnx", default="", metavar="PATH",
                           help="also write the image tower + classifier for these labels as ONNX")
