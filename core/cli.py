@@ -289,7 +289,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     data_options = {key: value for key, value in (("image_key", args.image_key), ("caption_key", args.caption_key),
                                                   ("label_key", args.label_key),
                                                   ("caption_separator", args.caption_separator)) if value}
-    encoder = Encoder.load(args.model, device=args.device or None)
+    encoder = Encoder.load(args.model, device=args.device or None, precision=args.precision)
     print(json.dumps(build_index(encoder, args.data, args.out, options, data_options, add=args.add)))
     return 0
 
@@ -337,6 +337,8 @@ def _add_index_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     index.add_argument("--label-key", default="", help="manifest column with the class name")
     index.add_argument("--caption-separator", default="", help="split a CSV caption cell on this string")
     index.add_argument("--device", default="", help="cpu, cuda, ... (default: GPU if there is one)")
+    index.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="dtype of the frozen weights while encoding (auto: bf16 where the device computes it fast)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     index.set_defaults(func=_cmd_index)
     search = sub.add_parser("search", help="top-k images of an index for a text or an image")
