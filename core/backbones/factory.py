@@ -18,7 +18,9 @@ class ModelConfig:
 
     Attributes:
         kind: ``open_clip`` (any registered open_clip architecture), ``hf`` (Hugging Face
-            CLIPModel / SiglipModel) or ``dual_encoder`` (any vision tower + any HF text encoder).
+            CLIPModel / SiglipModel), ``siglip2`` (Hugging Face Siglip2Model), ``dual_encoder`` (any
+            vision tower + any HF text encoder) or ``compact_base`` (the kit's offline base); each
+            is a backbone family in ``core/backbones/families/``.
         name: open_clip: architecture name (``ViT-B-32``) or ``hf-hub:ORG/NAME``;
             hf: hub id or local directory; dual_encoder: unused.
         pretrained: open_clip: pretrained tag (``laion2b_s34b_b79k``), a local ``.safetensors``

@@ -14,14 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.metrics import Rescore, retrieval_metrics
-from domainclip.core.eval.zeroshot import (
-    encode_loader_images,
-    encode_text_tokens,
-    encode_texts,
-    model_device,
-    unwrap_model,
-)
+from domainclip.core.eval.zeroshot import encode_loader_images, encode_text_tokens, encode_texts, unwrap_model
 from domainclip.core.losses import paired_late_interaction
 
 __all__ = ["RERANKERS", "RerankConfig", "captions_from_records", "evaluate_retrieval", "filip_rescorer",
@@ -91,6 +86,8 @@ def filip_rescorer(image_tokens: torch.Tensor, image_mask: torch.Tensor, text_to
     return rescore
 
 
+
+
 def captions_from_records(records: Sequence[Any]) -> tuple[list[str], torch.Tensor]:
     """Flatten every record's ``captions`` into one list and the index of each caption's record.
 
@@ -147,6 +144,7 @@ def evaluate_retrieval(
     accelerator: Any = None,
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = 256,
+    precision: str = "auto",
     rerank: RerankConfig | None = None,
 ) -> dict[str, Any]:
     """Recall@k both ways (see ``retrieval_metrics``) for ``model`` on the loader's images.
@@ -156,16 +154,17 @@ def evaluate_retrieval(
     loader skipped cannot be scored: they are counted in ``n_captions_skipped`` and listed in
     ``skipped_captions``; the skipped images are counted in ``n_bad`` and listed in ``bad``.
     Captions are encoded ``batch_size`` at a time; with an accelerator every process encodes
-    all captions (the images are split across processes and gathered).
+    all captions (the images are split across processes and gathered). Images and captions are
+    encoded with the weights held in ``precision`` (``core/encode.py``).
 
     ``rerank`` (``name`` set): the top ``k`` of every query are re-scored (e.g. by FILIP late
     interaction of the token features, kept for every image and caption on the CPU) and the
     result gains ``reranked_*`` recalls and ``reranked_mean_recall`` beside the plain ones.
     """
-    model = unwrap_model(model, accelerator)
+    encoder = FrozenEncoder.of(unwrap_model(model, accelerator), precision)
     text_to_image = _check_text_to_image(text_to_image, len(captions))
     with_tokens = rerank is not None and bool(rerank.name)
-    encoded = encode_loader_images(model, image_loader, accelerator, need_labels=False, with_tokens=with_tokens)
+    encoded = encode_loader_images(encoder, image_loader, accelerator, need_labels=False, with_tokens=with_tokens)
     image_indices = encoded.indices
     if image_indices is None:
         if encoded.bad:
@@ -179,11 +178,11 @@ def evaluate_retrieval(
     if not has_image.any():
         raise ValueError("none of the captions' images were encoded; check that text_to_image holds dataset indices")
     kept_captions = [caption for caption, keep in zip(captions, has_image.tolist()) if keep]
-    image_features = encoded.features.to(model_device(model))
+    image_features = encoded.features.to(encoder.device)
     if with_tokens:
-        text_features, text_tokens, text_mask = encode_text_tokens(model, kept_captions, batch_size)
+        text_features, text_tokens, text_mask = encode_text_tokens(encoder, kept_captions, batch_size)
     else:
-        text_features = encode_texts(model, kept_captions, batch_size)
+        text_features = encode_texts(encoder, kept_captions, batch_size)
     metrics: dict[str, Any] = retrieval_metrics(
         image_features, text_features, caption_rows[has_image], ks=ks, block_size=block_size
     )

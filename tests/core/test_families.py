@@ -15,7 +15,7 @@ from domainclip.core.methods import TaskInfo, build_method
 from domainclip.core.methods.prompt_learning import CoCoOpConfig, CoOpConfig, MaPLeConfig
 
 from ..conftest import tiny_recipe
-from .test_backbones import minilm, save_tiny_hf
+from ..tiny_models import save_tiny_hf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -220,3 +220,17 @@ def test_no_module_outside_a_family_names_a_family_class() -> None:
         offenders += [f"{path.relative_to(REPO)}: {name}" for name in family_classes if f"isinstance(" in text and name in text]
     assert not offenders, offenders
     assert {"open_clip", "hf", "siglip2", "dual_encoder", "compact_base"} <= set(BACKBONES)
+
+
+def test_kit_modules_are_imported_at_module_level() -> None:
+    """No import inside a function to dodge a cycle: only the CLI defers imports (start-up time)."""
+    deferred = []
+    for path in list((REPO / "core").rglob("*.py")) + list((REPO / "domains").rglob("*.py")):
+        if path == REPO / "core" / "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("domainclip")):
+                        deferred.append(f"{path.relative_to(REPO)}:{inner.lineno}")
+    assert not deferred, deferred

@@ -114,14 +114,16 @@ def test_evaluate_retrieval_reports_plain_and_reranked_recalls() -> None:
     loader = [{"images": images[s:s + 3], "indices": torch.arange(N_IMAGES)[s:s + 3]} for s in range(0, N_IMAGES, 3)]
     captions = [f"caption {j}" for j in range(N_TEXTS)]
     text_to_image = data[-1]
-    got = evaluate_retrieval(model, loader, captions, text_to_image, batch_size=4, rerank=RerankConfig("filip", 3))
+    got = evaluate_retrieval(model, loader, captions, text_to_image, batch_size=4, precision="fp32",
+                             rerank=RerankConfig("filip", 3))
     plain = retrieval_metrics(data[4], data[5], text_to_image)
     expected = retrieval_metrics(data[4], data[5], text_to_image, rescore=filip_rescorer(*data[:4], k=3))
     assert got["mean_recall"] == pytest.approx(plain["mean_recall"])
     assert got["reranked_mean_recall"] == pytest.approx(expected["mean_recall"])
     assert got["reranked_image_retrieval_recall@1"] == pytest.approx(expected["image_retrieval_recall@1"])
     assert got["rerank"] == "filip@3"
-    assert "reranked_mean_recall" not in evaluate_retrieval(model, loader, captions, text_to_image, batch_size=4)
+    assert "reranked_mean_recall" not in evaluate_retrieval(model, loader, captions, text_to_image, batch_size=4,
+                                                          precision="fp32")
 
 
 def test_rerank_section_is_checked() -> None:

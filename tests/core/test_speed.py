@@ -9,6 +9,8 @@ import torch
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.backbones.families.open_clip import text_trim
 from domainclip.core.train import speed
+
+from ..tiny_models import tiny_open_clip
 from domainclip.core.train.optim import build_optimizer
 from domainclip.core.run_config import TrainConfig
 
@@ -17,8 +19,7 @@ CAPTIONS = ["a red square", "a small blue square on a white background with a lo
 
 @pytest.fixture()
 def tiny_clip():
-    torch.manual_seed(0)
-    return create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit"))
+    return tiny_open_clip()
 
 
 def test_trimmed_text_tower_matches_full_context_features_and_gradients(tiny_clip):
