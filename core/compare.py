@@ -21,6 +21,7 @@ from . import config as config_lib
 from .backbones import create_backbone
 from .checkpoint import atomic_write_text
 from .data import load_records
+from .eval.headline import headline
 from .recipe_files import resolve_recipe
 from .run_config import RunConfig
 from .train import train
@@ -96,14 +97,9 @@ def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
     return config_lib.expand_recipe_dir(config_lib.read_yaml(path), path.resolve().parent)
 
 
-def _headline(record: dict[str, Any], metric: str = "acc1") -> float:
-    key = metric if record["task"] == "zeroshot_classification" else "mean_recall"
-    return float(record["metrics"][key])
-
-
 def _scores(records: list[dict[str, Any]], spec: CompareConfig) -> dict[str, float]:
     """Headline metric per task, then the ``also`` metrics of the first task."""
-    scores = {r["dataset"]: _headline(r, spec.metric) for r in records}
+    scores = {r["dataset"]: headline(r, spec.metric)[1] for r in records}
     for metric in spec.also:
         first = records[0]
         if metric not in first["metrics"]:

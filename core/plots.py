@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .eval.headline import headline  # noqa: E402
+
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN/summary.png``: training loss per step and the eval metrics before/after."""
@@ -26,9 +28,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     names, before, after = [], [], []
     for record in metrics:
         retention = record.get("retention")
-        key = "acc1" if record["task"] == "zeroshot_classification" else "mean_recall"
+        key, value = headline(record)
         names.append(f"{record['dataset']}\n{key}")
-        after.append(record["metrics"][key])
+        after.append(value)
         before.append(retention["before"] if retention else float("nan"))
     positions = range(len(names))
     eval_ax.bar([p - 0.2 for p in positions], before, width=0.4, label="base", color="tab:gray")

@@ -28,13 +28,12 @@ from torch import nn
 
 from .backbones.base import Backbone
 from .checkpoint import atomic_write_text, save_tensors
+from .eval.headline import headline
 from .methods.base import AdaptationMethod, TaskInfo
 from .train import build_model, load_trained
 from .train.evaluation import run_eval_tasks
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-MAIN_METRICS = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",
-                "zeroshot_multilabel": "mean_auroc"}
 RESULT_FILE = "wise_ft.json"
 
 
@@ -100,18 +99,6 @@ def weight_space(model: Backbone, method: AdaptationMethod) -> WeightSpace:
     return WeightSpace(model, method, {k: v.detach().clone() for k, v in method.trainable_state(model).items()}, "trainable")
 
 
-def main_metric(record: Mapping[str, Any]) -> tuple[str, float]:
-    """The headline number of one CLIP_benchmark record: acc1, mean_recall or mean_auroc."""
-    task = record.get("task")
-    if task not in MAIN_METRICS:
-        raise ValueError(f"eval record of {record.get('dataset')!r} has task {task!r}; WiSE-FT selects on {sorted(MAIN_METRICS)}")
-    name = MAIN_METRICS[task]
-    value = record["metrics"].get(name)
-    if value is None:
-        raise ValueError(f"eval record of {record.get('dataset')!r} has no {name!r} metric to select on")
-    return name, float(value)
-
-
 def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, out_dir: str | Path | None = None,
                   device: str | torch.device | None = None) -> dict[str, Any]:
     """Evaluate the run's ``eval`` tasks for each alpha and keep the best alpha on ``select_on``.
@@ -148,8 +135,8 @@ def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, 
     for alpha in alphas:
         tuned.load(interpolate(base_state, tuned.state, alpha))
         records = run_eval_tasks(cfg, tuned.model, accelerator=None, method=tuned.method)
-        tasks = {name: {**record, "main_metric": dict([main_metric(record)])} for name, record in zip(task_names, records)}
-        metric, value = main_metric(tasks[select_on])
+        tasks = {name: {**record, "main_metric": dict([headline(record)])} for name, record in zip(task_names, records)}
+        metric, value = headline(tasks[select_on])
         rows.append({"alpha": alpha, "selection_value": value, "tasks": tasks})
         if best is None or value > best[1]:
             best = (alpha, value)

@@ -12,6 +12,7 @@ from ..data.records import ImageTextRecord
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
+from ..eval.headline import headline
 from ..methods import AdaptationMethod
 from ..run_config import EvalTaskConfig, RunConfig
 
@@ -78,21 +79,13 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     return record
 
 
-MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall"}
-
-
-def main_metric(record: dict[str, Any]) -> float:
-    """The headline number of a result: acc1 for classification, mean recall for retrieval."""
-    return float(record["metrics"][MAIN_METRIC[record["task"]]])
-
-
 def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
     """Attach ``retention: {metric, before, after, change}`` to the tasks measured before training."""
     earlier = {record["dataset"]: record for record in before}
     for record in results:
         if record["dataset"] in earlier:
-            old, new = main_metric(earlier[record["dataset"]]), main_metric(record)
-            record["retention"] = {"metric": MAIN_METRIC[record["task"]], "before": old, "after": new,
+            (metric, old), (_, new) = headline(earlier[record["dataset"]]), headline(record)
+            record["retention"] = {"metric": metric, "before": old, "after": new,
                                    "change": new - old}
 
 
