@@ -13,6 +13,7 @@ from ..data.sources import load_records
 from ..data.transforms import build_image_transform
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
 from ..eval.headline import headline
+from ..progress import progress
 from ..methods import AdaptationMethod
 from ..run_config import EvalTaskConfig, RunConfig
 
@@ -95,9 +96,8 @@ def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | N
     """Every ``cfg.eval`` task (or only those marked ``retention``); results carry their step."""
     results = []
     model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
-    for task in cfg.eval:
-        if only_retention and not task.retention:
-            continue
+    tasks = [task for task in cfg.eval if task.retention or not only_retention]
+    for task in progress(tasks, total=len(tasks), desc="eval", unit="task"):
         record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
                                pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
         if step is not None:

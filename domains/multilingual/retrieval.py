@@ -32,6 +32,7 @@ from domainclip.core.eval.report import benchmark_json
 from domainclip.core.eval.zeroshot import encode_loader_images, encode_texts, model_device, unwrap_model
 
 from .parallel import ParallelCaptions
+from .tokenization import hf_tokenizer, tokenizer_coverage
 
 
 def mean_rank_variance(ranks: torch.Tensor) -> float:
@@ -51,6 +52,16 @@ def language_ranks(image_features: torch.Tensor, text_features: torch.Tensor,
     return text_to_image, image_to_text
 
 
+def _coverage(model: nn.Module, data: ParallelCaptions) -> dict[str, dict[str, float]]:
+    """Each language's tokenizer coverage (warns above 10 % unknown); ``{}`` for a tokenizer without
+    an unknown token to count (open_clip's byte-level BPE knows every text)."""
+    try:
+        hf_tokenizer(model)
+    except TypeError:
+        return {}
+    return tokenizer_coverage(model, data.captions)
+
+
 def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int = 64, num_workers: int = 0,
                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Retrieval per language on ``data``: ``{"languages": {lang: metrics}, "mean": {...}, MRVs}``.
@@ -58,6 +69,7 @@ def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int
     Images the loader cannot read are left out of every language (counted in ``n_bad``).
     """
     model = unwrap_model(model, None)
+    coverage = _coverage(model, data)
     dataset = ImageTextDataset(data.record_set(data.languages[0]),
                                build_image_transform(model.preprocess, train=False), train=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -80,6 +92,8 @@ def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int
         "mean": {k: sum(m[k] for m in per_language.values()) / len(per_language) for k in recall_keys},
         "n_images": len(rows), "n_bad": len(encoded.bad),
     }
+    if coverage:
+        result["tokenizer_coverage"] = coverage
     if len(data.languages) > 1:
         result["mrv_image_to_text"] = mean_rank_variance(torch.stack(i2t))
         result["mrv_text_to_image"] = mean_rank_variance(torch.stack(t2i))
