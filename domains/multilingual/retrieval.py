@@ -56,10 +56,12 @@ def _coverage(model: nn.Module, data: ParallelCaptions) -> dict[str, dict[str, f
     """Each language's tokenizer coverage (warns above 10 % unknown); ``{}`` for a tokenizer without
     an unknown token to count (open_clip's byte-level BPE knows every text)."""
     try:
-        hf_tokenizer(model)
+        tokenizer = hf_tokenizer(model)
     except TypeError:
         return {}
-    return tokenizer_coverage(model, data.captions)
+    if getattr(tokenizer, "unk_token_id", None) is None:
+        return {}
+    return tokenizer_coverage(tokenizer, data.captions)
 
 
 def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int = 64, num_workers: int = 0,

@@ -83,7 +83,7 @@ def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Pa
             raise SystemExit("killed")  # the process dies during the second run
         return real_train(cfg)
 
-    monkeypatch.setattr(train_package, "train", counting_train)
+    monkeypatch.setattr("domainclip.core.compare.train", counting_train)  # compare's own binding
     with pytest.raises(SystemExit, match="killed"):
         compare(load_spec(spec_path), spec_path.parent)
     saved_path = tmp_path / "out" / "cmp" / "runs.json"

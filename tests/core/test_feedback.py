@@ -48,7 +48,7 @@ def test_compare_plot_names_its_metric_keeps_ties_visible_and_draws_one_k_as_bar
     several = compare_figure(spec, zero, [_row(m, k, 0.6) for m in ("lora", "coop") for k in (1, 4, 16)])
     ax = several.axes[0]
     assert ax.get_ylabel() == "plant: balanced_accuracy" and ax.get_xscale() == "log"
-    lines = [line for line in ax.get_lines() if line.get_label() in ("lora", "coop")]
+    lines = [c.lines[0] for c in ax.containers if c.get_label() in ("lora", "coop")]
     assert len(lines) == 2 and lines[0].get_marker() != lines[1].get_marker()
     assert list(lines[0].get_xdata()) != list(lines[1].get_xdata())  # equal scores, both visible
     single = compare_figure(spec, zero, [_row(m, 4, v) for m, v in (("lora", 0.6), ("coop", 0.5))])
@@ -127,6 +127,6 @@ def test_compare_help_names_a_bundled_spec(capsys: pytest.CaptureFixture) -> Non
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
     name = text.split("bundled name such as ", 1)[1].split(")")[0]
     assert resolve_recipe(name).is_file() and "--quiet" in text
