@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from . import config as config_lib
-from .backbones.compact_base import default_folder
+from .backbones.families.dual_encoder import default_folder
 from .checkpoint import atomic_write_text
-from .export.dual_encoder_format import write_compact_folder
+from .backbones.families.dual_encoder.export import write_compact_folder
 from .recipe_files import resolve_recipe
 from .run_config import RunConfig
 from .train import train
@@ -47,7 +47,7 @@ def export_compact_base(run_dir: str | Path, out: str | Path | None = None) -> P
     return out
 
 
-def _headline(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _base_card_metrics(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "image_retrieval_recall@5",
             "image_retrieval_recall@10", "text_retrieval_recall@1", "text_retrieval_recall@5",
             "text_retrieval_recall@10", "mean_recall")
@@ -72,7 +72,7 @@ def base_metadata(cfg: RunConfig, metrics: list[dict[str, Any]], summary: dict[s
                           "licence": "none stated by the authors; research use"},
                          {"name": "Flickr8k (English captions)", "split": "all but a 20 % file-name-hash hold-out",
                           "licence": "Flickr terms of use, non-commercial research"}]},
-        "evaluation": _headline(metrics),
+        "evaluation": _base_card_metrics(metrics),
         "software": {"torch": torch.__version__, "python": platform.python_version()},
     }
 

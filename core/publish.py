@@ -30,8 +30,9 @@ from typing import Any
 import yaml
 
 from .cards import CardConfig, looks_like_path, scrub_text, write_card
+from .export import export_run, formats_for_kind
 from .export.adapter_format import WITHHELD
-from .export.common import require_new_folder
+from .export.common import read_run, require_new_folder
 
 LOCAL_PATH_WITHHELD = WITHHELD
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jinja", ".py")
@@ -59,9 +60,6 @@ def check_tag(tag: str) -> str:
 
 def default_format(run_dir: str | Path) -> str:
     """The full export format that fits the run's backbone (``open_clip``, ``hf`` or ``dual_encoder``)."""
-    from .export import formats_for_kind
-    from .export.common import read_run
-
     cfg, _ = read_run(run_dir)
     return formats_for_kind(cfg.model.kind)[0]
 
@@ -198,8 +196,6 @@ def stage_folder(run_dir: str | Path, out: str | Path, fmt: str, repo_id: str,
 
     ``out`` must not exist or be empty (a stale file would be uploaded too).
     """
-    from .export import export_run
-
     out = Path(out)
     export_run(run_dir, fmt, out)
     tag = PIPELINE_TAG if pipeline_loads(out) else ""
