@@ -70,7 +70,7 @@ def _tiny_text_encoder(folder: Path, width: int) -> Path:
 def test_a_text_encoder_of_another_width_is_accepted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import shutil
 
-    from domainclip.core.backbones.compact_base import default_folder
+    from domainclip.core.backbones.families.dual_encoder.compact_base import default_folder
 
     text = _tiny_text_encoder(tmp_path / "text48", 48)
     # 1. the model section names another text encoder: a fresh linear text projection (48 -> 384)

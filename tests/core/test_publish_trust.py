@@ -86,7 +86,7 @@ def test_publish_refuses_a_path_it_cannot_withhold(local_base_run, tmp_path: Pat
         real(run_dir, fmt, out)
         (Path(out) / "tokenizer.model").write_bytes(b"\x00\x01" + str(root).encode() + b"\x00")
 
-    monkeypatch.setattr("domainclip.core.export.export_run", export_with_a_binary_leak)
+    monkeypatch.setattr("domainclip.core.publish.export_run", export_with_a_binary_leak)
     with pytest.raises(ValueError, match=r"staged file tokenizer.model still holds the local path"):
         publish_run(result.run_dir, "my-lab/squares", "adapter", dry_run=tmp_path / "staged")
 
