@@ -28,6 +28,7 @@ from ..data.dataset import Collator, ImageTextDataset
 from ..data.sources import STREAM_FORMATS, load_records
 from ..data.webdataset import build_webdataset
 from ..data.transforms import build_image_transform, build_train_transform
+from ..distributed import warn_launch_mismatch
 from ..losses import build_loss
 from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
@@ -166,6 +167,7 @@ def train(cfg: RunConfig) -> TrainResult:
         log_with="tensorboard" if cfg.train.tensorboard else None,
         project_dir=str(Path(cfg.output_dir) / cfg.name / "logs"),
     )
+    warn_launch_mismatch(accelerator.num_processes)
     run = RunFolder(Path(cfg.output_dir) / cfg.name, accelerator)
     records = load_train_records(cfg)
     # what model.input computes from the data (band statistics) is saved with the recipe

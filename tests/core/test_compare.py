@@ -130,6 +130,6 @@ def test_also_tabulates_more_metrics_of_the_headline_task(colour_squares: Path, 
     result = json.loads((out / "compare.json").read_text())
     [record] = json.loads((out / "runs" / "full_k2_s0" / "metrics.json").read_text())
     assert result["runs"][0]["scores"]["squares acc5"] == pytest.approx(record["metrics"]["acc5"])
-    assert "squares acc5" in result["zero_shot"] and "| squares acc5 |" in (out / "compare.md").read_text()
+    assert "squares acc5" in result["zero_shot"] and "| squares (acc5) |" in (out / "compare.md").read_text()
     with pytest.raises(ValueError, match=r"few_shot protocol only"):
         CompareConfig(methods={"a": {}}, protocol="base_to_novel", also=["auroc"])
