@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import require_safetensors
 from .base import Backbone, HFTokenize, PreprocessConfig, Tokens, set_hf_checkpointing
 from .factory import ModelConfig, register_backbone
 
@@ -85,6 +86,7 @@ class _OpenClipVision(nn.Module):
 
         from .open_clip import MODEL_CONFIG_DIR, preprocess_from_open_clip  # noqa: F401  (registers configs)
 
+        require_safetensors(pretrained, "model.vision_pretrained")
         model = open_clip.create_model(arch, pretrained=pretrained or None)
         self.trunk = model.visual
         self.output_dim = int(self.trunk.output_dim)
@@ -123,7 +125,8 @@ class DualEncoder(Backbone):
             raise ValueError(f"model.text_pooling must be 'mean' or 'cls', got {cfg.text_pooling!r}")
         self.vision = build_vision_tower(cfg.vision, cfg.vision_pretrained, cfg.vision_kwargs)
         text_path = resolve_text_path(cfg.text)
-        self.text = AutoModel.from_pretrained(text_path)
+        require_safetensors(text_path, "model.text")
+        self.text = AutoModel.from_pretrained(text_path, use_safetensors=True)
         if getattr(self.text, "pooler", None) is not None:
             self.text.pooler = None  # pooling is ours; an unused pooler would idle in DDP
         tokenizer = AutoTokenizer.from_pretrained(text_path)

@@ -8,11 +8,11 @@ from typing import Any
 import open_clip
 import torch
 
+from ..checkpoint import require_safetensors
 from .base import Backbone, PreprocessConfig, Tokens
 from .factory import ModelConfig, register_backbone
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-PICKLED_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -55,10 +55,8 @@ class OpenClipBackbone(Backbone):
 
             close = difflib.get_close_matches(cfg.name, known, n=3)
             raise ValueError(f"model.name {cfg.name!r} is not an open_clip architecture; closest: {close}")
-        if Path(cfg.pretrained).suffix in PICKLED_SUFFIXES:
-            raise ValueError(f"model.pretrained {cfg.pretrained!r} is a pickled checkpoint; the kit loads weights "
-                             f"from safetensors only. Convert it once: domainclip convert-weights "
-                             f"{cfg.pretrained} {Path(cfg.pretrained).with_suffix('.safetensors')}")
+        require_safetensors(cfg.pretrained, "model.pretrained")  # never unpickle (issue 11; a tag passes)
+        require_safetensors(cfg.name.removeprefix("local-dir:"), "model.name")  # local-dir: folder, else no-op
         kwargs: dict[str, Any] = {}
         if cfg.context_length:
             kwargs["force_context_length"] = cfg.context_length

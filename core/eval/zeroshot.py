@@ -160,7 +160,9 @@ def encode_loader_images(
     """
     device = model_device(model)
     dtype = _model_float_dtype(model)
-    autocast = accelerator.autocast if accelerator is not None else nullcontext
+    # never the training run's autocast: end-of-training evaluation and `domainclip eval` of the
+    # same run compute in the model's own dtype and give the same numbers (issue 11)
+    autocast = nullcontext
     feature_parts, label_parts, index_parts = [], [], []
     bad: list[tuple[str, str]] = []
     carries_indices: bool | None = None

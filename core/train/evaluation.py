@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..backbones import Backbone
@@ -73,9 +75,19 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     if records.skipped:
         metrics["n_skipped_records"] = len(records.skipped)
     record = benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
+    record["precision"] = compute_precision(model)
     if notes:
         record["classifier"] = notes
     return record
+
+
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def compute_precision(model: nn.Module) -> str:
+    """The precision evaluation computes in: the model's floating-point dtype (no autocast)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return PRECISION_NAMES.get(dtype, str(dtype))
 
 
 MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall"}

@@ -107,7 +107,7 @@ def load_model(path_or_id: str | Path, pretrained: str = "", revision: str = "")
 
 
 def _load_run(run_dir: Path) -> LoadedModel:
-    from ..train.run_folder import load_trained
+    from ..train.run_loading import load_trained
 
     model, method, cfg = load_trained(run_dir)
     task = json.loads((run_dir / "model" / "model.json").read_text()).get("task", {})  # load_trained needs the file

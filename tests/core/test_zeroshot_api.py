@@ -20,7 +20,7 @@ from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.cli import main
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import train
-from domainclip.core.train.run_folder import load_trained
+from domainclip.core.train.run_loading import load_trained
 from domainclip.core.zeroshot import (
     ImagePreparer,
     OnnxZeroShotClassifier,
