@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
 from ..backbones.factory import resolve_model_input
+from ..checkpoint import require_safetensors
 from ..data.bad_inputs import BadInputReport, check_paths_exist
 from ..data.dataset import Collator, ImageTextDataset
 from ..data.sources import STREAM_FORMATS, DataSourceConfig, load_records
@@ -177,6 +178,8 @@ def train(cfg: RunConfig) -> TrainResult:
         project_dir=str(Path(cfg.output_dir) / cfg.name / "logs"),
     )
     run = RunFolder(Path(cfg.output_dir) / cfg.name, accelerator)
+    for key in ("pretrained", "weights", "name", "text", "vision_pretrained"):  # before the run folder is touched
+        require_safetensors(getattr(cfg.model, key).removeprefix("local-dir:"), f"model.{key}")
     records = load_train_records(cfg)
     # what model.input computes from the data (band statistics) is saved with the recipe
     cfg = dataclasses.replace(cfg, model=resolve_model_input(cfg.model, records))
