@@ -143,7 +143,7 @@ class RunFolder:
         if self.is_main:
             try:
                 outcome = self._prepare_main(cfg)
-            except RunFolderError as error:
+            except UserError as error:  # every process raises it, none waits for the main one
                 outcome = error
         if self.accelerator.num_processes > 1:
             outcome = broadcast_object_list([outcome])[0]

@@ -17,6 +17,7 @@ from domainclip.core.cli import main as cli_main
 from domainclip.core.train.run_folder import RESUME_SAFE_KEYS, RunFolderError, RunLock, check_same_recipe
 
 from ..conftest import tiny_recipe
+from .test_train_resume import run_cli
 
 
 def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
@@ -34,15 +35,6 @@ def squares_eval(manifest: Path) -> list[dict]:
 def file_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_cli(recipe: Path, *overrides: str, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("DOMAINCLIP_FAULT", None)
-    if fault:
-        env["DOMAINCLIP_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "domainclip.core.cli", "train", str(recipe), *overrides],
-                          env=env, capture_output=True, text=True, timeout=300)
 
 
 # --- resume rules -------------------------------------------------------------------------------
