@@ -20,7 +20,8 @@ __all__ = ["RECORD_KEYS", "benchmark_json", "read_metrics", "to_json_value", "wr
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 OPTIONAL_KEYS = ("retention", "classifier", "step", "precision")
-"""Kept when present: the change against the base model, a note on the classifier used, the step."""
+"""Kept when present: the change against the base model, a note on the classifier used, the step,
+the precision the weights were held in while encoding (``fp32`` / ``bf16`` / ``fp16``)."""
 
 
 def benchmark_json(

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from accelerate import Accelerator
-from torch import nn
 from torch.utils.data import DataLoader
 
 from ..backbones import Backbone
@@ -13,6 +11,7 @@ from ..data.dataset import Collator, ImageTextDataset
 from ..data.records import ImageTextRecord
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
+from ..encode import model_device, resolve_precision
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
 from ..methods import AdaptationMethod
 from ..run_config import EvalTaskConfig, RunConfig
@@ -47,7 +46,10 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     """Evaluate one task; the result is one CLIP_benchmark record.
 
     A method with a classifier of its own (learned prompts, a probe, a cache) classifies with it.
+    The record's ``precision`` is the one the weights were held in while encoding
+    (``task.precision`` resolved on the model's device, ``core/encode.py``).
     """
+    precision = resolve_precision(task.precision, model_device(model))
     records, loader = eval_loader(task, model, num_workers)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
@@ -62,7 +64,7 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
         logits_fn = method.logits_fn(model, class_names, list(templates)) if own_classifier else None
         metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
                                     logits_fn=logits_fn, groups=record_groups(task, records.records),
-                                    group_config=task.groups)
+                                    group_config=task.groups, precision=precision)
         kind = "zeroshot_classification"
         if method is not None and not own_classifier:
             # a probe / cache fitted on other classes cannot score this reference task; the towers
@@ -70,24 +72,16 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             notes = "prompt ensemble: the method's classifier covers only its training classes"
     else:
         captions, text_to_image = captions_from_records(records.records)
-        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator)
+        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator,
+                                     precision=precision)
         kind = "zeroshot_retrieval"
     if records.skipped:
         metrics["n_skipped_records"] = len(records.skipped)
     record = benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
-    record["precision"] = compute_precision(model)
     if notes:
         record["classifier"] = notes
+    record["precision"] = precision
     return record
-
-
-PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-def compute_precision(model: nn.Module) -> str:
-    """The precision evaluation computes in: the model's floating-point dtype (no autocast)."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return PRECISION_NAMES.get(dtype, str(dtype))
 
 
 MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall"}

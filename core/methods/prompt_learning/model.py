@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...backbones.base import Backbone, Tokens
-from ...eval.zeroshot import evaluation_mode
+from ...backbones.prompting import Piece, PromptLayout, PromptTextEncoder, PromptVisionEncoder
+from ...encode import eval_mode
 from ..base import AdaptationMethod, TaskInfo
-from .text_encoders import Piece, PromptLayout, PromptTextEncoder, build_text_encoder
-from .vision_encoders import PromptVisionEncoder, build_vision_encoder
 
 log = logging.getLogger("domainclip.methods.prompt_learning")
 
@@ -180,8 +179,8 @@ class PromptLearningMethod(AdaptationMethod):
         duplicates = sorted({name for name in class_names if class_names.count(name) > 1})
         if duplicates:
             raise ValueError(f"method {self.cfg.name!r}: class names must be distinct, {duplicates} repeat")
-        text_encoder = build_text_encoder(model, self.cfg.name)
-        vision_encoder = build_vision_encoder(model, self.cfg.name) if self.needs_vision_prompts else None
+        text_encoder = model.prompt_text_encoder(self.cfg.name)
+        vision_encoder = model.prompt_vision_encoder(self.cfg.name) if self.needs_vision_prompts else None
         for param in model.parameters():
             param.requires_grad_(False)
         learner = self.build_learner(text_encoder, vision_encoder, class_names, model)
@@ -220,13 +219,13 @@ class PromptLearningMethod(AdaptationMethod):
             chunk = max(1, EVAL_PROMPTS_PER_CHUNK // len(class_names))
 
             def image_conditioned_logits(features: torch.Tensor) -> torch.Tensor:
-                with evaluation_mode(model):
+                with eval_mode(model):
                     parts = [model.class_logits(part.to(device), class_names).float().cpu()
                              for part in features.split(chunk)]
                 return torch.cat(parts) if parts else torch.empty(0, len(class_names))
 
             return image_conditioned_logits
-        with evaluation_mode(model):
+        with eval_mode(model):
             text = model.class_text_features(class_names).float().cpu()
             scale = model.logit_scale.exp().float().cpu()
 
