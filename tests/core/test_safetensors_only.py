@@ -23,7 +23,7 @@ from domainclip.core.checkpoint import UnsafeWeightsError, require_safetensors, 
 from domainclip.core.cli import main as cli_main
 
 from ..conftest import tiny_recipe
-from .test_backbones import save_tiny_hf
+from ..tiny_models import save_tiny_hf
 
 
 class _WritesMarker:
@@ -113,7 +113,8 @@ def test_hf_folder_backbone_and_zero_shot_api(pickled_hf_folder: tuple[Path, Pat
     from domainclip.core.zeroshot import ZeroShotClassifier
 
     folder, file = pickled_hf_folder
-    _refused(lambda: create_backbone(ModelConfig(kind="hf", name=str(folder))), file, marker)
+    for kind in ("hf", "siglip2"):
+        _refused(lambda: create_backbone(ModelConfig(kind=kind, name=str(folder))), file, marker)
     _refused(lambda: ZeroShotClassifier.from_pretrained(folder), file, marker)
 
 
