@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
+from .errors import UserError
+
 LATEST = "latest"
 
 
@@ -62,14 +64,77 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         os.fsync(handle.fileno())
 
 
+# --- the kit never unpickles: every weights path is checked here first -------------------------------
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar", ".pt.tar", ".pth.tar")
+
+
+class UnsafeWeightsError(UserError, ValueError):
+    """A weights file (or a folder's weights) is not safetensors: loading it could unpickle."""
+
+
+def weights_format(path: Path) -> str:
+    """``safetensors``, ``pickle`` (a PyTorch zip archive or a raw pickle) or ``unknown``, by content.
+
+    safetensors: an 8-byte little-endian header length that fits the file, then a JSON ``{``.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5):
+        return "pickle"
+    return "unknown"
+
+
+def _refusal(path: Path, what: str, found: str, target: Path) -> UnsafeWeightsError:
+    return UnsafeWeightsError(
+        f"{what}: {path} is {found}; the kit loads weights only from safetensors and never unpickles. "
+        f"Convert it once: domainclip convert-weights {path} {target}")
+
+
+def require_safetensors(path: str | Path, what: str = "weights") -> Path:
+    """Refuse anything but safetensors before any loader sees ``path``; returns it.
+
+    A file must be safetensors by content (a ``.PT``, ``.pt.tar`` or suffix-less pickle is caught
+    as well as a pickle renamed ``.safetensors``). A folder (Hugging Face, open_clip ``local-dir:``)
+    must hold its weights as ``*.safetensors`` (each checked by content); a folder whose only
+    weights are pickles (``pytorch_model.bin``) is refused. Loaders then read with
+    ``use_safetensors=True``. A path that does not exist is refused when its name is a pickle's
+    (``x.pt``), else left to the caller (a hub id, a pretrained tag, ``""``: nothing to check).
+    """
+    if not str(path):
+        return Path(path)
+    path = Path(path).expanduser()
+    if not path.exists() and path.name.lower().endswith(PICKLE_SUFFIXES):
+        raise _refusal(path, what, "named as a pickled PyTorch checkpoint", path.with_name(path.name.split(".")[0] + ".safetensors"))
+    if path.is_file():
+        kind = weights_format(path)
+        if kind != "safetensors":
+            found = "a pickled PyTorch checkpoint" if kind == "pickle" else "not a safetensors file"
+            stem = path.name.split(".")[0] or path.name
+            raise _refusal(path, what, found, path.with_name(stem + ".safetensors"))
+        return path
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file())
+        tensors = [f for f in files if f.name.endswith(".safetensors")]
+        for file in tensors:
+            require_safetensors(file, what)
+        if not tensors:
+            pickled = [f for f in files if f.name.lower().endswith(PICKLE_SUFFIXES) or weights_format(f) == "pickle"]
+            if pickled:
+                raise _refusal(pickled[0], what, f"the only weights in {path} and a pickled PyTorch checkpoint",
+                               path / "model.safetensors")
+    return path
+
+
 def load_safetensors_into(model: nn.Module, path: str | Path, strict: bool = True, what: str = "weights") -> list[str]:
     """Load a safetensors file into ``model``; returns missing keys. Errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{what}: {path} is not a .safetensors file (the kit never unpickles weights)")
-    state = load_file(str(path))
+    state = load_file(str(require_safetensors(path, what)))
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:

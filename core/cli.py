@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_lib
+from .errors import UserError
 from .recipe_files import list_recipes, resolve_recipe  # noqa: F401  (list_recipes: public CLI helper)
 
 
@@ -206,8 +207,18 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("domainclip")
+    except PackageNotFoundError:  # a source checkout that was not pip-installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domainclip", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"domainclip {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a recipe (resumes automatically)")
     train.add_argument("recipe")
@@ -390,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         set_quiet(True)
     try:
         return args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        print(f"domainclip {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"domainclip {args.command}: error: {err}", file=sys.stderr)  # one line, no traceback
         return 2
 
 

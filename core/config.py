@@ -20,11 +20,58 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A recipe or override does not fit the config schema."""
+class ConfigError(UserError, ValueError):
+    """A recipe or override does not fit the config schema.
+
+    ``key`` is the dotted key the error is about (``train.lr``); ``detail`` the message without the
+    recipe file, so an error caused by a command-line override can name the override instead.
+    """
+
+    def __init__(self, message: str, key: str = "", detail: str = ""):
+        super().__init__(message)
+        self.key = key
+        self.detail = detail or message
+
+
+def _error(where: str, source: str, text: str, key: str = "") -> ConfigError:
+    """A ConfigError about ``key`` (default ``where``) located in section ``where`` of ``source``."""
+    return ConfigError(f"{_describe(where, source)}: {text}", key=key or where, detail=f"{_describe(where, '')}: {text}")
+
+
+# Names other tools (transformers' TrainingArguments, Lightning, timm, open_clip's trainer) use,
+# and a few of the kit's own keys put in the wrong section -> the kit's key (and a note).
+FOREIGN_KEYS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("train.lr", ""), "lr": ("train.lr", ""), "base_lr": ("train.lr", ""),
+    "per_device_train_batch_size": ("data.batch_size", "images per process per step"),
+    "train_batch_size": ("data.batch_size", ""), "batch_size": ("data.batch_size", ""),
+    "num_train_epochs": ("train.epochs", ""), "max_epochs": ("train.epochs", ""), "epochs": ("train.epochs", ""),
+    "max_steps": ("train.max_steps", ""), "num_steps": ("train.max_steps", ""),
+    "weight_decay_rate": ("train.weight_decay", ""), "wd": ("train.weight_decay", ""),
+    "weightdecay": ("train.weight_decay", ""), "weight_decay": ("train.weight_decay", ""),
+    "gradient_accumulation_steps": ("train.grad_accum", ""), "accumulate_grad_batches": ("train.grad_accum", ""),
+    "accum_freq": ("train.grad_accum", ""),
+    "warmup_ratio": ("train.warmup_steps", "the kit counts warm-up in optimizer steps: ratio x total steps"),
+    "num_warmup_steps": ("train.warmup_steps", ""), "warmup": ("train.warmup_steps", ""),
+    "warmup_steps": ("train.warmup_steps", ""),
+    "max_grad_norm": ("train.grad_clip", ""), "gradient_clip_val": ("train.grad_clip", ""),
+    "clip_grad_norm": ("train.grad_clip", ""),
+    "adam_epsilon": ("train.eps", ""), "adam_beta1": ("train.betas", "a list [beta1, beta2]"),
+    "adam_beta2": ("train.betas", "a list [beta1, beta2]"),
+    "fp16": ("train.precision", "precision: fp16"), "bf16": ("train.precision", "precision: bf16"),
+    "mixed_precision": ("train.precision", ""), "precision": ("train.precision", ""),
+    "gradient_checkpointing": ("train.grad_checkpointing", ""), "seed": ("train.seed", ""),
+    "logging_steps": ("train.log_every", ""), "save_steps": ("train.save_every", ""),
+    "eval_steps": ("train.eval_every", ""), "save_total_limit": ("train.keep_checkpoints", ""),
+    "resume_from_checkpoint": ("train.resume", ""),
+    "dataloader_num_workers": ("data.num_workers", ""), "workers": ("data.num_workers", ""),
+    "num_workers": ("data.num_workers", ""),
+    "model_name_or_path": ("model.name", ""), "output_path": ("output_dir", ""), "run_name": ("name", ""),
+}
 
 
 class TaggedConfig:
@@ -57,6 +104,14 @@ def _closest(key: str, valid: typing.Iterable[str]) -> str:
     return f"; did you mean {matches[0]!r}?" if matches else ""
 
 
+def _suggest(key: str, valid: typing.Iterable[str], where: str) -> str:
+    """Another tool's name (``learning_rate``) -> the kit's key; else the closest valid key."""
+    target, note = FOREIGN_KEYS.get(key, ("", ""))
+    if target and target != (f"{where}.{key}" if where else key):
+        return f"; did you mean {target!r}?{f' ({note})' if note else ''}"
+    return _closest(key, valid)
+
+
 def _describe(where: str, source: str) -> str:
     location = f" in {source}" if source else ""
     return f"{where or 'the top level'}{location}"
@@ -69,13 +124,11 @@ def _resolve_tagged(cls: type, data: dict, where: str, source: str) -> type:
         default = next((f.default for f in dataclasses.fields(cls) if f.name == tag), None)
         if isinstance(default, str) and default in registry:
             return registry[default]
-        raise ConfigError(f"{_describe(where, source)}: missing key {tag!r}; one of {sorted(registry)}")
+        raise _error(where, source, f"missing key {tag!r}; one of {sorted(registry)}")
     value = data[tag]
     if value not in registry:
-        raise ConfigError(
-            f"{_describe(where + '.' + tag if where else tag, source)}: unknown value {value!r}; "
-            f"valid: {sorted(registry)}{_closest(str(value), registry)}"
-        )
+        raise _error(where + "." + tag if where else tag, source,
+                     f"unknown value {value!r}; valid: {sorted(registry)}{_closest(str(value), registry)}")
     return registry[value]
 
 
@@ -92,17 +145,17 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{_describe(where, source)}: expected a mapping, got {value!r}")
+            raise _error(where, source, f"expected a mapping, got {value!r}")
         return from_dict(tp, value, where, source)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{_describe(where, source)}: expected a list, got {value!r}")
+            raise _error(where, source, f"expected a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
         items = [_convert(item_tp, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{_describe(where, source)}: expected a mapping, got {value!r}")
+            raise _error(where, source, f"expected a mapping, got {value!r}")
         _, val_tp = get_args(tp) or (Any, Any)
         return {k: _convert(val_tp, v, f"{where}.{k}", source) for k, v in value.items()}
     if tp in (int, float, str, bool):
@@ -116,9 +169,7 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
             return value
         elif tp in (bool, str) and isinstance(value, tp):
             return value
-        raise ConfigError(
-            f"{_describe(where, source)}: expected {tp.__name__}, got {value!r} ({type(value).__name__})"
-        )
+        raise _error(where, source, f"expected {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -131,15 +182,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", source: str =
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(
-                f"{_describe(where, source)}: unknown key {key!r}{_closest(key, fields)} "
-                f"(valid keys: {', '.join(sorted(fields))})"
-            )
+            raise _error(where, source, f"unknown key {key!r}{_suggest(key, fields, where)} "
+                                        f"(valid keys: {', '.join(sorted(fields))})",
+                         key=f"{where}.{key}" if where else key)
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key, source)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{_describe(where, source)}: {err}") from err
+        raise _error(where, source, str(err)) from err
 
 
 def to_dict(cfg: Any) -> Any:
@@ -238,10 +288,27 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
     if path is not None:
         data.update(read_yaml(path))
         source = str(path)
+    overrides = list(overrides)
     data = apply_overrides(data, overrides)
     if path is not None:
         data = expand_recipe_dir(data, Path(path).resolve().parent)
-    return from_dict(cls, data, source=source)
+    try:
+        return from_dict(cls, data, source=source)
+    except ConfigError as err:
+        culprit = _override_behind(err, overrides)
+        if culprit is None:
+            raise
+        raise ConfigError(f"override {culprit!r}: {err.detail}", key=err.key, detail=err.detail) from None
+
+
+def _override_behind(err: ConfigError, overrides: list[str]) -> str | None:
+    """The ``KEY=VALUE`` override that set the key ``err`` is about (or that its message names)."""
+    about = err.key.replace("[", ".").replace("]", "")  # eval[0].name -> eval.0.name, as overrides spell it
+    for text in reversed(overrides):
+        key = ".".join(parse_override(text)[0])
+        if about == key or about.startswith(key + ".") or (err.key and f"{key} " in err.detail):
+            return text
+    return None
 
 
 def save(cfg: Any, path: str | Path) -> None:

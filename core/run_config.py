@@ -112,6 +112,11 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr} (the peak learning rate, e.g. 1e-5 for a full "
+                             f"fine-tune, 1e-4 for LoRA)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
 

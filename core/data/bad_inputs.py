@@ -23,12 +23,32 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 MIN_SEEN_FOR_STREAM = 100
 CONFIG_KEY = "data.max_bad_fraction"
 
 
-class TooManyBadInputsError(RuntimeError):
+class TooManyBadInputsError(UserError, RuntimeError):
     """More of the data set is unreadable than ``data.max_bad_fraction`` allows."""
+
+
+def check_paths_exist(paths: list[str], max_fraction: float, where: str, root: str, root_key: str) -> int:
+    """Stop before training when more than ``max_fraction`` of the local image ``paths`` do not exist.
+
+    A wrong ``image_root`` makes every path miss; the run would otherwise start, write its folder
+    and stop at the first batches. ``where`` names the data source (``data.train (train.csv)``),
+    ``root`` the folder relative paths started from and ``root_key`` the key that sets it.
+    Returns how many paths are missing (URLs and archive members are not checked).
+    """
+    local = [p for p in paths if "://" not in p and "::" not in p]
+    missing = [p for p in local if not os.path.exists(p)]
+    if not local or len(missing) / len(local) <= max_fraction:
+        return len(missing)
+    raise TooManyBadInputsError(
+        f"{len(missing)} of {len(local)} image paths of {where} do not exist, e.g. {missing[0]}; relative paths "
+        f"start at {root}: set {root_key} to the folder they are relative to (or fix the paths); "
+        f"{CONFIG_KEY}={max_fraction} allows {max_fraction:.2%} missing")
 
 
 class BadInputReport:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import config as config_lib
 from ..backbones import Backbone, ModelConfig, create_backbone
-from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..checkpoint import atomic_write_bytes, atomic_write_text, require_safetensors
 from ..features.cache import tensors_sha256
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
@@ -126,5 +126,6 @@ def load_adapter(folder: str | Path, base: Backbone | None = None) -> tuple[Back
     cfg = config_lib.from_dict(RunConfig, {"model": pinned["model"], "method": manifest["method"]},
                                source=str(folder / MANIFEST_FILE))
     model, method = build_model(cfg, TaskInfo(**manifest.get("task", {})), base=base)
-    method.load_trainable_state(model, load_file(str(adapter_file)), source=str(adapter_file))
+    method.load_trainable_state(model, load_file(str(require_safetensors(adapter_file, "adapter"))),
+                                source=str(adapter_file))
     return model.eval(), method

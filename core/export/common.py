@@ -18,7 +18,7 @@ from typing import Any
 from .. import config as config_lib
 from ..backbones.base import Backbone
 from ..cards import scrub
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text, require_safetensors
 from ..methods import AdaptationMethod, build_method
 from ..run_config import RunConfig
 from ..train import load_trained
@@ -32,6 +32,7 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     for needed in (run_dir / "config.yaml", run_dir / "model" / "model.json", run_dir / "model" / "trainable.safetensors"):
         if not needed.is_file():
             raise FileNotFoundError(f"{run_dir} is not a finished run folder: {needed} is missing")
+    require_safetensors(run_dir / "model" / "trainable.safetensors", "run weights")
     cfg = config_lib.load(RunConfig, run_dir / "config.yaml")
     return cfg, json.loads((run_dir / "model" / "model.json").read_text())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import time
@@ -23,10 +24,12 @@ from torch.utils.data import DataLoader
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
 from ..backbones.factory import resolve_model_input
-from ..data.bad_inputs import BadInputReport
+from ..checkpoint import require_safetensors
+from ..data.bad_inputs import BadInputReport, check_paths_exist
 from ..data.dataset import Collator, ImageTextDataset
-from ..data.sources import STREAM_FORMATS, load_records
+from ..data.sources import STREAM_FORMATS, DataSourceConfig, load_records
 from ..data.webdataset import build_webdataset
+from ..eval import read_metrics
 from ..data.transforms import build_image_transform, build_train_transform
 from ..distributed import warn_launch_mismatch
 from ..losses import build_loss
@@ -64,11 +67,19 @@ def load_train_records(cfg: RunConfig) -> RecordSet | None:
             raise ValueError("data.train_extra cannot be combined with a webdataset data.train")
         return None
     records = load_records(cfg.data.train)
-    for extra in cfg.data.train_extra:
+    _check_images_exist(records, cfg.data.train, "data.train", cfg.data.max_bad_fraction)
+    for number, extra in enumerate(cfg.data.train_extra):
         more = load_records(extra)
+        _check_images_exist(more, extra, f"data.train_extra[{number}]", cfg.data.max_bad_fraction)
         records.records += [ImageTextRecord(r.image, r.captions, -1) for r in more.records]
         records.skipped += more.skipped
     return records
+
+
+def _check_images_exist(records: RecordSet, source: DataSourceConfig, key: str, max_fraction: float) -> None:
+    root = source.image_root or f"{Path(source.path).parent} (the manifest's folder, as {key}.image_root is empty)"
+    check_paths_exist([r.image for r in records.records], max_fraction, f"{key} ({source.path})", root,
+                      f"{key}.image_root")
 
 
 def task_of(cfg: RunConfig, records: RecordSet) -> TaskInfo:
@@ -169,10 +180,30 @@ def train(cfg: RunConfig) -> TrainResult:
     )
     warn_launch_mismatch(accelerator.num_processes)
     run = RunFolder(Path(cfg.output_dir) / cfg.name, accelerator)
+    for key in ("pretrained", "weights", "name", "text", "vision_pretrained"):  # before the run folder is touched
+        require_safetensors(getattr(cfg.model, key).removeprefix("local-dir:"), f"model.{key}")
     records = load_train_records(cfg)
     # what model.input computes from the data (band statistics) is saved with the recipe
     cfg = dataclasses.replace(cfg, model=resolve_model_input(cfg.model, records))
-    run.prepare(cfg)
+    finished_at = run.prepare(cfg)
+    if finished_at is not None:
+        return _finished_result(run.path, finished_at)
+    try:
+        return _train_in(cfg, accelerator, run, records)
+    finally:
+        run.release()
+
+
+def _finished_result(run_dir: Path, step: int) -> TrainResult:
+    """What a finished run left behind, read (not rewritten) from its folder."""
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    metrics = read_metrics(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else []
+    return TrainResult(run_dir, step, metrics, summary.get("trainable_parameters", 0), summary.get("train_seconds", 0.0),
+                       summary.get("samples_per_second", 0.0))
+
+
+def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records: RecordSet | None) -> TrainResult:
+    """The body of :func:`train` once the run folder is locked and prepared."""
     set_seed(cfg.train.seed)
 
     task = task_of(cfg, records) if records is not None else TaskInfo()
@@ -242,11 +273,17 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     resume_from = resolve_resume(cfg.train.resume, run.checkpoints)
     if resume_from is not None:
         state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
-        run.log(f"resumed from {resume_from} at step {state.global_step}")
+        run.say(f"resumed from step {state.global_step} ({resume_from})")
+    if cfg.train.warmup_steps >= total_steps:
+        run.say(f"warning: train.warmup_steps={cfg.train.warmup_steps} is at or past the {total_steps} total steps, "
+                f"so the learning rate never reaches train.lr={cfg.train.lr}; lower train.warmup_steps",
+                level=logging.WARNING)
     for path, reason in unreadable:  # found while caching; the batches no longer open these files
         bad.add_bad(path, reason)
+    # steps after the checkpoint were logged by the killed run and are logged again now: drop them
+    run.truncate_metrics(state.global_step)
     if cfg.train.tensorboard:
-        accelerator.init_trackers("train")
+        accelerator.init_trackers("train", init_kwargs={"tensorboard": {"purge_step": state.global_step + 1}})
 
     unwrapped: Backbone = accelerator.unwrap_model(model)
     towers = frozen_towers(unwrapped)

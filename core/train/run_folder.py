@@ -9,11 +9,21 @@ Layout of ``output_dir/name``::
     train_summary.json   steps, trainable parameters, time, throughput
     bad_inputs.json      every skipped input with its reason
     logs/                train.log, train_metrics.jsonl, TensorBoard events
+    train.lock           while a ``train`` process writes the folder: its pid, host and start time
+
+Resuming continues a run only under the recipe it was started with, except the keys in
+:data:`RESUME_SAFE_KEYS` (docs/training.md, "Resuming").
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import shutil
+import socket
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,19 +31,94 @@ from typing import Any
 import tqdm
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from .. import config as config_lib
 from ..checkpoint import atomic_write_text, save_tensors
 from ..data.bad_inputs import BadInputReport
+from ..errors import UserError
 from ..eval import write_metrics
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
 
-# Changing these between a run and its resume would make "continue exactly" a lie.
-RESUME_SENSITIVE = ("model", "method", "data", "loss")
+# The only recipe keys that may differ between a run and its resume: they change what is evaluated,
+# logged or shown, never the weights. Any other difference would make "continue exactly" a lie.
+RESUME_SAFE_KEYS = ("name", "output_dir", "eval", "train.eval_every", "train.log_every", "train.progress",
+                    "train.resume")
+LOCK_FILE = "train.lock"
 
 log = logging.getLogger("domainclip.train")
+
+
+class RunFolderError(UserError, ValueError):
+    """The run folder cannot be written: another process holds it, or it holds another recipe."""
+
+
+class RunLock:
+    """One writer per run folder: ``train.lock``, held with ``flock`` while a process trains.
+
+    The kernel drops an ``flock`` when its process dies, even by SIGKILL, so a lock file left by a
+    killed run is simply taken over; the file's JSON (pid, host, start time) only names the holder
+    in the error a second process gets. On release the file is removed (a finished run keeps none).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> dict[str, Any]:
+        """Take the lock or raise :class:`RunFolderError` naming the live holder; returns the
+        previous (dead) holder's record, ``{}`` when there was none."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd, wait=2.0)
+                os.close(fd)
+                raise RunFolderError(
+                    f"{self.path.parent} is being written by another train process ({_describe_holder(holder)}); "
+                    f"wait for it, stop it, or train under another name=...") from None
+            try:  # a holder that finished may have removed the file between our open and flock
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        previous = _read_holder(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return previous
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # still holding the lock: nobody can take the old file now
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_holder(fd: int, wait: float = 0.0) -> dict[str, Any]:
+    """The JSON record in a lock file (waiting up to ``wait`` s for a new holder to write it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return json.loads(os.pread(fd, 65536, 0).decode() or "null") or {}
+        except (ValueError, UnicodeDecodeError):
+            pass
+        if time.monotonic() >= deadline:
+            return {}
+        time.sleep(0.05)
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "pid unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
 
 
 class RunFolder:
@@ -42,32 +127,89 @@ class RunFolder:
         self.accelerator = accelerator
         self.checkpoints = self.path / "checkpoints"
         self.logs = self.path / "logs"
+        self.lock = RunLock(self.path / LOCK_FILE)
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def prepare(self, cfg: RunConfig) -> None:
-        """Create the folder, refuse to resume under a changed recipe, save the resolved config."""
-        with self.accelerator.main_process_first():
-            if self.is_main:
-                self.logs.mkdir(parents=True, exist_ok=True)
-                saved = self.path / "config.yaml"
-                if saved.is_file() and cfg.train.resume != "never":
-                    _check_same_recipe(yaml.safe_load(saved.read_text()), config_lib.to_dict(cfg), saved)
-                atomic_write_text(saved, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False, allow_unicode=True))
-                for old in [h for h in log.handlers if getattr(h, "domainclip_run", False)]:
-                    log.removeHandler(old)  # an earlier run in this process
-                    old.close()
-                handler = logging.FileHandler(self.logs / "train.log")
-                handler.domainclip_run = True
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-                log.addHandler(handler)
-                log.setLevel(logging.INFO)
+    def prepare(self, cfg: RunConfig) -> int | None:
+        """Lock the folder, refuse to resume under a changed recipe, save the resolved config.
+
+        Returns the final step of an already finished run (nothing is written then; the caller
+        stops), else None. Every process gets the same answer or the same error.
+        """
+        outcome: Any = None
+        if self.is_main:
+            try:
+                outcome = self._prepare_main(cfg)
+            except UserError as error:  # every process raises it, none waits for the main one
+                outcome = error
+        if self.accelerator.num_processes > 1:
+            outcome = broadcast_object_list([outcome])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _prepare_main(self, cfg: RunConfig) -> int | None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        previous = self.lock.acquire()
+        try:
+            saved = self.path / "config.yaml"
+            summary = self.path / "train_summary.json"
+            if saved.is_file() and cfg.train.resume != "never":
+                check_same_recipe(yaml.safe_load(saved.read_text()), config_lib.to_dict(cfg), saved)
+                if summary.is_file():
+                    step = int(json.loads(summary.read_text()).get("global_step", 0))
+                    self.lock.release()
+                    # console only: the run's train.log is not touched either
+                    print(f"domainclip train: {self.path}: already finished at step {step}; nothing to do (evaluate "
+                          f"it with domainclip eval {self.path}, or train.resume=never to train it again)",
+                          file=sys.stderr, flush=True)
+                    return step
+            if cfg.train.resume == "never":  # started over: no earlier checkpoint may be resumed later
+                summary.unlink(missing_ok=True)
+                shutil.rmtree(self.checkpoints, ignore_errors=True)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.logs.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False, allow_unicode=True))
+        for old in [h for h in log.handlers if getattr(h, "domainclip_run", False)]:
+            log.removeHandler(old)  # an earlier run in this process
+            old.close()
+        handler = logging.FileHandler(self.logs / "train.log")
+        handler.domainclip_run = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        if previous:
+            self.say(f"took over {LOCK_FILE} left by a process that is gone ({_describe_holder(previous)})")
+        return None
+
+    def release(self) -> None:
+        """Give up the folder's lock (the end of ``train``, or an error)."""
+        self.lock.release()
 
     def log(self, message: str) -> None:
         if self.is_main:
             log.info(message)
+
+    def say(self, message: str, level: int = logging.INFO) -> None:
+        """Log ``message`` and show it on the console (stderr: stdout carries the CLI's JSON)."""
+        if self.is_main:
+            log.log(level, message)
+            print(f"domainclip train: {message}", file=sys.stderr, flush=True)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep ``train_metrics.jsonl`` lines of steps <= ``step``: a resumed run logs the rest again."""
+        path = self.logs / "train_metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
 
     def progress_bar(self, total: int, initial: int, enabled: bool) -> tqdm.tqdm:
         return tqdm.tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
@@ -120,10 +262,18 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    old = {k: v for k, v in _flatten({s: saved.get(s) for s in RESUME_SENSITIVE}).items()}
-    new = {k: v for k, v in _flatten({s: current.get(s) for s in RESUME_SENSITIVE}).items()}
+def _is_safe(key: str) -> bool:
+    return any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE_KEYS)
+
+
+def check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Raise :class:`RunFolderError` listing every key (outside :data:`RESUME_SAFE_KEYS`) that differs."""
+    old = {k: v for k, v in _flatten(saved).items() if not _is_safe(k)}
+    new = {k: v for k, v in _flatten(current).items() if not _is_safe(k)}
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
-        raise ValueError(f"{path} holds a run with a different recipe ({', '.join(changed[:5])} changed); "
-                         f"resuming would not continue it exactly. Use a new name=..., or train.resume=never to overwrite")
+        listing = ", ".join(f"{k} changed ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})" for k in changed)
+        raise RunFolderError(
+            f"{path} holds a run with a different recipe: {listing}. Resuming would not continue it exactly "
+            f"(only {', '.join(RESUME_SAFE_KEYS)} may change). Start a new run with name=NEW_NAME, or pass "
+            f"train.resume=never to train this one again from scratch")

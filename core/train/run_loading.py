@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
+from ..checkpoint import require_safetensors
 from ..methods import AdaptationMethod, TaskInfo, build_method
 from ..methods.distill import set_run_loader
 from ..run_config import RunConfig
@@ -70,6 +71,7 @@ def load_trained(run_dir: str | Path) -> tuple[Backbone, AdaptationMethod, RunCo
     weights = run_dir / "model" / "trainable.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir} has no finished model ({weights} is missing); did training complete?")
+    require_safetensors(weights, "run weights")
     info = json.loads((run_dir / "model" / "model.json").read_text())
     # seeded like training, so parts the method does not save (a random-init base) come back equal
     set_seed(cfg.train.seed)

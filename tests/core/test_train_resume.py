@@ -58,7 +58,8 @@ def test_kill_and_resume_matches_uninterrupted_run(recipes: dict[str, Path], tmp
     assert not (run_dir / "model").exists()
     resumed = run_cli(recipes["killed_after"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in (run_dir / "logs" / "train.log").read_text()
+    assert "resumed from step 3" in (run_dir / "logs" / "train.log").read_text()
+    assert "resumed from step 3" in resumed.stderr  # on the console too
     got = final_weights(run_dir)
     assert got.keys() == reference.keys()
     for name in reference:
@@ -83,4 +84,5 @@ def test_resume_refuses_a_changed_recipe(recipes: dict[str, Path], tmp_path: Pat
     assert killed.returncode == -signal.SIGKILL
     changed = run_cli(recipes["killed_after"], overrides=("data.batch_size=4",))
     assert changed.returncode == 2
-    assert "data.batch_size changed" in changed.stderr
+    assert "data.batch_size changed (8 -> 4)" in changed.stderr and "name=NEW_NAME" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1

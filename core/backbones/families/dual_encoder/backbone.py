@@ -20,6 +20,7 @@ from open_clip.transformer import VisionTransformer as OpenClipViT
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from ....checkpoint import require_safetensors
 from ...base import (Backbone, HFTokenize, PreprocessConfig, TokenFeatures, Tokens, TowerPreset, all_tokens_mask,
                      pool_text, set_hf_checkpointing)
 from ...factory import ModelConfig, register_backbone
@@ -84,6 +85,7 @@ class _TimmVision(nn.Module):
 class _OpenClipVision(nn.Module):
     def __init__(self, arch: str, pretrained: str):
         super().__init__()
+        require_safetensors(pretrained, "model.vision_pretrained")
         model = open_clip.create_model(arch, pretrained=pretrained or None)
         self.trunk = model.visual
         self.output_dim = int(self.trunk.output_dim)
@@ -120,7 +122,8 @@ class DualEncoder(Backbone):
             raise ValueError(f"model.text_pooling must be 'mean' or 'cls', got {cfg.text_pooling!r}")
         self.vision = build_vision_tower(cfg.vision, cfg.vision_pretrained, cfg.vision_kwargs)
         text_path = resolve_text_path(cfg.text)
-        self.text = AutoModel.from_pretrained(text_path)
+        require_safetensors(text_path, "model.text")
+        self.text = AutoModel.from_pretrained(text_path, use_safetensors=True)
         if getattr(self.text, "pooler", None) is not None:
             self.text.pooler = None  # pooling is ours; an unused pooler would idle in DDP
         tokenizer = AutoTokenizer.from_pretrained(text_path)

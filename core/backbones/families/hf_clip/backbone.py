@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+from ....checkpoint import require_safetensors
 from ...base import (HF_CLIP_BLOCK, Backbone, HFTokenize, TokenFeatures, Tokens, TowerPreset, WrappedModelTemperature,
                      all_tokens_mask, set_hf_checkpointing)
 from ...factory import ModelConfig, register_backbone
@@ -27,7 +28,8 @@ class HFClipBackbone(WrappedModelTemperature, Backbone):
         if not cfg.name:
             raise ValueError("model.name: a Hugging Face hub id or local directory is required for kind 'hf'")
         revision = {"revision": cfg.revision} if cfg.revision else {}
-        self.model = AutoModel.from_pretrained(cfg.name, **revision)
+        require_safetensors(cfg.name, "model.name")  # a local folder whose only weights are a pickle is refused
+        self.model = AutoModel.from_pretrained(cfg.name, use_safetensors=True, **revision)
         model_type = self.model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model.name {cfg.name!r} is a {model_type!r} model; kind 'hf' supports {SUPPORTED_MODEL_TYPES}")

@@ -12,6 +12,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from ....checkpoint import require_safetensors
 from ...base import (Backbone, PreprocessConfig, TokenFeatures, Tokens, TowerPreset, WrappedModelTemperature,
                      all_tokens_mask)
 from ...factory import ModelConfig, register_backbone
@@ -23,7 +24,6 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "model_configs"
 OPEN_CLIP_BLOCK = TowerPreset("open_clip", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
                               ("mlp.c_fc", "mlp.c_proj"), split_attention="attn")
 """open_clip's ``ResidualAttentionBlock``: its ``nn.MultiheadAttention`` is split into Linear layers first."""
-PICKLED_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -64,10 +64,8 @@ class OpenClipBackbone(WrappedModelTemperature, Backbone):
         if not cfg.name.startswith(("hf-hub:", "local-dir:")) and cfg.name not in known:
             close = difflib.get_close_matches(cfg.name, known, n=3)
             raise ValueError(f"model.name {cfg.name!r} is not an open_clip architecture; closest: {close}")
-        if Path(cfg.pretrained).suffix in PICKLED_SUFFIXES:
-            raise ValueError(f"model.pretrained {cfg.pretrained!r} is a pickled checkpoint; the kit loads weights "
-                             f"from safetensors only. Convert it once: domainclip convert-weights "
-                             f"{cfg.pretrained} {Path(cfg.pretrained).with_suffix('.safetensors')}")
+        require_safetensors(cfg.pretrained, "model.pretrained")  # never unpickle (issue 11; a tag passes)
+        require_safetensors(cfg.name.removeprefix("local-dir:"), "model.name")  # local-dir: folder, else no-op
         kwargs: dict[str, Any] = {}
         if cfg.context_length:
             kwargs["force_context_length"] = cfg.context_length

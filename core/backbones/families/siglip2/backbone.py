@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, Siglip2ImageProcessor, Siglip2Processor
 
+from ....checkpoint import require_safetensors
 from ...base import Backbone, HFTokenize, PreprocessConfig, TokenFeatures, all_tokens_mask
 from ...factory import ModelConfig, register_backbone
 from ..hf_clip.backbone import HFClipBackbone, hf_model_type
@@ -46,7 +47,8 @@ class Siglip2Backbone(HFClipBackbone):
         if not cfg.name:
             raise ValueError("model.name: a Hugging Face hub id or local directory is required for kind 'siglip2'")
         revision = {"revision": cfg.revision} if cfg.revision else {}
-        self.model = AutoModel.from_pretrained(cfg.name, **revision)
+        require_safetensors(cfg.name, "model.name")  # a local folder whose only weights are a pickle is refused
+        self.model = AutoModel.from_pretrained(cfg.name, use_safetensors=True, **revision)
         if self.model.config.model_type != "siglip2":
             raise ValueError(f"model.name {cfg.name!r} is a {self.model.config.model_type!r} model; kind 'siglip2' "
                              f"loads SigLIP 2 (use kind 'hf' for CLIP / SigLIP)")
