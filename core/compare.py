@@ -22,6 +22,7 @@ from .backbones import create_backbone
 from .checkpoint import atomic_write_text
 from .data import load_records
 from .recipe_files import resolve_recipe
+from .eval.report import headline_metric
 from .run_config import RunConfig
 from .train import train
 from .train.evaluation import run_eval_tasks
@@ -97,8 +98,7 @@ def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
 
 
 def _headline(record: dict[str, Any], metric: str = "acc1") -> float:
-    key = metric if record["task"] == "zeroshot_classification" else "mean_recall"
-    return float(record["metrics"][key])
+    return float(record["metrics"][headline_metric(record, metric)])
 
 
 def _scores(records: list[dict[str, Any]], spec: CompareConfig) -> dict[str, float]:

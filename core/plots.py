@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib
 
+from .eval.report import headline_metric
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -26,7 +28,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     names, before, after = [], [], []
     for record in metrics:
         retention = record.get("retention")
-        key = "acc1" if record["task"] == "zeroshot_classification" else "mean_recall"
+        key = headline_metric(record)
         names.append(f"{record['dataset']}\n{key}")
         after.append(record["metrics"][key])
         before.append(retention["before"] if retention else float("nan"))

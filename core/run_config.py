@@ -10,6 +10,7 @@ from .eval.groups import GroupEvalConfig
 from .losses import LossConfig
 from .methods.base import MethodConfig
 from .methods.full import FullConfig
+from .robustness.config import RobustnessConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -114,7 +115,7 @@ class TrainConfig:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
 
 
-EVAL_TASKS = ("zeroshot", "retrieval")
+EVAL_TASKS = ("zeroshot", "retrieval", "robustness")
 
 
 @dataclass
@@ -123,8 +124,9 @@ class EvalTaskConfig:
 
     Attributes:
         name: data set name used in ``metrics.json`` (e.g. ``rsicd_test``).
-        task: ``zeroshot`` (classification with prompt ensembles; needs labels) or ``retrieval``
-            (image-text retrieval over every caption of each image).
+        task: ``zeroshot`` (classification with prompt ensembles; needs labels), ``retrieval``
+            (image-text retrieval over every caption of each image) or ``robustness`` (clean, PGD
+            and corrupted numbers side by side; see ``robustness``).
         data: the evaluation split.
         templates: prompt templates for zeroshot (default: ``data.templates``).
         batch_size: images per evaluation batch.
@@ -132,6 +134,8 @@ class EvalTaskConfig:
             see what the domain model forgot on a reference task (WiSE-FT wins it back).
         groups: zeroshot only: also report group-level metrics (records need a group id, e.g.
             the CT volume of each slice); off while ``groups.aggregate`` is empty.
+        robustness: task ``robustness`` only: what is attacked (``target``), the PGD radii and
+            steps, the corruption set (see docs/recipes.md).
     """
 
     name: str = ""
@@ -141,6 +145,7 @@ class EvalTaskConfig:
     batch_size: int = 64
     retention: bool = False
     groups: GroupEvalConfig = field(default_factory=GroupEvalConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:
@@ -148,6 +153,11 @@ class EvalTaskConfig:
         if self.groups.aggregate and self.task != "zeroshot":
             raise ValueError(f"eval task {self.name!r}: groups (group-level metrics) needs task 'zeroshot', "
                              f"got {self.task!r}")
+        if self.task != "robustness" and self.robustness != RobustnessConfig():
+            raise ValueError(f"eval task {self.name!r}: a robustness section needs task 'robustness', got {self.task!r}")
+        if self.task == "robustness" and self.retention:
+            raise ValueError(f"eval task {self.name!r}: retention compares one headline number; use task "
+                             f"'zeroshot' or 'retrieval' for it (robustness reports several conditions)")
 
 
 @dataclass

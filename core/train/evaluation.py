@@ -11,8 +11,10 @@ from ..data.dataset import Collator, ImageTextDataset
 from ..data.records import ImageTextRecord
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
+from ..eval.report import headline_metric
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
 from ..methods import AdaptationMethod
+from ..robustness import robust_retrieval, robust_zeroshot
 from ..run_config import EvalTaskConfig, RunConfig
 
 
@@ -66,6 +68,10 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             # a probe / cache fitted on other classes cannot score this reference task; the towers
             # it left unchanged are scored with the prompt ensemble instead
             notes = "prompt ensemble: the method's classifier covers only its training classes"
+    elif task.task == "robustness":
+        metrics, kind = _robustness(task, name, model, records, loader, accelerator)
+        if method is not None and type(method).logits_fn is not AdaptationMethod.logits_fn:
+            notes = "prompt ensemble: attacks and scores use the towers' prompt-ensemble head"
     else:
         captions, text_to_image = captions_from_records(records.records)
         metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator)
@@ -78,12 +84,27 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     return record
 
 
-MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall"}
+def _robustness(task: EvalTaskConfig, name: str, model: Backbone, records, loader,
+                accelerator: Accelerator | None) -> tuple[dict[str, Any], str]:
+    """Metrics and record kind of a ``robustness`` task (one process: attacks are not sharded)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise ValueError(f"eval task {name!r}: robustness runs in one process; evaluate the finished run with "
+                         f"`domainclip eval RUN` without accelerate launch")
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    cfg = task.robustness
+    if cfg.target == "zeroshot":
+        if not records.class_names:
+            raise ValueError(f"eval task {name!r}: robustness.target zeroshot needs labelled data (data.label_key "
+                             f"or a labelled format)")
+        templates = list(task.templates or task.data.templates)
+        return robust_zeroshot(model, loader, records.class_names, templates, cfg), "zeroshot_classification_robustness"
+    captions, text_to_image = captions_from_records(records.records)
+    return robust_retrieval(model, loader, captions, text_to_image, cfg), "zeroshot_retrieval_robustness"
 
 
 def main_metric(record: dict[str, Any]) -> float:
     """The headline number of a result: acc1 for classification, mean recall for retrieval."""
-    return float(record["metrics"][MAIN_METRIC[record["task"]]])
+    return float(record["metrics"][headline_metric(record)])
 
 
 def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
@@ -92,7 +113,7 @@ def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -
     for record in results:
         if record["dataset"] in earlier:
             old, new = main_metric(earlier[record["dataset"]]), main_metric(record)
-            record["retention"] = {"metric": MAIN_METRIC[record["task"]], "before": old, "after": new,
+            record["retention"] = {"metric": headline_metric(record), "before": old, "after": new,
                                    "change": new - old}
 
 
