@@ -11,6 +11,7 @@ from .losses import LossConfig
 from .methods.base import MethodConfig
 from .methods.full import FullConfig
 from .robustness.config import RobustnessConfig
+from .token_merging.config import TokenMergingConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -173,6 +174,8 @@ class RunConfig:
         loss: contrastive objective.
         train: optimisation and run control.
         eval: evaluation tasks run at the end of training (and by ``domainclip eval``).
+        token_merging: merge image tokens in the image tower (ToMe / PiToMe) wherever images are
+            encoded for evaluation, and during training when ``token_merging.train`` is set.
     """
 
     name: str = "run"
@@ -183,3 +186,4 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: list[EvalTaskConfig] = field(default_factory=list)
+    token_merging: TokenMergingConfig = field(default_factory=TokenMergingConfig)

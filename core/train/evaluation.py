@@ -1,6 +1,7 @@
 """Run a recipe's ``eval`` tasks on a model and return CLIP_benchmark-style records."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from accelerate import Accelerator
@@ -16,6 +17,7 @@ from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, ev
 from ..methods import AdaptationMethod
 from ..robustness import robust_retrieval, robust_zeroshot
 from ..run_config import EvalTaskConfig, RunConfig
+from ..token_merging import token_merging, token_merging_key
 
 
 def eval_loader(task: EvalTaskConfig, model: Backbone, num_workers: int):
@@ -120,15 +122,24 @@ def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -
 def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,
                    step: int | None = None, method: AdaptationMethod | None = None,
                    only_retention: bool = False) -> list[dict[str, Any]]:
-    """Every ``cfg.eval`` task (or only those marked ``retention``); results carry their step."""
+    """Every ``cfg.eval`` task (or only those marked ``retention``); results carry their step.
+
+    With ``cfg.token_merging`` set, images are encoded with merging (records carry the setting
+    under ``token_merging``); a model that already merges (the zero-shot API's) keeps its own.
+    """
     results = []
     model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
-    for task in cfg.eval:
-        if only_retention and not task.retention:
-            continue
-        record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
-                               pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
-        if step is not None:
-            record["step"] = step
-        results.append(record)
+    bare = accelerator.unwrap_model(model) if accelerator is not None else model
+    with token_merging(bare, cfg.token_merging) if cfg.token_merging.active else nullcontext():
+        merged = token_merging_key(bare)
+        for task in cfg.eval:
+            if only_retention and not task.retention:
+                continue
+            record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
+                                   pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
+            if step is not None:
+                record["step"] = step
+            if merged is not None:
+                record["token_merging"] = merged
+            results.append(record)
     return results

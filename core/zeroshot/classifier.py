@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..eval import build_zeroshot_classifier
+from ..token_merging import TokenMergingConfig, apply_token_merging, token_merging_key
 from .images import ImageInput, ImagePreparer, as_image_list, image_name
 from .loading import LoadedModel, LogitsFactory, describe, load_model
 
@@ -126,13 +127,20 @@ class ZeroShotClassifier:
         batch_size: images per forward pass of the image tower.
         workers: threads that decode and resize images (0 = the calling thread).
         source, method: what was loaded (reported by ``info``).
+        token_merging: merge image tokens (ToMe / PiToMe): a ``TokenMergingConfig`` or its
+            command-line form (``"tome:8"``, ``"pitome:flops=0.6"``, ``"tome:0"`` = off); None keeps
+            the model's own setting (a run's recipe ``token_merging``, else none).
     """
 
     def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
                  logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 32, workers: int = 0, source: str = "", method: str = ""):
+                 batch_size: int = 32, workers: int = 0, source: str = "", method: str = "",
+                 token_merging: TokenMergingConfig | str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if token_merging is not None:
+            parsed = TokenMergingConfig.parse(token_merging) if isinstance(token_merging, str) else token_merging
+            apply_token_merging(model, parsed)
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.templates = list(templates) if templates else ["a photo of a {}."]
@@ -145,15 +153,16 @@ class ZeroShotClassifier:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
                         batch_size: int = 32, workers: int = 0, pretrained: str = "",
-                        revision: str = "") -> "ZeroShotClassifier":
+                        revision: str = "", token_merging: TokenMergingConfig | str | None = None) -> "ZeroShotClassifier":
         """Load a run folder, a model folder (open_clip / Hugging Face / compact base), an open_clip
         architecture or ``hf-hub:`` id, a Hugging Face id, or ``compact_base``.
 
         ``pretrained``: weights tag or file for an open_clip architecture name; ``revision``: git
-        revision of a Hugging Face hub id.
+        revision of a Hugging Face hub id; ``token_merging``: see the class.
         """
         loaded = load_model(path_or_id, pretrained=pretrained, revision=revision)
-        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers)
+        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers,
+                               token_merging=token_merging)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "ZeroShotClassifier":
@@ -169,7 +178,7 @@ class ZeroShotClassifier:
         """What this classifier runs: source, method, backbone kind, device, default templates."""
         loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
         return {**describe(loaded), "device": str(self.device), "templates": list(self.templates),
-                "preprocess": self.preprocess.to_dict()}
+                "preprocess": self.preprocess.to_dict(), "token_merging": token_merging_key(self.model)}
 
     # --- the text side: one head per (labels, templates), cached -------------------------------
     def head(self, labels: Sequence[str], templates: Templates | None = None) -> nn.Module:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..backbones import ModelConfig, create_backbone
+from ..token_merging import apply_token_merging
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 """Templates used when neither the caller nor the model (a run's training templates) gives any."""
@@ -110,6 +111,8 @@ def _load_run(run_dir: Path) -> LoadedModel:
     from ..train.run_folder import load_trained
 
     model, method, cfg = load_trained(run_dir)
+    if cfg.token_merging.active:  # the recipe's merge setting travels with the run
+        apply_token_merging(model, cfg.token_merging)
     task = json.loads((run_dir / "model" / "model.json").read_text()).get("task", {})  # load_trained needs the file
     templates = list(task.get("templates") or cfg.data.train.templates or DEFAULT_TEMPLATES)
     return LoadedModel(model=model, source=str(run_dir), templates=templates, logits_factory=method.logits_fn,
