@@ -184,7 +184,7 @@ def training_flops(model_name: str, caption_batches: list[list[str]]) -> dict[st
     context, which is what open_clip's own trainer computes for every batch. ``executed``: the
     same with the text tower's FLOPs replaced by those of domainclip's backbone on each of
     ``caption_batches`` (the batches a run measured), averaged; it differs from nominal only
-    when the backbone skips work (``speed.encode_text_trimmed`` drops padding after the
+    when the backbone skips work (``text_trim.encode_text_trimmed`` drops padding after the
     end-of-text token, which cannot change the result).
     """
     from domainclip.core.backbones.factory import ModelConfig, create_backbone

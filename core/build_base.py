@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from . import config as config_lib
-from .backbones.compact_base import default_folder
+from .backbones.families.dual_encoder import default_folder
 from .checkpoint import atomic_write_text
-from .export.dual_encoder_format import write_compact_folder
+from .backbones.families.dual_encoder.export import write_compact_folder
 from .recipe_files import resolve_recipe
 from .run_config import RunConfig
 from .train import train

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="export a run with its model card and upload it to the Hugging Face Hub")
     pub.add_argument("run", help="finished run folder")
     pub.add_argument("--repo-id", required=True, help="ORG/NAME of the Hub model repo")
-    pub.add_argument("--format", default="", choices=["", "open_clip", "hf", "adapter", "dual_encoder"],
+    pub.add_argument("--format", default="",
                      help="export format (default: the full format of the run's backbone)")
     pub.add_argument("--private", action="store_true", help="create the repo private (refused if it exists public)")
     pub.add_argument("--revision", default="", metavar="TAG", help="tag the uploaded commit with TAG (e.g. v1.0)")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .cards import CardConfig, scrub_text, write_card
-from .export.common import require_new_folder
+from .export import export_run, formats_for_kind
+from .export.common import read_run, require_new_folder
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -41,9 +42,6 @@ def check_tag(tag: str) -> str:
 
 def default_format(run_dir: str | Path) -> str:
     """The full export format that fits the run's backbone (``open_clip``, ``hf`` or ``dual_encoder``)."""
-    from .export import formats_for_kind
-    from .export.common import read_run
-
     cfg, _ = read_run(run_dir)
     return formats_for_kind(cfg.model.kind)[0]
 
@@ -74,8 +72,6 @@ def stage_folder(run_dir: str | Path, out: str | Path, fmt: str, repo_id: str,
 
     ``out`` must not exist or be empty (a stale file would be uploaded too).
     """
-    from .export import export_run
-
     out = Path(out)
     export_run(run_dir, fmt, out)
     write_card(run_dir, out, card, usage=usage_text(fmt, repo_id), name=repo_id.split("/")[1],

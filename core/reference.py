@@ -11,6 +11,7 @@ import re
 from typing import Any, get_type_hints
 
 from .config import TaggedConfig, to_dict
+from .run_config import RunConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -81,8 +82,6 @@ def section_markdown(cls: type, key: str) -> list[str]:
 
 
 def recipe_reference_markdown() -> str:
-    from .run_config import RunConfig
-
     header = ["# Recipe reference", "",
               "Generated from the config dataclasses by `domainclip config --reference` "
               "(do not edit by hand; `tests/core/test_reference.py` checks it is current).", "",

@@ -1,7 +1,10 @@
-"""Backbones: open_clip, Hugging Face CLIP/SigLIP and a dual encoder, behind one interface."""
-from .base import Backbone, PreprocessConfig, Tokens
-from .factory import BACKBONES, ModelConfig, create_backbone, register_backbone
-from . import compact_base, dual_encoder, hf, open_clip  # noqa: F401  (registers the kinds)
+"""Backbones behind one interface; each family (open_clip, Hugging Face CLIP/SigLIP, SigLIP 2, the
+dual encoder) is one package under ``families/``, found and registered on import."""
+from .base import Backbone, PreprocessConfig, TokenFeatures, Tokens, TowerPreset
+from .factory import (BACKBONES, ModelConfig, backbone_class, create_backbone, export_formats_for_kind,
+                      model_config_from_folder, register_backbone)
+from . import families  # noqa: F401,E402  (imports every family package: registers the kinds)
 
-__all__ = ["Backbone", "PreprocessConfig", "Tokens", "ModelConfig", "BACKBONES", "create_backbone",
+__all__ = ["BACKBONES", "Backbone", "ModelConfig", "PreprocessConfig", "TokenFeatures", "Tokens", "TowerPreset",
+           "backbone_class", "create_backbone", "export_formats_for_kind", "model_config_from_folder",
            "register_backbone"]

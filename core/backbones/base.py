@@ -1,14 +1,30 @@
-"""The one small interface every backbone implements.
+"""The one interface every backbone family implements.
 
 A backbone is a ``torch.nn.Module`` with an image tower and a text tower whose outputs live in one
-embedding space. Everything above this layer (losses, the training loop, adaptation methods,
-evaluation, export) talks to backbones only through this interface, so an open_clip model, a
-Hugging Face CLIP/SigLIP and a dual encoder are interchangeable.
+embedding space. Each family (open_clip, Hugging Face CLIP/SigLIP, SigLIP 2, the dual encoder)
+lives in one package under ``core/backbones/families/`` and subclasses :class:`Backbone`;
+everything above this layer (losses, the training loop, adaptation methods, evaluation, export,
+the zero-shot API) asks this interface and never tests a family's class. What a family provides:
+
+- pooled embeddings: ``_image_features`` / ``_text_features`` (``encode_image`` / ``encode_text``
+  normalise them);
+- token-level features: ``encode_image_tokens`` / ``encode_text_tokens`` (:class:`TokenFeatures`:
+  final-layer tokens in the joint embedding space, their mask, and the pooled feature);
+- tokenisation (``tokenize``) and preprocessing (``preprocess``, travelling with the weights);
+- tower layout: ``tower_prefixes`` / ``block_prefixes`` (locking, "last N blocks", layer-wise decay);
+- prompt learning: ``prompt_text_encoder`` / ``prompt_vision_encoder`` (CoOp, CoCoOp, MaPLe);
+- LoRA: ``lora_preset(tower)`` (which Linear layers ``targets: [attention, mlp]`` mean);
+- input adaptation: ``patch_embedding()`` (the first convolution, widened for multispectral bands);
+- persistence: ``config_dict`` (rebuild), ``export_formats`` + ``write_export`` (folders other
+  tools load) and ``config_from_folder`` (recognise such a folder when loading).
+
+See docs/extending.md ("add a backbone family").
 """
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -66,6 +82,77 @@ class PreprocessConfig:
 
 
 Tokens = dict[str, torch.Tensor]
+
+
+@dataclass
+class TokenFeatures:
+    """Final-layer tokens of one tower in the joint embedding space.
+
+    Attributes:
+        tokens: (B, N, D) tokens after the tower's final norm and projection into the embedding
+            space (not normalised); for the image tower these include the class token where the
+            family has one, for the text tower every position (padding included, masked out).
+        mask: (B, N) bool, True for real tokens, False for padding.
+        pooled: (B, D) the tower's pooled feature, equal to ``encode_image`` / ``encode_text`` with
+            ``normalize=False``; families that pool by choosing or averaging tokens (class token,
+            end-of-text token, mean over real tokens) derive it from ``tokens`` (``pooling`` says how).
+        pooling: how ``pooled`` relates to ``tokens``: ``first`` (class token), ``last`` (last
+            position), ``eos`` (the end-of-text position of each row: ``pool_index``), ``mean``
+            (masked mean), or ``head`` (an attention-pooling head: not a function of the projected
+            tokens alone).
+        pool_index: (B,) the position pooled per row for ``eos``; None otherwise.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    pooling: str
+    pool_index: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TowerPreset:
+    """Which Linear layers of one transformer block LoRA's ``targets`` mean, for one tower.
+
+    Attributes:
+        family: name of the block architecture (``open_clip``, ``hf_clip``, ``timm_vit``, ``bert``).
+        attention: Linear layers of the attention (query, key, value, output projections),
+            relative to one block.
+        mlp: Linear layers of the MLP.
+        split_attention: path of an ``nn.MultiheadAttention`` that must first be split into
+            separate projections (open_clip); empty when the attention already has Linear layers.
+    """
+
+    family: str
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+    split_attention: str = ""
+
+
+HF_CLIP_BLOCK = TowerPreset("hf_clip", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+                            ("mlp.fc1", "mlp.fc2"))
+"""The encoder layer of transformers' CLIP, SigLIP and SigLIP 2 towers."""
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Sentence pooling: [CLS] (``cls``) or the mean over real tokens (``mean``, sentence-transformers)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+
+
+def require_rgb(preprocess: PreprocessConfig, fmt: str) -> None:
+    """open_clip and transformers preprocessing feed 3-channel RGB images."""
+    if preprocess.channels != 3:
+        raise ValueError(f"the run's preprocessing has {preprocess.channels} channel(s) (mean {list(preprocess.mean)}); "
+                         f"the {fmt!r} format only describes 3-channel RGB input; export a multispectral run with "
+                         f"--format adapter")
+
+
+def all_tokens_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """A (B, N) mask marking every token of ``tokens`` (B, N, D) as real."""
+    return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 class HFTokenize:
     """Picklable wrapper of a Hugging Face tokenizer returning the kit's token dict."""
@@ -179,6 +266,46 @@ class Backbone(nn.Module):
         """What is needed to rebuild this backbone (saved with every run and export)."""
         raise NotImplementedError
 
+    # --- the rest of the family interface (defaults: "not supported", with the reason) --------
+    export_formats: tuple[str, ...] = ()
+    """Full export formats this family writes (``adapter`` fits every family and is not listed)."""
+
+    def encode_image_tokens(self, images: torch.Tensor) -> TokenFeatures:
+        """Final-layer image tokens in the embedding space (see :class:`TokenFeatures`)."""
+        raise NotImplementedError(f"model.kind {self.kind!r} does not expose image tokens")
+
+    def encode_text_tokens(self, tokens: Tokens) -> TokenFeatures:
+        """Final-layer text tokens in the embedding space (see :class:`TokenFeatures`)."""
+        raise NotImplementedError(f"model.kind {self.kind!r} does not expose text tokens")
+
+    def prompt_text_encoder(self, method: str) -> Any:
+        """The frozen text tower with learned-prompt slots (a ``prompting.PromptTextEncoder``)."""
+        raise NotImplementedError(f"method {method!r}: prompt learning needs a text transformer whose input words it can "
+                                  f"replace; model.kind {self.kind!r} ({type(self).__name__}) provides none")
+
+    def prompt_vision_encoder(self, method: str) -> Any:
+        """The frozen image tower with prompt tokens (a ``prompting.PromptVisionEncoder``)."""
+        raise NotImplementedError(f"method {method!r}: vision prompts are not supported on model.kind {self.kind!r}")
+
+    def lora_preset(self, tower: str) -> TowerPreset:
+        """The Linear layers LoRA's ``targets`` mean in one block of ``tower``."""
+        raise NotImplementedError(f"LoRA: model.kind {self.kind!r} has no preset for its {tower} tower; "
+                                  "name the layers in method.target_modules")
+
+    def patch_embedding(self) -> tuple[nn.Module, str]:
+        """``(module, attribute)`` holding the image tower's first convolution (multispectral input)."""
+        raise ValueError(f"cannot find the patch-embedding convolution of model.kind {self.kind!r}")
+
+    def write_export(self, fmt: str, folder: Path, trained_names: list[str]) -> None:
+        """Write this (plain, merged) backbone as ``fmt`` (one of ``export_formats``) into ``folder``;
+        ``trained_names`` lists the parameters the run trained."""
+        raise ValueError(f"model.kind {self.kind!r} writes no {fmt!r} export")
+
+    @classmethod
+    def config_from_folder(cls, folder: Path) -> Any:
+        """The ``ModelConfig`` that loads ``folder`` if it holds this family's export layout, else None."""
+        return None
+
     # --- shared behaviour ------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
@@ -192,32 +319,42 @@ class Backbone(nn.Module):
         features = self._text_features(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: Tokens | None,
-                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-        """Normalised features of both towers; ``text_features`` given = a frozen text tower's cache."""
-        return {
-            "image_features": self.encode_image(images),
-            "text_features": F.normalize(text_features, dim=-1) if text_features is not None else self.encode_text(tokens),
-            "logit_scale": self.logit_scale.exp(),
-            "logit_bias": self.logit_bias,
-        }
+    def forward(self, images: torch.Tensor, tokens: Tokens | None, text_features: torch.Tensor | None = None,
+                with_tokens: bool = False) -> dict[str, torch.Tensor | None]:
+        """Normalised features of both towers; ``text_features`` given = a frozen text tower's cache.
+
+        ``with_tokens`` adds each tower's final-layer tokens, normalised per token, with their
+        masks (``image_tokens``, ``image_token_mask``, ``text_tokens``, ``text_token_mask``) from the
+        same forward pass (token-level losses such as FILIP).
+        """
+        out: dict[str, torch.Tensor | None] = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
+        if not with_tokens:
+            out["image_features"] = self.encode_image(images)
+            out["text_features"] = (F.normalize(text_features, dim=-1) if text_features is not None
+                                    else self.encode_text(tokens))
+            return out
+        if text_features is not None:
+            raise ValueError("token-level features need the text tower; a cached text tower gives only pooled features")
+        image, text = self.encode_image_tokens(images), self.encode_text_tokens(tokens)
+        out.update(image_features=F.normalize(image.pooled, dim=-1), text_features=F.normalize(text.pooled, dim=-1),
+                   image_tokens=F.normalize(image.tokens, dim=-1), image_token_mask=image.mask,
+                   text_tokens=F.normalize(text.tokens, dim=-1), text_token_mask=text.mask)
+        return out
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
 
-def patch_embedding_owner(backbone: Backbone) -> tuple[nn.Module, str]:
-    """``(module, attribute)`` holding the image tower's first convolution."""
-    model = getattr(backbone, "model", None)
-    if model is not None and hasattr(getattr(model, "visual", None), "conv1"):  # open_clip ViT
-        return model.visual, "conv1"
-    if model is not None and hasattr(model, "vision_model"):  # HF CLIP / SigLIP
-        return model.vision_model.embeddings, "patch_embedding"
-    trunk = getattr(getattr(backbone, "vision", None), "trunk", None)
-    if trunk is not None and hasattr(getattr(trunk, "patch_embed", None), "proj"):  # dual encoder, timm ViT
-        return trunk.patch_embed, "proj"
-    if trunk is not None and hasattr(trunk, "conv1"):  # dual encoder, open_clip visual
-        return trunk, "conv1"
-    raise ValueError(f"cannot find the patch-embedding convolution of a {type(backbone).__name__} "
-                     f"(kind {backbone.kind!r}); supported: open_clip ViTs, HF CLIP/SigLIP, dual encoders with a ViT")
+class WrappedModelTemperature:
+    """Mixin for backbones wrapping a library model ``self.model`` that holds the temperature
+    (``logit_scale``) and, for SigLIP-style models, the ``logit_bias``; list it before ``Backbone``."""
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        return getattr(self.model, "logit_bias", None)
+

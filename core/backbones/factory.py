@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+from ..checkpoint import load_safetensors_into
+from ..plugins import require_registered
 from .base import Backbone
 
 
@@ -15,7 +18,9 @@ class ModelConfig:
 
     Attributes:
         kind: ``open_clip`` (any registered open_clip architecture), ``hf`` (Hugging Face
-            CLIPModel / SiglipModel) or ``dual_encoder`` (any vision tower + any HF text encoder).
+            CLIPModel / SiglipModel), ``siglip2`` (Hugging Face Siglip2Model), ``dual_encoder`` (any
+            vision tower + any HF text encoder) or ``compact_base`` (the kit's offline base); each
+            is a backbone family in ``core/backbones/families/``.
         name: open_clip: architecture name (``ViT-B-32``) or ``hf-hub:ORG/NAME``;
             hf: hub id or local directory; dual_encoder: unused.
         pretrained: open_clip: pretrained tag (``laion2b_s34b_b79k``), a local ``.safetensors``
@@ -64,7 +69,7 @@ class ModelConfig:
     input: dict[str, Any] = field(default_factory=dict)
 
 
-BACKBONES: dict[str, Callable[[ModelConfig], Backbone]] = {}
+BACKBONES: dict[str, type[Backbone]] = {}
 
 
 def register_backbone(kind: str) -> Callable[[type[Backbone]], type[Backbone]]:
@@ -80,18 +85,35 @@ def register_backbone(kind: str) -> Callable[[type[Backbone]], type[Backbone]]:
 
 def create_backbone(cfg: ModelConfig) -> Backbone:
     """Build the backbone ``cfg`` describes (and load ``cfg.weights`` if given)."""
-    if cfg.kind not in BACKBONES:
-        close = difflib.get_close_matches(cfg.kind, list(BACKBONES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"model.kind {cfg.kind!r} is not a backbone kind{hint} (valid: {sorted(BACKBONES)})")
-    model = BACKBONES[cfg.kind](cfg)
+    model = backbone_class(cfg.kind)(cfg)
     if cfg.weights:
-        from ..checkpoint import load_safetensors_into
-
         load_safetensors_into(model, cfg.weights, strict=False, what="model.weights")
     if cfg.input:
         model = input_adapter(cfg.input).apply(model, dict(cfg.input))
     return model
+
+
+def backbone_class(kind: str) -> type[Backbone]:
+    """The registered class of ``model.kind``; an error naming the closest kind otherwise."""
+    if kind not in BACKBONES:
+        close = difflib.get_close_matches(kind, list(BACKBONES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model.kind {kind!r} is not a backbone kind{hint} (valid: {sorted(BACKBONES)})")
+    return BACKBONES[kind]
+
+
+def export_formats_for_kind(kind: str) -> tuple[str, ...]:
+    """The full export formats a backbone ``kind`` writes (``adapter`` fits every kind and is added)."""
+    return (*backbone_class(kind).export_formats, "adapter")
+
+
+def model_config_from_folder(folder: Path) -> ModelConfig | None:
+    """The config of the family whose export layout ``folder`` holds, or None."""
+    for cls in BACKBONES.values():
+        found = cls.config_from_folder(folder)
+        if found is not None:
+            return found
+    return None
 
 
 # --- input adapters (registered by domains) -----------------------------------------------------
@@ -116,8 +138,6 @@ def register_input_adapter(name: str) -> Callable[[type], type]:
 
 def input_adapter(options: dict[str, Any]) -> Any:
     """The registered adapter ``options["name"]`` names (domains are loaded when needed)."""
-    from ..plugins import require_registered
-
     name = str(options.get("name", ""))
     require_registered(name, INPUT_ADAPTERS, f"model.input.name {name!r} is not a registered input adapter")
     return INPUT_ADAPTERS[name]

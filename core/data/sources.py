@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import ImageTextRecord, RecordSet, build_class_index, captions_from_templates
+from ..plugins import require_registered
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -136,8 +137,6 @@ def valid_formats() -> list[str]:
 
 def check_format(fmt: str) -> None:
     """Raise ``ValueError`` naming an unknown format, the valid ones and the closest match."""
-    from ..plugins import require_registered
-
     require_registered(fmt, valid_formats, f"unknown data format {fmt!r} (config key 'format')", valid="valid formats")
 
 

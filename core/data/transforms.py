@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from domainclip.core.backbones.base import PreprocessConfig
+from domainclip.core.plugins import require_registered
 
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
@@ -92,8 +93,6 @@ def build_train_transform(preprocess: PreprocessConfig, augment: dict | None,
         return build_image_transform(preprocess, train=True, scale=scale)
     options = dict(augment)
     name = options.pop("name", "")
-    from ..plugins import require_registered
-
     require_registered(name, TRAIN_TRANSFORMS, f"data.augment.name {name!r} is not a registered transform")
     try:
         return with_reader(TRAIN_TRANSFORMS[name](preprocess, scale=scale, **options), preprocess)
@@ -125,8 +124,6 @@ def build_image_reader(preprocess: PreprocessConfig) -> Callable:
     """The registered reader ``preprocess.reader`` names, built with its options."""
     options = dict(preprocess.reader)
     name = options.pop("name", "")
-    from ..plugins import require_registered
-
     require_registered(name, IMAGE_READERS, f"preprocess.reader {preprocess.reader!r}: {name!r} is not a "
                                             f"registered image reader")
     return IMAGE_READERS[name](preprocess, **options)

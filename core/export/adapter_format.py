@@ -28,6 +28,7 @@ from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..features.cache import tensors_sha256
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
+from ..train import build_model
 
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "adapter.json"
@@ -100,8 +101,6 @@ def load_adapter(folder: str | Path, base: Backbone | None = None) -> tuple[Back
     ``base`` must be a freshly built backbone with exactly the weights the adapter was trained on
     (same SHA-256 as the manifest pins); any other base is refused with a ``ValueError``.
     """
-    from ..train import build_model
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     pinned = manifest["base"]

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_lib
-from ..backbones.base import Backbone, PreprocessConfig
+from ..backbones.base import Backbone
+from ..cards import scrub
 from ..checkpoint import atomic_write_text
+from ..methods import AdaptationMethod, build_method
 from ..run_config import RunConfig
+from ..train import load_trained
 
 EXPORT_INFO_FILE = "domainclip_export.json"
-# Backbone kind -> the family that decides which full format fits it.
-KIND_FAMILY = {"open_clip": "open_clip", "hf": "hf", "dual_encoder": "dual_encoder", "compact_base": "dual_encoder"}
-# Methods whose trained model is a plain backbone (after merging adapters).
-FULL_FORMAT_METHODS = ("full", "lora")
 
 
 def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -39,32 +38,18 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
 
 def full_backbone(run_dir: str | Path, cfg: RunConfig, fmt: str) -> Backbone:
     """The run's trained model as a plain backbone in eval mode (LoRA adapters merged)."""
-    from ..methods.lora import Lora, merged_backbone
-    from ..train import load_trained
-
-    if cfg.method.name not in FULL_FORMAT_METHODS:
+    method = build_method(cfg.method)
+    if method.plain_backbone.__func__ is AdaptationMethod.plain_backbone:  # type: ignore[attr-defined]
         raise ValueError(f"{run_dir} was trained with method {cfg.method.name!r}, which adds parts outside the backbone "
                          f"weights (prompts, heads or caches) that the {fmt!r} format cannot hold; export it with "
-                         f"--format adapter (full formats take runs of methods {list(FULL_FORMAT_METHODS)})")
-    model, method, _ = load_trained(run_dir)
-    if isinstance(method, Lora):
-        model = merged_backbone(model, inplace=True)
-    return model.eval()
-
-
-def require_rgb(preprocess: PreprocessConfig, fmt: str) -> None:
-    """open_clip and transformers preprocessing feed 3-channel RGB images."""
-    if preprocess.channels != 3:
-        raise ValueError(f"the run's preprocessing has {preprocess.channels} channel(s) (mean {list(preprocess.mean)}); "
-                         f"the {fmt!r} format only describes 3-channel RGB input; export a multispectral run with "
                          f"--format adapter")
+    model, method, _ = load_trained(run_dir)
+    return method.plain_backbone(model).eval()
 
 
 def export_info(fmt: str, cfg: RunConfig, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The provenance record written beside every export: names and configs, passed through the
     card scrubber (a local weights path or an identifier-like run name becomes ``[redacted]``)."""
-    from ..cards import scrub
-
     record = {"format": fmt, "source_run": cfg.name, "method": cfg.method.name, "backbone": info.get("backbone", {}),
               **extra}
     return scrub(record, keep=("preprocess",))[0]

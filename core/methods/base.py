@@ -85,6 +85,8 @@ class AdaptationMethod:
       then tells the loop to stop decoding images the method never looks at.
     - ``logits_fn(model, class_names, templates)``: a classifier of its own for zero-shot
       evaluation (learned prompts, a probe, a cache); ``None`` keeps the prompt ensemble.
+    - ``plain_backbone(model)``: the trained model as a plain backbone for full-format exports
+      (None: the method's parts live outside the backbone; export it with ``--format adapter``);
     - ``trainable_state`` / ``load_trainable_state``: what is saved (only what the method trains);
       ``save_artifacts``: extra files for the run's ``model/`` folder (LoRA's merged weights).
     """
@@ -150,6 +152,12 @@ class AdaptationMethod:
             raise ValueError(f"method {self.cfg.name!r} left no trainable parameters")
         return [{"params": params, "weight_decay": decay, "lr": lr * scale}
                 for (decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])]
+
+    def plain_backbone(self, model: Backbone) -> Backbone | None:
+        """The trained model as a plain backbone for full-format exports (open_clip, hf, dual
+        encoder), or None when the method adds parts outside the backbone weights (prompts, heads,
+        caches) that such formats cannot hold; ``model`` may be changed in place."""
+        return None
 
     def save_artifacts(self, model: Backbone, folder: Any) -> list[Any]:
         """Extra files a method writes into the run's ``model/`` folder (e.g. merged weights)."""

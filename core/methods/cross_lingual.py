@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import config as config_lib
+from ..backbones import ModelConfig, create_backbone
 from ..backbones.base import Backbone
 from ..data.dataset import derive_seed
 from ..data.sources import DataSourceConfig, load_records
@@ -156,10 +158,6 @@ class TeacherLearning(AdaptationMethod):
     def _teacher(self, model: Backbone) -> Backbone:
         if not self.cfg.teacher_model:
             return model  # called before any step: the text tower is still the original one
-        from .. import config as config_lib
-        from ..backbones import create_backbone
-        from ..backbones.factory import ModelConfig
-
         teacher = create_backbone(config_lib.load(ModelConfig, None, (), base=dict(self.cfg.teacher_model)))
         return teacher.to(next(model.parameters()).device)
 

@@ -42,6 +42,9 @@ class FullConfig(MethodConfig):
 class FullFineTune(AdaptationMethod):
     cfg: FullConfig
 
+    def plain_backbone(self, model: Backbone) -> Backbone:
+        return model
+
     def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         params = dict(model.named_parameters())
         for param in params.values():

@@ -5,9 +5,10 @@ What ``ZeroShotClassifier.from_pretrained`` accepts, in the order it is tried:
 - ``compact_base``: the bundled offline base (``model: {kind: compact_base}``);
 - a domainclip run folder (``config.yaml`` + ``model/``): rebuilt with ``load_trained``, so the
   method's own classifier (learned prompts, a linear probe, a Tip-Adapter cache) is used;
-- a local folder in open_clip's hub layout (``open_clip_config.json`` + weights);
-- a local Hugging Face CLIP / SigLIP folder (``config.json`` with ``model_type``);
-- a local compact-base folder (``config.json`` with the dual-encoder settings + ``model.safetensors``);
+- a local folder in a backbone family's export layout, recognised by the family
+  (``Backbone.config_from_folder``): open_clip's hub layout (``open_clip_config.json`` + weights), a
+  Hugging Face CLIP / SigLIP / SigLIP 2 folder (``config.json`` with ``model_type``), a compact-base
+  folder (``config.json`` with the dual-encoder settings + ``model.safetensors``);
 - ``hf-hub:ORG/NAME`` (open_clip from the hub) or a registered open_clip architecture name
   (``ViT-B-32``, with ``pretrained`` naming its weights tag or file);
 - anything else shaped ``ORG/NAME``: a Hugging Face hub id of a CLIP / SigLIP model.
@@ -22,8 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..backbones import ModelConfig, create_backbone
+from ..backbones import ModelConfig, create_backbone, model_config_from_folder
 from ..token_merging import apply_token_merging
+from ..train import load_trained
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 """Templates used when neither the caller nor the model (a run's training templates) gives any."""
@@ -77,22 +79,13 @@ def model_config_for(path_or_id: str, pretrained: str = "", revision: str = "") 
 
 
 def _folder_config(path: Path) -> ModelConfig:
-    if (path / "open_clip_config.json").is_file():
-        return ModelConfig(kind="open_clip", name=f"local-dir:{path}")
-    config_file = path / "config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-        if "model_type" in config:
-            return ModelConfig(kind="hf", name=str(path))
-        if "vision" in config and (path / "model.safetensors").is_file():
-            return ModelConfig(kind="compact_base", name=str(path))
-    raise FileNotFoundError(
-        f"model folder {path} is not a domainclip run (config.yaml + model/), an open_clip folder "
-        f"(open_clip_config.json), a Hugging Face CLIP/SigLIP folder (config.json with model_type) "
-        f"or a compact base (config.json + model.safetensors)")
+    found = model_config_from_folder(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"model folder {path} is not a domainclip run (config.yaml + model/) nor an export of a registered "
+            f"backbone family (an open_clip folder with open_clip_config.json, a Hugging Face CLIP/SigLIP/SigLIP 2 "
+            f"folder, a compact base: config.json + model.safetensors)")
+    return found
 
 
 def load_model(path_or_id: str | Path, pretrained: str = "", revision: str = "") -> LoadedModel:
@@ -108,8 +101,6 @@ def load_model(path_or_id: str | Path, pretrained: str = "", revision: str = "")
 
 
 def _load_run(run_dir: Path) -> LoadedModel:
-    from ..train.run_folder import load_trained
-
     model, method, cfg = load_trained(run_dir)
     if cfg.token_merging.active:  # the recipe's merge setting travels with the run
         apply_token_merging(model, cfg.token_merging)

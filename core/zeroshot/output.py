@@ -6,7 +6,7 @@ import io
 import json
 from collections.abc import Sequence
 
-from .classifier import ZeroShotResult, results_to_rows
+from .classifier import ZeroShotResult, check_labels, results_to_rows
 
 FORMATS = ("json", "csv")
 CSV_COLUMNS = ("image", "rank", "label", "probability")
@@ -28,6 +28,4 @@ def format_results(results: Sequence[ZeroShotResult], fmt: str = "json") -> str:
 
 def parse_labels(text: str) -> list[str]:
     """``"a,b,c"`` -> ``["a", "b", "c"]`` (spaces around commas dropped; blank entries are errors)."""
-    from .classifier import check_labels
-
     return check_labels([part for part in text.split(",")] if text.strip() else [])

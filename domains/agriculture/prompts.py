@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from domainclip.core.data.records import captions_from_templates
+
 SEPARATOR = "___"
 ATTRIBUTES = ("full", "crop", "disease")
 HEALTHY = "healthy"
@@ -126,6 +128,4 @@ def class_phrases(raw_names: Iterable[str], attribute: str = "full") -> dict[str
 
 def leaf_prompts(raw_name: str, attribute: str = "full", templates: Iterable[str] = LEAF_TEMPLATES) -> list[str]:
     """Every template applied to the phrase of one raw class name."""
-    from domainclip.core.data.records import captions_from_templates
-
     return captions_from_templates(parse_class_name(raw_name).phrase(attribute), list(templates))

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from domainclip.core.backbones.factory import ModelConfig, create_backbone
 from domainclip.core.data.dataset import Collator, ImageTextDataset
-from domainclip.core.data.sources import DataSourceConfig
+from domainclip.core.data.sources import DataSourceConfig, read_csv_rows
 from domainclip.core.data.transforms import build_image_transform
 from domainclip.core.eval.groups import AGGREGATIONS, group_metrics
 from domainclip.core.eval.metrics import classification_metrics
@@ -138,8 +138,6 @@ def ct_table(manifest: str, model_kind: str, min_each: int, block: int = 5, aggr
 
 
 def _first_label_names(manifest: str) -> str:
-    from domainclip.core.data.sources import read_csv_rows
-
     rows, _, _ = read_csv_rows(Path(manifest))
     return rows[0]["label_names"]
 

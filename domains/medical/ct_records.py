@@ -29,7 +29,8 @@ import numpy as np
 from domainclip.core.data.records import ImageTextRecord, RecordSet, build_class_index
 from domainclip.core.data.sources import DataSourceConfig, existing_path, image_root_for, read_csv_rows, wanted_splits
 
-from .ct import DEFAULT_WINDOWS, axial_slice, load_volume, organ_caption, readable_organ, slab_25d, window_channels
+from .ct import (DEFAULT_WINDOWS, axial_slice, load_volume, organ_caption, readable_organ, sample_slices, slab_25d,
+                 window_channels)
 from .pixel_cache import cached_paths, load_sidecar, save_rendering
 from .prompts import CT_TEMPLATES
 
@@ -90,8 +91,6 @@ def parse_block(text: str, where: str) -> tuple[int, int] | None:
 def volume_slices(volume_path: str, options: SliceOptions, block: tuple[int, int] | None = None) -> list[tuple[int, Path]]:
     """``(z, cached PNG)`` of every sampled slice of one volume (within ``block``); the volume is
     read only when a slice is not cached yet."""
-    from .ct import sample_slices
-
     hu = None
     depth_png = cached_paths("ct_depth", volume_path)[1]
     if depth_png.is_file():

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from domainclip.core.data.sources import read_csv_rows
+
 DEID_PATTERN = re.compile(r"X{2,}|_{2,}|\[\*\*.*?\*\*\]")
 DEID_POLICIES = ("drop", "mask", "keep")
 SECTION_ALIASES = {
@@ -110,8 +112,6 @@ def section_counts(reports: Iterable[Report]) -> dict[str, int]:
 def read_iu_reports(path: str | Path, deid_policy: str = "drop") -> list[tuple[dict[str, str], Report]]:
     """The rows of an IU X-ray ``reports.csv`` (report_id, image_path, findings, impression, ...)
     with their parsed reports."""
-    from domainclip.core.data.sources import read_csv_rows
-
     rows, _, columns = read_csv_rows(Path(path))
     missing = [c for c in ("findings", "impression") if c not in columns]
     if missing:

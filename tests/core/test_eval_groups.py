@@ -14,6 +14,8 @@ from domainclip.core import config as config_lib
 from domainclip.core.data.dataset import Collator, ImageTextDataset
 from domainclip.core.data.sources import DataSourceConfig, load_records
 from domainclip.core.data.transforms import build_image_transform
+
+from ..tiny_models import tiny_open_clip
 from domainclip.core.eval.groups import GroupEvalConfig, aggregate_scores, group_label, group_metrics
 from domainclip.core.eval.zeroshot import evaluate_zeroshot
 from domainclip.core.run_config import EvalTaskConfig, RunConfig
@@ -111,10 +113,7 @@ def write_grouped_manifest(colour_squares: Path) -> Path:
 
 
 def tiny_model():
-    from domainclip.core.backbones import ModelConfig, create_backbone
-
-    torch.manual_seed(0)
-    return create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit")).eval()
+    return tiny_open_clip(eval_mode=True)
 
 
 def test_evaluate_zeroshot_reports_group_metrics_beside_slice_metrics(colour_squares: Path) -> None:

@@ -14,7 +14,7 @@ from domainclip.core import config as config_lib
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.cli import main
 from domainclip.core.data.transforms import build_image_transform
-from domainclip.core.export import EXPORT_FORMATS, export_run, load_adapter, weights_sha256
+from domainclip.core.export import export_formats, export_run, load_adapter, weights_sha256
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train
 
@@ -177,7 +177,7 @@ def test_hf_export_loads_in_transformers_and_the_pipeline_with_the_kits_numbers(
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, pipeline
 
-    from domainclip.core.backbones.hf import preprocess_from_image_processor
+    from domainclip.core.backbones.families.hf_clip import preprocess_from_image_processor
 
     run_dir = hf_runs[family]
     out = export_run(run_dir, "hf", workdir / f"export_hf_{family}")
@@ -310,9 +310,9 @@ def test_learned_prompts_export_as_an_adapter_only(open_clip_coop: Path, workdir
 # errors and the command line
 # --------------------------------------------------------------------------------------------
 def test_wrong_formats_and_folders_fail_clearly(open_clip_lora: Path, workdir: Path, tmp_path: Path) -> None:
-    assert EXPORT_FORMATS == ("open_clip", "hf", "adapter", "dual_encoder")
+    assert export_formats() == ("adapter", "dual_encoder", "hf", "open_clip")
     with pytest.raises(ValueError, match=r"'openclip' is not known; did you mean 'open_clip'\? \(valid formats: "
-                                         r"open_clip, hf, adapter, dual_encoder\)"):
+                                         r"adapter, dual_encoder, hf, open_clip\)"):
         export_run(open_clip_lora, "openclip", tmp_path / "a")
     with pytest.raises(ValueError, match=r"'open_clip' backbone, which exports as open_clip or adapter, not 'hf'"):
         export_run(open_clip_lora, "hf", tmp_path / "b")
@@ -332,7 +332,7 @@ def test_cli_export(open_clip_lora: Path, tmp_path: Path, capsys: pytest.Capture
     info = json.loads((tmp_path / "oc" / "domainclip_export.json").read_text())
     assert info["format"] == "open_clip" and info["method"] == "lora" and info["lora_merged"] is True
     assert main(["export", str(open_clip_lora), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
-    assert "valid formats: open_clip, hf, adapter, dual_encoder" in capsys.readouterr().err
+    assert "valid formats: adapter, dual_encoder, hf, open_clip" in capsys.readouterr().err
     assert main(["export", str(open_clip_lora), "--format", "adapter", "--out", str(tmp_path / "oc")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
 

@@ -16,10 +16,11 @@ from domainclip.core.data import Collator, DataSourceConfig, ImageTextDataset, b
 from domainclip.core.features import CACHE_ENV, FeatureCache, default_cache_root, tower_weight_names
 from domainclip.core.features import cache as cache_module
 
+from ..tiny_models import tiny_open_clip
+
 
 def tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    return create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit"))
+    return tiny_open_clip(seed)
 
 
 def squares(manifest: Path):

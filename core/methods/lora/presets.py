@@ -1,8 +1,9 @@
-"""Which Linear layers get adapters: per-family presets, restricted to the chosen towers.
+"""Which Linear layers get adapters: the backbone family's preset per tower, restricted to the chosen towers.
 
-A preset names module paths inside one transformer block. The family of a tower is recognised
-from its first block (``block_prefixes[tower] + "0"``), so a dual encoder with a timm or
-open_clip vision tower and a BERT-like text tower gets the right preset for each tower.
+A preset (:class:`~domainclip.core.backbones.base.TowerPreset`) names module paths inside one
+transformer block; each family returns its own from ``Backbone.lora_preset(tower)`` (a dual
+encoder answers for its timm or open_clip vision tower and its BERT-like text tower), and the
+preset is checked against the tower's first block before any adapter is placed.
 """
 from __future__ import annotations
 
@@ -11,38 +12,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...backbones.base import Backbone
+from ...backbones.base import Backbone, TowerPreset
 from .attention import SeparateProjectionAttention, join_attention, split_attention
 from .config import LoraConfig
-
-
-@dataclass(frozen=True)
-class TowerPreset:
-    """Module paths, relative to one transformer block, that ``targets`` map to.
-
-    Attributes:
-        family: name of the architecture family.
-        attention: Linear layers of the attention (query, key, value, output projections).
-        mlp: Linear layers of the MLP.
-        split_attention: path of an ``nn.MultiheadAttention`` that must first be split into
-            separate projections (open_clip); empty when the attention already has Linear layers.
-    """
-
-    family: str
-    attention: tuple[str, ...]
-    mlp: tuple[str, ...]
-    split_attention: str = ""
-
-
-PRESETS: tuple[TowerPreset, ...] = (
-    TowerPreset("open_clip", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
-                ("mlp.c_fc", "mlp.c_proj"), split_attention="attn"),
-    TowerPreset("hf_clip", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
-                ("mlp.fc1", "mlp.fc2")),
-    TowerPreset("timm_vit", ("attn.qkv", "attn.proj"), ("mlp.fc1", "mlp.fc2")),
-    TowerPreset("bert", ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
-                ("intermediate.dense", "output.dense")),
-)
 
 
 @dataclass
@@ -80,18 +52,19 @@ def preset_fits(preset: TowerPreset, block: nn.Module) -> bool:
 
 
 def tower_preset(model: Backbone, tower: str) -> TowerPreset:
-    """The preset that fits ``tower``'s blocks; a clear error when none does."""
+    """The family's preset for ``tower``, checked against its first block; a clear error when it does not fit."""
     blocks = tower_blocks(model, tower)
     if not blocks:
         raise ValueError(f"LoRA: the {tower} tower of this {model.kind} backbone has no blocks named "
                          f"{model.block_prefixes[tower]}N; name the layers in method.target_modules")
+    preset = model.lora_preset(tower)
     name, block = blocks[0]
-    for preset in PRESETS:
-        if preset_fits(preset, block):
-            return preset
+    if preset_fits(preset, block):
+        return preset
     linears = [path for path, module in block.named_modules() if isinstance(module, nn.Linear)]
-    raise ValueError(f"LoRA: no preset ({', '.join(p.family for p in PRESETS)}) fits the {tower} tower: block {name} "
-                     f"({type(block).__name__}) has Linear layers {linears}; name them in method.target_modules")
+    raise ValueError(f"LoRA: the {preset.family} preset of model.kind {model.kind!r} does not fit the {tower} tower: "
+                     f"block {name} ({type(block).__name__}) has Linear layers {linears}; name them in "
+                     f"method.target_modules")
 
 
 def in_towers(name: str, model: Backbone, towers: list[str]) -> bool:

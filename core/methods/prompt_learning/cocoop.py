@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from ...backbones.base import Backbone
+from ...backbones.prompting import Piece, PromptTextEncoder, PromptVisionEncoder
 from ..base import register_method
+from .context import initial_context
 from .config import CoCoOpConfig
 from .coop import class_prompt_pieces
 from .model import PromptLearner, PromptLearningMethod
-from .text_encoders import Piece, PromptTextEncoder, initial_context
-from .vision_encoders import PromptVisionEncoder
 
 
 class CoCoOpPrompts(PromptLearner):

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from ...backbones.base import Backbone
+from ...backbones.prompting import ContextSlot, Piece, PromptTextEncoder, PromptVisionEncoder
 from ..base import register_method
 from .config import CoOpConfig
+from .context import initial_context
 from .model import PromptLearner, PromptLearningMethod, log
-from .text_encoders import ContextSlot, Piece, PromptTextEncoder, initial_context
-from .vision_encoders import PromptVisionEncoder
 
 
 def class_prompt_pieces(ctx_count: int, fixed_ids: tuple[int, ...], class_name: str, position: str = "end") -> list[Piece]:

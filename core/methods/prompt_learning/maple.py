@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from ...backbones.base import Backbone
+from ...backbones.prompting import Piece, PromptTextEncoder, PromptVisionEncoder
 from ..base import register_method
+from .context import CTX_INIT_STD, initial_context
 from .config import MaPLeConfig
 from .coop import class_prompt_pieces
 from .model import PromptLearner, PromptLearningMethod
-from .text_encoders import CTX_INIT_STD, Piece, PromptTextEncoder, initial_context
-from .vision_encoders import PromptVisionEncoder
 
 
 class MaPLePrompts(PromptLearner):

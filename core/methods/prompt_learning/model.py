@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...backbones.base import Backbone, Tokens
+from ...backbones.prompting import Piece, PromptLayout, PromptTextEncoder, PromptVisionEncoder
 from ...eval.zeroshot import evaluation_mode
 from ..base import AdaptationMethod, TaskInfo
-from .text_encoders import Piece, PromptLayout, PromptTextEncoder, build_text_encoder
-from .vision_encoders import PromptVisionEncoder, build_vision_encoder
 
 log = logging.getLogger("domainclip.methods.prompt_learning")
 
@@ -180,8 +179,8 @@ class PromptLearningMethod(AdaptationMethod):
         duplicates = sorted({name for name in class_names if class_names.count(name) > 1})
         if duplicates:
             raise ValueError(f"method {self.cfg.name!r}: class names must be distinct, {duplicates} repeat")
-        text_encoder = build_text_encoder(model, self.cfg.name)
-        vision_encoder = build_vision_encoder(model, self.cfg.name) if self.needs_vision_prompts else None
+        text_encoder = model.prompt_text_encoder(self.cfg.name)
+        vision_encoder = model.prompt_vision_encoder(self.cfg.name) if self.needs_vision_prompts else None
         for param in model.parameters():
             param.requires_grad_(False)
         learner = self.build_learner(text_encoder, vision_encoder, class_names, model)

@@ -16,7 +16,7 @@ from domainclip.core.backbones.factory import ModelConfig
 from domainclip.core.losses import ClipLoss, OneToKLoss
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import train
-from domainclip.core.train.run_folder import load_trained
+from domainclip.core.train import load_trained
 from domainclip.domains.multilingual import load_parallel
 
 from .make_fake_data import write_parallel

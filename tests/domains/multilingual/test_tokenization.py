@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from domainclip.core.backbones import create_backbone
-from domainclip.core.backbones.dual_encoder import resolve_text_path
+from domainclip.core.backbones.families.dual_encoder import resolve_text_path
 from domainclip.core.backbones.factory import ModelConfig
 from domainclip.domains.multilingual import load_language, round_trip, round_trip_report
 

@@ -16,10 +16,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...backbones.dual_encoder import DualEncoder, pool_text
-from .text_encoders import (PromptLayout, PromptTextEncoder, PromptTokenizer, deep_splice, run_hf_layer,
-                            special_token_frame, splice)
-from .vision_encoders import OpenClipVisionEncoder, PromptVisionEncoder, append_prompts, replace_last_prompts
+from open_clip.transformer import VisionTransformer as OpenClipViT
+from timm.models.vision_transformer import VisionTransformer
+from transformers.masking_utils import create_bidirectional_mask
+
+from ...base import Backbone, pool_text
+from ...prompting import (PromptLayout, PromptTextEncoder, PromptTokenizer, PromptVisionEncoder, append_prompts,
+                          deep_splice, replace_last_prompts, run_hf_layer, special_token_frame, splice)
+from ..open_clip.prompts import OpenClipVisionEncoder
 
 BERT_LIKE_TYPES = ("bert", "roberta", "xlm-roberta")
 """``config.model_type`` of text encoders with BERT's layout (``embeddings`` taking ``inputs_embeds``,
@@ -29,7 +33,7 @@ absolute positions, ``encoder.layer``) whose layer-by-layer forward here equals 
 class BertLikeTextEncoder(PromptTextEncoder):
     """A dual encoder's BERT-like text tower, its pooling and its ``text_projection``."""
 
-    def __init__(self, backbone: DualEncoder, method: str):
+    def __init__(self, backbone: Backbone, method: str):
         text = backbone.text
         settings = backbone.config_dict()
         model_type = getattr(text.config, "model_type", type(text).__name__)
@@ -59,8 +63,6 @@ class BertLikeTextEncoder(PromptTextEncoder):
 
     def encode(self, layout: PromptLayout, ctx: torch.Tensor,
                deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
         self._check_depth(deep_prompts)
         x = splice(self.token_embeddings(layout.ids), layout.ctx_positions, ctx)
         x = self.text.embeddings(inputs_embeds=x)
@@ -76,8 +78,6 @@ class TimmVisionEncoder(PromptVisionEncoder):
     """timm ``VisionTransformer`` (patch_embed, _pos_embed, norm_pre, blocks, norm, forward_head)."""
 
     def __init__(self, trunk: nn.Module, method: str):
-        from timm.models.vision_transformer import VisionTransformer
-
         if not isinstance(trunk, VisionTransformer):
             raise NotImplementedError(f"method {method!r}: vision prompts on a timm image tower need a timm "
                                       f"VisionTransformer; this model's is a {type(trunk).__name__}")
@@ -109,9 +109,7 @@ class TimmVisionEncoder(PromptVisionEncoder):
 class DualEncoderVisionEncoder(PromptVisionEncoder):
     """A dual encoder's image tower (timm ViT or open_clip visual) and its ``image_projection``."""
 
-    def __init__(self, backbone: DualEncoder, method: str):
-        from open_clip.transformer import VisionTransformer as OpenClipViT
-
+    def __init__(self, backbone: Backbone, method: str):
         trunk = backbone.vision.trunk
         if isinstance(trunk, OpenClipViT):
             self.tower: PromptVisionEncoder = OpenClipVisionEncoder(trunk, method)

@@ -5,13 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import difflib
+
 import open_clip
 import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
 
-from .base import Backbone, PreprocessConfig, Tokens
-from .factory import ModelConfig, register_backbone
+from ...base import (Backbone, PreprocessConfig, TokenFeatures, Tokens, TowerPreset, WrappedModelTemperature,
+                     all_tokens_mask)
+from ...factory import ModelConfig, register_backbone
+from .export import write_open_clip
+from .prompts import OpenClipTextEncoder, OpenClipVisionEncoder
+from .text_trim import encode_text_trimmed, eos_positions, project_text, text_tokens_trimmed
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "model_configs"
+OPEN_CLIP_BLOCK = TowerPreset("open_clip", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
+                              ("mlp.c_fc", "mlp.c_proj"), split_attention="attn")
+"""open_clip's ``ResidualAttentionBlock``: its ``nn.MultiheadAttention`` is split into Linear layers first."""
 PICKLED_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -42,7 +53,7 @@ class OpenClipTokenize:
 
 
 @register_backbone("open_clip")
-class OpenClipBackbone(Backbone):
+class OpenClipBackbone(WrappedModelTemperature, Backbone):
     """An open_clip CLIP / SigLIP / CustomTextCLIP model behind the kit's interface."""
 
     def __init__(self, cfg: ModelConfig):
@@ -51,8 +62,6 @@ class OpenClipBackbone(Backbone):
             raise ValueError("model.name: an open_clip architecture (for example ViT-B-32) or hf-hub:ORG/NAME is required")
         known = open_clip.list_models()
         if not cfg.name.startswith(("hf-hub:", "local-dir:")) and cfg.name not in known:
-            import difflib
-
             close = difflib.get_close_matches(cfg.name, known, n=3)
             raise ValueError(f"model.name {cfg.name!r} is not an open_clip architecture; closest: {close}")
         if Path(cfg.pretrained).suffix in PICKLED_SUFFIXES:
@@ -79,14 +88,6 @@ class OpenClipBackbone(Backbone):
                                "text": text_blocks}
 
     @property
-    def logit_scale(self) -> torch.nn.Parameter:  # type: ignore[override]
-        return self.model.logit_scale
-
-    @property
-    def logit_bias(self) -> torch.nn.Parameter | None:  # type: ignore[override]
-        return getattr(self.model, "logit_bias", None)
-
-    @property
     def embed_dim(self) -> int:
         return int(self.model.visual.output_dim)
 
@@ -95,9 +96,48 @@ class OpenClipBackbone(Backbone):
 
     def _text_features(self, tokens: Tokens) -> torch.Tensor:
         # same features and gradients as encode_text, without running the padding after end-of-text
-        from ..train.speed import encode_text_trimmed
-
         return encode_text_trimmed(self.model, tokens["input_ids"])
+
+    # --- family interface -----------------------------------------------------------------
+    export_formats = ("open_clip",)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> TokenFeatures:
+        return vit_image_tokens(self.model.visual, images)
+
+    def encode_text_tokens(self, tokens: Tokens) -> TokenFeatures:
+        clip, ids = self.model, tokens["input_ids"]
+        if not hasattr(clip, "token_embedding"):
+            raise NotImplementedError(f"text tokens need an open_clip CLIP text transformer; {self._cfg.name!r} is a "
+                                      f"{type(clip).__name__} with a separate text module")
+        hidden = project_text(clip, text_tokens_trimmed(clip, ids))
+        index = eos_positions(clip, ids)
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        mask = positions.unsqueeze(0) <= index.unsqueeze(1)  # causal: tokens after end-of-text are padding
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+        return TokenFeatures(hidden, mask, pooled, "eos", index)
+
+    def prompt_text_encoder(self, method: str) -> OpenClipTextEncoder:
+        return OpenClipTextEncoder(self, method)
+
+    def prompt_vision_encoder(self, method: str) -> OpenClipVisionEncoder:
+        return OpenClipVisionEncoder(self.model.visual, method)
+
+    def lora_preset(self, tower: str) -> TowerPreset:
+        return OPEN_CLIP_BLOCK
+
+    def patch_embedding(self) -> tuple[nn.Module, str]:
+        if not hasattr(self.model.visual, "conv1"):
+            return super().patch_embedding()
+        return self.model.visual, "conv1"
+
+    def write_export(self, fmt: str, folder: Path, trained_names: list[str]) -> None:
+        write_open_clip(self, folder)
+
+    @classmethod
+    def config_from_folder(cls, folder: Path) -> ModelConfig | None:
+        if (folder / "open_clip_config.json").is_file():
+            return ModelConfig(kind="open_clip", name=f"local-dir:{folder}")
+        return None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -116,3 +156,18 @@ def _first_block_list_prefix(module: torch.nn.Module, prefix: str) -> str:
     if best_len < 0:
         return prefix + "<no blocks>."
     return f"{prefix}{best_name}."
+
+
+def vit_image_tokens(visual: nn.Module, images: torch.Tensor) -> TokenFeatures:
+    """Final-layer tokens of an open_clip ``VisionTransformer`` after ``ln_post`` and ``proj``."""
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+        raise NotImplementedError(f"image tokens need an open_clip VisionTransformer without attention pooling; "
+                                  f"this image tower is a {type(visual).__name__}")
+    x = visual.transformer(visual._embeds(images))
+    pooled, _ = visual._pool(x)
+    tokens = visual.ln_post(x)
+    if visual.proj is not None:
+        pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+    first = visual.pool_type == "tok" and not visual.final_ln_after_pool
+    return TokenFeatures(tokens, all_tokens_mask(tokens), pooled, "first" if first else "head")
+

@@ -11,20 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_safetensors_into
-from .dual_encoder import DualEncoder
-from .factory import ModelConfig, register_backbone
+import domainclip.model_cards as cards
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-# dual-encoder fields a compact-base folder's config.json may set
-SPEC_FIELDS = ("vision", "vision_kwargs", "text", "text_pooling", "embed_dim", "projection", "text_projection",
-               "context_length", "preprocess")
+from ....checkpoint import load_safetensors_into
+from ...factory import ModelConfig, register_backbone
+from .backbone import DualEncoder
+from .export import CONFIG_FILE, SPEC_FIELDS, WEIGHTS_FILE
 
 
 def default_folder() -> Path:
-    import domainclip.model_cards as cards
-
     return Path(next(iter(cards.__path__))) / "compact_base"
 
 

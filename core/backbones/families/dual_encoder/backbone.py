@@ -8,15 +8,28 @@ package, small ViT image tower trained by the kit).
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+import open_clip
+import timm
 import torch
+from open_clip.transformer import VisionTransformer as OpenClipViT
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
 
-from .base import Backbone, HFTokenize, PreprocessConfig, Tokens, set_hf_checkpointing
-from .factory import ModelConfig, register_backbone
+from ...base import (Backbone, HFTokenize, PreprocessConfig, TokenFeatures, Tokens, TowerPreset, all_tokens_mask,
+                     pool_text, set_hf_checkpointing)
+from ...factory import ModelConfig, register_backbone
+from ..open_clip.backbone import OPEN_CLIP_BLOCK, preprocess_from_open_clip, vit_image_tokens
+from .export import CONFIG_FILE, WEIGHTS_FILE, trains_text_tower, write_dual_encoder
+from .prompts import BertLikeTextEncoder, DualEncoderVisionEncoder
+
+TIMM_VIT_BLOCK = TowerPreset("timm_vit", ("attn.qkv", "attn.proj"), ("mlp.fc1", "mlp.fc2"))
+BERT_LAYER = TowerPreset("bert", ("attention.self.query", "attention.self.key", "attention.self.value",
+                                  "attention.output.dense"), ("intermediate.dense", "output.dense"))
 
 
 def resolve_text_path(spec: str) -> str:
@@ -36,14 +49,6 @@ def resolve_text_path(spec: str) -> str:
     return str(folder)
 
 
-def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Sentence pooling: [CLS] (``cls``) or the mean over real tokens (``mean``, sentence-transformers)."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
-
-
 def build_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     if kind == "identity":
         if in_dim != out_dim:
@@ -60,8 +65,6 @@ def build_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
 class _TimmVision(nn.Module):
     def __init__(self, name: str, pretrained: bool, kwargs: dict[str, Any]):
         super().__init__()
-        import timm
-
         self.trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         self.output_dim = int(self.trunk.num_features)
         data_cfg = timm.data.resolve_data_config({}, model=self.trunk)
@@ -81,10 +84,6 @@ class _TimmVision(nn.Module):
 class _OpenClipVision(nn.Module):
     def __init__(self, arch: str, pretrained: str):
         super().__init__()
-        import open_clip
-
-        from .open_clip import MODEL_CONFIG_DIR, preprocess_from_open_clip  # noqa: F401  (registers configs)
-
         model = open_clip.create_model(arch, pretrained=pretrained or None)
         self.trunk = model.visual
         self.output_dim = int(self.trunk.output_dim)
@@ -115,8 +114,6 @@ class DualEncoder(Backbone):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-
         if not cfg.vision or not cfg.text:
             raise ValueError("model.vision and model.text are both required for kind 'dual_encoder'")
         if cfg.text_pooling not in ("mean", "cls"):
@@ -156,6 +153,65 @@ class DualEncoder(Backbone):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)
         set_hf_checkpointing(self.text, enable)
+
+    # --- family interface -----------------------------------------------------------------
+    export_formats = ("dual_encoder",)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> TokenFeatures:
+        trunk = self.vision.trunk
+        if isinstance(trunk, OpenClipViT):
+            inner = vit_image_tokens(trunk, images)
+            tokens, pooled, pooling = inner.tokens, inner.pooled, inner.pooling
+        else:  # timm: forward_features ends with the final norm; forward_head pools (and may norm again)
+            hidden = trunk.forward_features(images)
+            tokens, pooled = hidden, trunk.forward_head(hidden, pre_logits=True)
+            pooling = "first" if getattr(trunk, "global_pool", "") == "token" and isinstance(
+                getattr(trunk, "fc_norm", None), nn.Identity) else "head"
+        projected = self.image_projection(tokens)
+        return TokenFeatures(projected, all_tokens_mask(projected), self.image_projection(pooled), pooling)
+
+    def encode_text_tokens(self, tokens: Tokens) -> TokenFeatures:
+        ids, mask = tokens["input_ids"], tokens.get("attention_mask")
+        hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        pooled = self.text_projection(pool_text(hidden, mask, self._cfg.text_pooling))
+        linear = isinstance(self.text_projection, (nn.Linear, nn.Identity))
+        pooling = "first" if self._cfg.text_pooling == "cls" else ("mean" if linear else "head")
+        return TokenFeatures(self.text_projection(hidden), mask.bool(), pooled, pooling)
+
+    def prompt_text_encoder(self, method: str) -> BertLikeTextEncoder:
+        return BertLikeTextEncoder(self, method)
+
+    def prompt_vision_encoder(self, method: str) -> DualEncoderVisionEncoder:
+        return DualEncoderVisionEncoder(self, method)
+
+    def lora_preset(self, tower: str) -> TowerPreset:
+        if tower == "text":
+            return BERT_LAYER
+        return OPEN_CLIP_BLOCK if isinstance(self.vision.trunk, OpenClipViT) else TIMM_VIT_BLOCK
+
+    def patch_embedding(self) -> tuple[nn.Module, str]:
+        trunk = self.vision.trunk
+        if hasattr(getattr(trunk, "patch_embed", None), "proj"):  # timm ViT
+            return trunk.patch_embed, "proj"
+        if hasattr(trunk, "conv1"):  # open_clip visual
+            return trunk, "conv1"
+        return super().patch_embedding()
+
+    def write_export(self, fmt: str, folder: Path, trained_names: list[str]) -> None:
+        write_dual_encoder(self, folder, trains_text_tower(trained_names))
+
+    @classmethod
+    def config_from_folder(cls, folder: Path) -> ModelConfig | None:
+        config_file = folder / CONFIG_FILE
+        if not (config_file.is_file() and (folder / WEIGHTS_FILE).is_file()):
+            return None
+        try:
+            spec = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+        return ModelConfig(kind="compact_base", name=str(folder)) if "vision" in spec else None
 
     def config_dict(self) -> dict[str, Any]:
         keys = ("vision", "vision_pretrained", "vision_kwargs", "text", "text_pooling", "embed_dim",

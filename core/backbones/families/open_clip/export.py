@@ -18,9 +18,8 @@ from typing import Any
 import open_clip
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 
-from ..backbones.base import Backbone, PreprocessConfig
-from ..checkpoint import atomic_write_text, save_tensors
-from .common import require_rgb
+from ...base import Backbone, PreprocessConfig, require_rgb
+from ....checkpoint import atomic_write_text, save_tensors
 
 HF_HUB_PREFIX = "hf-hub:"
 

@@ -21,12 +21,15 @@ from typing import Any
 
 import torch
 
-from ..backbones.base import Backbone
-from ..backbones.compact_base import CONFIG_FILE, SPEC_FIELDS, WEIGHTS_FILE
-from ..checkpoint import atomic_write_text, save_tensors
-from .common import require_rgb
+from ....checkpoint import atomic_write_text, save_tensors
+from ...base import Backbone, require_rgb
 
 TEXT_PREFIX = "text."
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SPEC_FIELDS = ("vision", "vision_kwargs", "text", "text_pooling", "embed_dim", "projection", "text_projection",
+               "context_length", "preprocess")
+"""Dual-encoder fields a compact-base folder's ``config.json`` may set."""
 
 
 def write_dual_encoder(model: Backbone, out: Path, text_trained: bool) -> None:

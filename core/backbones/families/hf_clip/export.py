@@ -8,7 +8,7 @@ so that ``AutoProcessor`` loads both. It works with::
     transformers.pipeline("zero-shot-image-classification", model=DIR)
     transformers.AutoModel.from_pretrained(DIR); transformers.AutoProcessor.from_pretrained(DIR)
 
-Only runs whose backbone is a transformers CLIP/SigLIP (``model.kind: hf``) export to this
+Runs whose backbone is a transformers CLIP/SigLIP (``model.kind: hf``) or SigLIP 2 export to this
 format; an open_clip backbone exports with ``--format open_clip``.
 """
 from __future__ import annotations
@@ -16,22 +16,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..backbones.base import Backbone, PreprocessConfig
-from .common import require_rgb
+from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor,
+                          SiglipProcessor)
+
+from ...base import Backbone, PreprocessConfig, require_rgb
 
 # PIL resampling codes, as transformers image processors store them
 RESAMPLE = {"bilinear": 2, "bicubic": 3}
-# model types whose processors this module writes (SigLIP 2's patch-based processor is not covered)
-EXPORTED_MODEL_TYPES = ("clip", "siglip")
+_RESAMPLE_NAMES = {code: name for name, code in RESAMPLE.items()}
+
+
+def preprocess_from_image_processor(processor: Any, overrides: dict[str, Any]) -> PreprocessConfig:
+    """Read size, mean, std and filter from a CLIP/SigLIP image processor."""
+    size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = size or processor.size
+    if "shortest_edge" in size:
+        image_size, mode = size["shortest_edge"], "shortest"
+    else:
+        image_size, mode = size["height"], "squash"
+    if getattr(processor, "do_center_crop", False):
+        mode = "shortest"
+    resample = getattr(processor, "resample", 3)
+    values = {
+        "image_size": int(image_size),
+        "mean": tuple(processor.image_mean),
+        "std": tuple(processor.image_std),
+        "interpolation": _RESAMPLE_NAMES.get(int(getattr(resample, "value", resample)), "bicubic"),
+        "resize_mode": mode,
+    }
+    values.update(overrides)
+    return PreprocessConfig(**values)
 
 
 def image_processor_for(preprocess: PreprocessConfig, source: Any) -> Any:
     """An image processor of ``source``'s class (CLIPImageProcessor when it cannot centre-crop)
     whose resizing, cropping and normalisation are exactly ``preprocess``."""
-    from transformers import CLIPImageProcessor
-
-    from ..backbones.hf import preprocess_from_image_processor
-
     settings = {k: v for k, v in source.to_dict().items() if k not in ("image_processor_type", "processor_class")}
     size = preprocess.image_size
     settings.update(image_mean=list(preprocess.mean), image_std=list(preprocess.std),
@@ -52,22 +71,22 @@ def image_processor_for(preprocess: PreprocessConfig, source: Any) -> Any:
     return processor
 
 
-def write_hf(model: Backbone, out: Path) -> None:
-    """Write ``model`` (an ``hf`` backbone without adapters) into folder ``out``."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+def write_hf(model: Backbone, out: Path, processor_class: type | None = None,
+             image_processor: Any = None) -> None:
+    """Write ``model`` (a transformers backbone without adapters) into folder ``out``.
 
+    ``processor_class`` defaults to CLIPProcessor / SiglipProcessor by model type, and the image
+    processor to one that applies the run's preprocessing (:func:`image_processor_for`); a family
+    with its own processor (SigLIP 2) passes both.
+    """
     require_rgb(model.preprocess, "hf")
-    model_type = model.model.config.model_type
-    if model_type not in EXPORTED_MODEL_TYPES:
-        raise ValueError(f"transformers export: a {model_type!r} model; the hf format is written for "
-                         f"{list(EXPORTED_MODEL_TYPES)} models (use --format adapter)")
     config = model.config_dict()
     revision = {"revision": config["revision"]} if config.get("revision") else {}
-    source_processor = AutoImageProcessor.from_pretrained(config["name"], **revision)
-    image_processor = image_processor_for(model.preprocess, source_processor)
+    if image_processor is None:
+        image_processor = image_processor_for(model.preprocess, AutoImageProcessor.from_pretrained(config["name"], **revision))
     tokenizer = AutoTokenizer.from_pretrained(config["name"], **revision, **tokenizer_settings(model))
     model.model.save_pretrained(out)
-    processor_class = _processor_class(model_type)
+    processor_class = processor_class or (SiglipProcessor if model.is_siglip else CLIPProcessor)
     processor = processor_class(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(out)
     AutoProcessor.from_pretrained(out)  # fail here, not in the user's hands, if the folder does not load
@@ -81,9 +100,3 @@ def tokenizer_settings(model: Backbone) -> dict[str, Any]:
     if model.is_siglip:
         settings["model_input_names"] = ["input_ids"]
     return settings
-
-
-def _processor_class(model_type: str) -> type:
-    from transformers import CLIPProcessor, SiglipProcessor
-
-    return SiglipProcessor if model_type.startswith("siglip") else CLIPProcessor
