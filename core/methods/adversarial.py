@@ -75,7 +75,12 @@ class AdversarialConfig(MethodConfig):
 
 @dataclass
 class FareConfig(AdversarialConfig):
-    """FARE. ``clean_weight``: weight of the clean image's distance in the loss (RobustVLM: 0)."""
+    """FARE: adversarial embeddings kept close to the frozen original encoder's clean embeddings.
+
+    Attributes:
+        clean_weight: weight of the clean image's distance in the loss, the adversarial one gets
+            ``1 - clean_weight`` (RobustVLM: 0).
+    """
 
     name: str = "fare"
     clean_weight: float = 0.0

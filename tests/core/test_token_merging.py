@@ -18,7 +18,7 @@ from domainclip.core.token_merging import (TokenMergingConfig, apply_token_mergi
 from domainclip.core.train.evaluation import run_eval_tasks
 from domainclip.core.zeroshot import ZeroShotClassifier
 
-from .test_backbones import dual_config, save_tiny_hf
+from ..tiny_models import dual_config, save_tiny_hf
 
 REPO = Path(__file__).resolve().parents[2]
 APPLE = REPO / "recipes" / "sample_data" / "plantvillage_apple"
@@ -31,12 +31,13 @@ def build(family: str, tmp_path: Path) -> nn.Module:
     elif family == "timm":
         cfg = dual_config()
     else:
-        cfg = ModelConfig(kind="hf", name=str(save_tiny_hf(tmp_path / family, family)))
+        folder = str(save_tiny_hf(tmp_path / family, family, patch_size=8))
+        cfg = ModelConfig(kind="siglip2" if family == "siglip2" else "hf", name=folder)
     return create_backbone(cfg).eval()
 
 
-FAMILIES = ["open_clip", "clip", "siglip", "timm"]
-PROTECTED = {"open_clip": 1, "clip": 1, "siglip": 0, "timm": 1}  # SigLIP has no class token
+FAMILIES = ["open_clip", "clip", "siglip", "siglip2", "timm"]
+PROTECTED = {"open_clip": 1, "clip": 1, "siglip": 0, "siglip2": 0, "timm": 1}  # SigLIP (2) has no class token
 
 
 def test_r_zero_is_exactly_the_unmerged_model(tmp_path: Path) -> None:
