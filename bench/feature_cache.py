@@ -20,6 +20,10 @@ run uses the loop as a user would; the script only adds timestamps at epoch ends
     python bench/feature_cache.py                      # 318 images, ViT-B-32, CPU
     python bench/feature_cache.py --images 128 --repeats 5 --json results.json
 
+The first and the later passes cannot alternate (the cache is empty only once); the 1-minute
+load average is recorded around each method's runs, and above half the core count (1.0 on 2
+cores) nothing is written (exit status 3).
+
 The shared data (``../shared/data`` or ``$DOMAINCLIP_SHARED_DATA``) must hold
 ``agriculture/plantvillage_apple``; without it the script says so and exits with status 0.
 """
@@ -39,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from measure import LoadLog, finish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["a photo of a {}, a type of apple leaf."]
@@ -157,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="domainclip_cache_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     results = []
+    load = LoadLog()
     try:
         # one unmeasured small run first, so no measured run pays for first-time imports (scikit-learn,
         # Accelerate's lazy modules) or allocator warm-up
         run_recipe(recipe({"name": "linear_probe", "cache_dir": str(work / "cache_warmup")}, "warmup", work / "runs",
                           manifest, 2 * args.batch_size, args.model, args.batch_size, args.workers, epochs=1))
         for name in args.methods.split(","):
-            result = bench_projector(args, manifest, work) if name == "projector" else bench_closed_form(
-                name, args, manifest, work)
+            with load.around(name, 0):
+                result = bench_projector(args, manifest, work) if name == "projector" else bench_closed_form(
+                    name, args, manifest, work)
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
@@ -179,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"whole fit; features {result['features_s'][0]:.2f} s -> {statistics.median(result['features_s'][1:]):.2f} s, "
                 f"rest {result['fit_s'][0]:.2f} s -> {statistics.median(result['fit_s'][1:]):.2f} s")
         print(f"{result['method']:<14}{result['first_s']:>11.2f}{result['second_s']:>12.2f}{result['ratio']:>7.0f}x   {what}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "images": args.images, "model": args.model,
-                                               "machine": platform.platform(), "cpus": os.cpu_count(),
-                                               "torch_threads": torch.get_num_threads()}, indent=2))
-    return 0
+    return finish({"results": results, "images": args.images, "model": args.model, "machine": platform.platform(),
+                   "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "command": " ".join(["python", *sys.argv])}, load, args.json)
 
 
 if __name__ == "__main__":

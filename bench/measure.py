@@ -1,20 +1,95 @@
-"""Measurement helpers for the benchmarks: process-tree memory, matmul peak, training FLOPs.
+"""Measurement helpers for the benchmarks: load-average guard, process-tree memory, matmul peak,
+training and encoding FLOPs.
 
 Kept apart from the benchmark drivers so each driver reads as "what is compared" while this
 file holds "how a number is measured".
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 import torch
+
+
+REFUSED_EXIT = 3
+"""Exit status of a bench that ran but refused to record its figures (the machine was busy)."""
+
+
+def load_limit(cpus: int | None = None) -> float:
+    """Highest 1-minute load average at which a speed figure is taken: half the cores (1.0 on 2)."""
+    return 0.5 * (cpus or os.cpu_count() or 1)
+
+
+@dataclass
+class LoadSample:
+    """The 1-minute load average just before and just after one contender's timed run."""
+
+    contender: str
+    round: int
+    before: float
+    after: float
+
+
+@dataclass
+class LoadLog:
+    """Load averages around every contender of a bench, and whether its figures may be recorded.
+
+    Every speed bench wraps each timed contender run in :meth:`around`; :func:`finish` then
+    writes the result only when no sample exceeded ``limit`` (see :func:`load_limit`).
+    """
+
+    limit: float = field(default_factory=load_limit)
+    samples: list[LoadSample] = field(default_factory=list)
+
+    @contextmanager
+    def around(self, contender: str, round_index: int) -> Iterator[None]:
+        before = os.getloadavg()[0]
+        yield
+        self.samples.append(LoadSample(contender, round_index, round(before, 2), round(os.getloadavg()[0], 2)))
+
+    def too_high(self) -> list[LoadSample]:
+        return [s for s in self.samples if max(s.before, s.after) > self.limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        highest = max((max(s.before, s.after) for s in self.samples), default=0.0)
+        return {"limit": self.limit, "cpus": os.cpu_count(), "highest": highest, "quiet": not self.too_high(),
+                "samples": [asdict(s) for s in self.samples]}
+
+
+def alternating(contenders: list[str], round_index: int) -> list[str]:
+    """Contender order of a round: as given in even rounds, reversed in odd ones (A B C, C B A)."""
+    return list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
+
+
+def finish(result: dict[str, Any], load: LoadLog, json_path: str = "") -> int:
+    """Attach the load log to ``result``, print it, and write ``json_path`` only on a quiet machine.
+
+    Returns 0, or :data:`REFUSED_EXIT` when a load sample exceeded the limit: the numbers printed
+    are then not a measurement, nothing is written, and the bench must be rerun later.
+    """
+    result["load_average_1min"] = load.to_dict()
+    print(json.dumps(result, indent=2))
+    busy = load.too_high()
+    if busy:
+        worst = max(busy, key=lambda s: max(s.before, s.after))
+        print(f"REFUSED: the 1-minute load average reached {max(worst.before, worst.after):.2f} around "
+              f"{worst.contender} (round {worst.round}); the limit on this {os.cpu_count()}-core machine is "
+              f"{load.limit:.1f}. These figures are not a measurement and were not written; rerun on a quiet "
+              "machine.")
+        return REFUSED_EXIT
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return 0
 
 
 @dataclass
@@ -131,27 +206,47 @@ def run_measured(command: list[str], output_path: Path, cwd: Path, env: dict[str
 
 
 def matmul_peak_flops(dtype_name: str = "bfloat16", sizes: tuple[int, ...] = (1024, 2048, 3072, 4096),
-                      repeats: int = 10) -> dict[str, Any]:
-    """Best FLOP/s of large square matmuls on the CPU with torch's default thread count.
+                      repeats: int = 10, device: str = "cpu") -> dict[str, Any]:
+    """Best FLOP/s of large square matmuls on ``device`` (CPU: torch's default thread count).
 
     The best of ``repeats`` per size (the least disturbed by other work on the machine), then the
-    best size, is the machine's practical peak for that dtype.
+    best size, is the machine's practical peak for that dtype; MFU figures divide by it.
     """
     dtype = getattr(torch, dtype_name)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        sizes = tuple(sorted(set(sizes) | {8192}))
     per_size: dict[int, float] = {}
     for size in sizes:
         generator = torch.Generator().manual_seed(size)
-        left = torch.randn(size, size, generator=generator).to(dtype)
-        right = torch.randn(size, size, generator=generator).to(dtype)
-        left @ right  # warm-up: oneDNN/MKL pick and cache their kernels
+        left = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+        right = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+        left @ right  # warm-up: oneDNN/MKL/cuBLAS pick and cache their kernels
         best = float("inf")
         for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
             started = time.perf_counter()
             left @ right
+            if cuda:
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - started)
         per_size[size] = 2 * size**3 / best
-    return {"dtype": dtype_name, "threads": torch.get_num_threads(), "flops_per_s": max(per_size.values()),
+    return {"dtype": dtype_name, "device": device, "threads": torch.get_num_threads(),
+            "flops_per_s": max(per_size.values()),
             "per_size_flops_per_s": {str(k): v for k, v in per_size.items()}, "repeats": repeats}
+
+
+def forward_flops(step: Callable[[], Any]) -> int:
+    """Model FLOPs (matmuls, convolutions, attention) of one call of ``step``, without autograd."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops})
+    with counter, torch.no_grad():
+        step()
+    return int(counter.get_total_flops())
 
 
 def _count_flops(step: Callable[[], torch.Tensor]) -> tuple[int, dict[str, int]]:
@@ -227,3 +322,29 @@ def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
     from torch.utils.flop_counter import sdpa_backward_flop_count
 
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+QUIET_LOAD = 1.0
+"""Speed results are written only when the 1-minute load average stayed at or below this."""
+
+
+def load_1min() -> float:
+    """The machine's 1-minute load average (other work competing for the cores)."""
+    return os.getloadavg()[0]
+
+
+def write_if_quiet(path: str | Path | None, results: dict[str, Any], loads: dict[str, float]) -> bool:
+    """Write ``results`` (with the ``loads`` recorded around each contender) as JSON to ``path``,
+    unless a load average exceeded ``QUIET_LOAD``: then print why and write nothing."""
+    import json
+
+    results = {**results, "load_average_1min": loads}
+    print(json.dumps(results, indent=2))
+    busy = {name: value for name, value in loads.items() if value > QUIET_LOAD}
+    if busy:
+        print(f"NOT WRITTEN: load average above {QUIET_LOAD} at {busy}; rerun on a quiet machine")
+        return False
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written: {path}")
+    return True

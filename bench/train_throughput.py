@@ -16,6 +16,10 @@ achieved fraction of peak.
 
     python bench/train_throughput.py                     # defaults: 2 rounds, 12 steps, batch 32
     python bench/train_throughput.py --rounds 3 --json results.json
+    python bench/train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --skip-peak
+
+The 1-minute load average is recorded around every trainer run; above half the core count (1.0
+on 2 cores) the figures are printed but not written, and the exit status is 3.
 
 The shared data (``../shared/data`` or ``$DOMAINCLIP_SHARED_DATA``) must hold
 ``remote_sensing/rsicd``; without it the script says so and exits with status 0 (skipped).
@@ -37,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from measure import ProcessRun, matmul_peak_flops, run_measured, training_flops
+from measure import LoadLog, ProcessRun, finish, matmul_peak_flops, run_measured, training_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BAD_RSICD_IMAGES = ("viaduct_99.jpg",)  # truncated in the source release (see shared/data/README.md)
@@ -99,6 +103,7 @@ class BenchSettings:
     steps: int = 12
     warmup_steps: int = 4
     seed: int = 0
+    device: str = "cpu"
 
 
 def domainclip_command(settings: BenchSettings, manifest: CsvManifest, out_dir: Path, name: str,
@@ -112,7 +117,7 @@ def domainclip_command(settings: BenchSettings, manifest: CsvManifest, out_dir: 
                            "caption_key": CSV_CAPTION_KEY},
                  "batch_size": settings.batch_size, "num_workers": settings.workers},
         "train": {"max_steps": settings.steps, "precision": "bf16", "log_every": 1, "tensorboard": False,
-                  "progress": False, "cpu": True, "resume": "never", "seed": settings.seed, "warmup_steps": 0,
+                  "progress": False, "cpu": settings.device == "cpu", "resume": "never", "seed": settings.seed, "warmup_steps": 0,
                   "lr": OPTIMIZER["lr"], "weight_decay": OPTIMIZER["weight_decay"],
                   "betas": [OPTIMIZER["beta1"], OPTIMIZER["beta2"]], "eps": OPTIMIZER["eps"],
                   "grad_clip": OPTIMIZER["grad_clip"]},
@@ -132,7 +137,7 @@ def open_clip_train_command(settings: BenchSettings, manifest: CsvManifest, out_
         "--csv-img-key", CSV_IMAGE_KEY, "--csv-caption-key", CSV_CAPTION_KEY,
         "--train-num-samples", str(manifest.rows),
         "--model", settings.model, "--batch-size", str(settings.batch_size), "--precision", "amp_bf16",
-        "--workers", str(settings.workers), "--epochs", "1", "--device", "cpu", "--seed", str(settings.seed),
+        "--workers", str(settings.workers), "--epochs", "1", "--device", settings.device, "--seed", str(settings.seed),
         "--lr", str(OPTIMIZER["lr"]), "--wd", str(OPTIMIZER["weight_decay"]), "--beta1", str(OPTIMIZER["beta1"]),
         "--beta2", str(OPTIMIZER["beta2"]), "--eps", str(OPTIMIZER["eps"]), "--warmup", "0",
         "--grad-clip-norm", str(OPTIMIZER["grad_clip"]),
@@ -364,6 +369,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers (both trainers)")
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both trainers)")
     parser.add_argument("--work-dir", default="", help="keep runs and logs here (default: a temporary folder, deleted)")
     parser.add_argument("--json", default="", help="write all numbers to this JSON file")
     parser.add_argument("--only", choices=TRAINERS, default=None, help="run one trainer only (no ratio); for profiling")
@@ -384,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
               f"set DOMAINCLIP_SHARED_DATA to the shared data folder", file=sys.stderr)
         return 0
     settings = BenchSettings(model=args.model, batch_size=args.batch_size, workers=args.workers,
-                             steps=args.steps, warmup_steps=args.warmup_steps)
+                             steps=args.steps, warmup_steps=args.warmup_steps, device=args.device)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="domainclip_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -392,11 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_rsicd_csv(rsicd, work / "rsicd_train.csv", settings.steps * settings.batch_size)
         print(f"CSV: {manifest.path} ({manifest.rows} rows; skipped {manifest.skipped})", flush=True)
         runs: list[TrainerRun] = []
+        load = LoadLog()
         for round_index in range(args.rounds):
             for trainer in trainer_order(round_index):
                 if args.only and trainer != args.only:
                     continue
-                run = run_trainer(trainer, round_index, settings, manifest, work, env, args.ours_override)
+                with load.around(trainer, round_index):
+                    run = run_trainer(trainer, round_index, settings, manifest, work, env, args.ours_override)
                 runs.append(run)
                 print(f"round {round_index} {trainer}: {run.samples_per_s:.2f} samples/s, peak tree RSS "
                       f"{run.peak_tree_rss_mib:.0f} MiB, PSS {run.peak_tree_pss_mib:.0f} MiB, "
@@ -412,17 +420,16 @@ def main(argv: list[str] | None = None) -> int:
             result["ratio"] = result["summary"]["domainclip"]["samples_per_s_mean"] / \
                 result["summary"]["open_clip_train"]["samples_per_s_mean"]
         if not args.skip_peak:
-            result["matmul_peak"] = matmul_peak_flops("bfloat16")
+            result["matmul_peak"] = matmul_peak_flops("bfloat16", device=settings.device)
             result["training_flops"] = training_flops(settings.model, measured_caption_batches(manifest, settings))
         if not args.only and not args.skip_peak:
             print(format_table(runs, result["summary"], result["per_round_ratio"], result["training_flops"],
                                result["matmul_peak"]))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        status = finish(result, load, args.json)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -7,20 +7,26 @@ download; a random tower costs what a pretrained one costs) saved with ``save_pr
 images (PlantVillage apple test leaves, 256x256 JPEG, read from disk by every contender), the same
 four labels and the pipeline's own prompt ("This is a photo of {}.") go to:
 
-* ``transformers.pipeline("zero-shot-image-classification", model=FOLDER)`` called as its
-  documentation shows (a list of image paths, ``candidate_labels``; default batch size);
-* ``ZeroShotClassifier.from_pretrained(FOLDER)`` (torch, batches of ``--batch-size``);
-* ``OnnxZeroShotClassifier`` on the file ``export_onnx`` writes for the four labels (onnxruntime);
-* ``ZeroShotClassifier`` with ``batch_size=1``: labels encoded once, but one image per forward pass
-  (separates the gain of not re-encoding the labels from the gain of batching).
+* ``transformers.pipeline("zero-shot-image-classification", model=FOLDER, dtype=D)`` called with
+  the list of image paths, ``candidate_labels`` and ``batch_size=--batch-size``,
+  ``num_workers=--workers`` (the same batch size and decode parallelism as the kit);
+* ``ZeroShotClassifier.from_pretrained(FOLDER, precision=P)`` (torch, batches of ``--batch-size``,
+  ``--workers`` decode threads overlapping the forward pass);
+* ``OnnxZeroShotClassifier`` on the file ``export_onnx`` writes for the four labels (onnxruntime,
+  fp32: only when ``--precision fp32``).
 
-Rounds alternate pipeline, torch, ONNX, torch batch 1 so load drift hits all alike; each round of
-``ZeroShotClassifier`` starts with an empty text-classifier cache (it encodes the labels once per
-round, the pipeline once per image). An unmeasured warm-up call of each comes first. Images/s is
-images over the wall-clock seconds of one full call; the ratio is of the medians over rounds.
+Peers get the same batch size, decode workers, torch threads and precision (``--precision fp32``
+or ``bf16``: the pipeline's ``dtype`` and the kit's ``precision``). Rounds alternate the order
+(A B C, C B A, ...) so load drift hits all alike; each round of ``ZeroShotClassifier`` starts
+with an empty text-classifier cache (it encodes the labels once per round, the pipeline once per
+image). An unmeasured warm-up call of each comes first. Images/s is images over the wall-clock
+seconds of one full call; the ratio is of the medians over rounds. The kit's share of time in
+decoding and in the forward pass is reported. The 1-minute load average is recorded around
+every contender; above half the core count (1.0 on 2 cores) nothing is written (exit status 3).
 
-    python bench/zeroshot_throughput.py                  # 16 images, 3 rounds, CPU
+    python bench/zeroshot_throughput.py                  # 16 images, 3 rounds, CPU, fp32
     python bench/zeroshot_throughput.py --images 64 --rounds 5 --json zeroshot.json
+    python bench/zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256 --images 2048
 
 The shared data (``../shared/data`` or ``$DOMAINCLIP_SHARED_DATA``) must hold
 ``agriculture/plantvillage_apple``; without it the script prints SKIPPED and exits with status 0.
@@ -40,6 +46,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from measure import LoadLog, alternating, finish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["apple scab", "black rot", "cedar apple rust", "healthy apple leaf"]
@@ -89,29 +97,30 @@ def pipeline_probabilities(outputs: list[list[dict[str, Any]]]) -> torch.Tensor:
     return torch.tensor([[{o["label"]: o["score"] for o in out}[label] for label in LABELS] for out in outputs])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
     from transformers import pipeline
 
+    from domainclip.core.encode import DTYPES
     from domainclip.core.zeroshot import OnnxZeroShotClassifier, ZeroShotClassifier, export_onnx
 
     paths = test_images(args.images)
-    load_before = os.getloadavg()
+    load = LoadLog()
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_vit_b32_clip(Path(tmp) / "clip-vit-b32")
-        pipe = pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
-        ours = ZeroShotClassifier.from_pretrained(folder, device="cpu", batch_size=args.batch_size,
-                                                  workers=args.workers)
-        export_seconds, onnx_path = timed(lambda: export_onnx(ours, LABELS, Path(tmp) / "clip.onnx", [TEMPLATE]))
-        onnx = OnnxZeroShotClassifier(onnx_path, batch_size=args.batch_size, workers=args.workers)
-        one_by_one = ZeroShotClassifier(ours.model, templates=[TEMPLATE], device="cpu", batch_size=1)
-
+        pipe = pipeline("zero-shot-image-classification", model=str(folder), device=args.device,
+                        dtype=DTYPES[args.precision])
+        ours = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
+                                                  workers=args.workers, precision=args.precision)
         contenders: dict[str, Callable[[], torch.Tensor]] = {
-            "transformers_pipeline": lambda: pipeline_probabilities(pipe(paths, candidate_labels=LABELS)),
+            "transformers_pipeline": lambda: pipeline_probabilities(
+                pipe(paths, candidate_labels=LABELS, batch_size=args.batch_size, num_workers=args.workers)),
             "zeroshot_torch": lambda: (ours.clear_cache(), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
-            "zeroshot_onnx": lambda: onnx.predict_proba(paths),
-            # where the speed comes from: text cached once, but one image per forward pass
-            "zeroshot_torch_batch1": lambda: (one_by_one.clear_cache(), one_by_one.predict_proba(paths, LABELS))[1],
         }
+        export_seconds = None
+        if args.precision == "fp32":
+            export_seconds, onnx_path = timed(lambda: export_onnx(ours, LABELS, Path(tmp) / "clip.onnx", [TEMPLATE]))
+            onnx = OnnxZeroShotClassifier(onnx_path, batch_size=args.batch_size, workers=args.workers)
+            contenders["zeroshot_onnx"] = lambda: onnx.predict_proba(paths)
         for fn in contenders.values():  # warm-up: imports, allocator, first-call costs
             saved = list(paths)
             paths[:] = saved[:2]
@@ -119,48 +128,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             paths[:] = saved
         seconds: dict[str, list[float]] = {name: [] for name in contenders}
         probabilities: dict[str, torch.Tensor] = {}
+        timing: list[dict[str, float]] = []
         for round_index in range(args.rounds):
-            for name, fn in contenders.items():
-                elapsed, probabilities[name] = timed(fn)
+            for name in alternating(list(contenders), round_index):
+                with load.around(name, round_index):
+                    elapsed, probabilities[name] = timed(contenders[name])
                 seconds[name].append(elapsed)
+                if name == "zeroshot_torch":
+                    timing.append(ours.last_timing.to_dict())
                 print(f"round {round_index + 1} {name}: {len(paths) / elapsed:.2f} images/s", flush=True)
     rates = {name: len(paths) / statistics.median(values) for name, values in seconds.items()}
     reference = probabilities["zeroshot_torch"]
-    return {
+    result = {
         "images": len(paths), "labels": LABELS, "template": TEMPLATE, "rounds": args.rounds,
-        "batch_size": args.batch_size, "workers": args.workers, "torch_threads": torch.get_num_threads(),
+        "device": args.device, "precision": ours.precision, "batch_size_all": args.batch_size,
+        "workers_all": args.workers, "torch_threads": torch.get_num_threads(),
         "seconds": seconds, "images_per_second": rates,
         "ratio_torch_vs_pipeline": rates["zeroshot_torch"] / rates["transformers_pipeline"],
-        "ratio_onnx_vs_torch": rates["zeroshot_onnx"] / rates["zeroshot_torch"],
-        "ratio_onnx_vs_pipeline": rates["zeroshot_onnx"] / rates["transformers_pipeline"],
-        "ratio_torch_batch1_vs_pipeline": rates["zeroshot_torch_batch1"] / rates["transformers_pipeline"],
-        "onnx_export_seconds": export_seconds,
-        "max_abs_diff_onnx_vs_torch": float((probabilities["zeroshot_onnx"] - reference).abs().max()),
+        "kit_time_shares_median": {key: statistics.median(t[key] for t in timing) for key in timing[0]},
         "max_abs_diff_pipeline_vs_torch": float((probabilities["transformers_pipeline"] - reference).abs().max()),
         "top1_agreement_pipeline_vs_torch": float(
             (probabilities["transformers_pipeline"].argmax(-1) == reference.argmax(-1)).float().mean()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "torch": torch.__version__, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
+                    "torch": torch.__version__},
+        "command": " ".join(["python", *sys.argv]),
     }
+    if "zeroshot_onnx" in rates:
+        result.update({"ratio_onnx_vs_torch": rates["zeroshot_onnx"] / rates["zeroshot_torch"],
+                       "ratio_onnx_vs_pipeline": rates["zeroshot_onnx"] / rates["transformers_pipeline"],
+                       "onnx_export_seconds": export_seconds,
+                       "max_abs_diff_onnx_vs_torch": float((probabilities["zeroshot_onnx"] - reference).abs().max())})
+    return result, load
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding threads of ZeroShotClassifier/ONNX")
-    parser.add_argument("--json", default="", help="write the results here too")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass, every contender")
+    parser.add_argument("--workers", type=int, default=2, help="decode workers, every contender")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="weights' dtype, every contender (ONNX only at fp32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
     args = parser.parse_args()
     if not test_images(1):
         print(f"SKIPPED: {shared_data_dir() / 'agriculture' / 'plantvillage_apple' / 'test.csv'} is absent")
         return 0
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    result, load = run(args)
+    return finish(result, load, args.json)
 
 
 if __name__ == "__main__":

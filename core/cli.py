@@ -12,6 +12,9 @@
     domainclip export RUN --format F --out DIR  open_clip / hf / adapter / dual_encoder folder
     domainclip publish RUN --repo-id ORG/NAME   export + model card to the Hub (--dry-run DIR: only write it)
     domainclip classify --model M --labels a,b IMAGES...  zero-shot labels (JSON/CSV; ONNX export)
+    domainclip index MODEL DATA --out INDEX     embed images into a searchable FAISS index (resumable)
+    domainclip search INDEX --text T | --image P  top-k images of an index
+    domainclip serve MODEL [--index INDEX]      HTTP service (classify, embed, search) and web page
 
 RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
 """
@@ -157,8 +160,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         from .zeroshot import OnnxZeroShotClassifier
 
         ignored = [flag for flag, value in (("--templates", args.templates), ("--export-onnx", args.export_onnx),
-                                            ("--device", args.device), ("--token-merging", args.token_merging))
-                   if value]
+                                            ("--device", args.device), ("--precision", args.precision),
+                                            ("--token-merging", args.token_merging)) if value]
         if ignored:
             raise ValueError(f"classify: {', '.join(ignored)} cannot apply to an .onnx model (its prompts are baked "
                              f"in at export, and so is its merge schedule; it runs on onnxruntime's CPU provider)")
@@ -170,6 +173,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
         classifier = ZeroShotClassifier.from_pretrained(args.model, device=args.device or None,
                                                         batch_size=args.batch_size, workers=args.workers,
+                                                        precision=args.precision or "auto",
                                                         token_merging=args.token_merging or None)
         if args.export_onnx:
             path = export_onnx(classifier, labels, args.export_onnx, templates=args.templates)
@@ -252,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=None, help="labels per image (default: all)")
     classify.add_argument("--format", choices=["json", "csv"], default="json")
     classify.add_argument("--batch-size", type=int, default=32)
-    classify.add_argument("--workers", type=int, default=0, help="image-decoding threads (0 = main thread)")
+    classify.add_argument("--workers", type=int, default=2,
+                          help="image-decoding threads, overlapping the forward pass (0 = main thread)")
+    classify.add_argument("--precision", default="", choices=["", "auto", "fp32", "bf16", "fp16"],
+                          help="dtype of the frozen weights (default auto: bf16 where the device computes it "
+                               "fast, else fp32; see docs/zeroshot.md)")
     classify.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: GPU if there is one)")
     classify.add_argument("--export-onnx", default="", metavar="PATH",
                           help="also write the image tower + classifier for these labels as ONNX")
@@ -272,7 +280,90 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--domain", default="", help="card template: generic, medical, remote_sensing, agriculture, multilingual")
     pub.add_argument("--license", default="", help="licence id for the card metadata (default: the card config's, else other)")
     pub.set_defaults(func=_cmd_publish)
+    _add_index_and_serve_commands(sub)
     return parser
+
+
+# --- index, search, serve (docs/serve.md) ----------------------------------------------------------
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import Encoder, IndexOptions, build_index
+
+    options = IndexOptions(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
+                           dtype=args.dtype, kind=args.kind, max_bad_fraction=args.max_bad_fraction,
+                           progress=not args.no_progress)
+    data_options = {key: value for key, value in (("image_key", args.image_key), ("caption_key", args.caption_key),
+                                                  ("label_key", args.label_key),
+                                                  ("caption_separator", args.caption_separator)) if value}
+    encoder = Encoder.load(args.model, device=args.device or None, precision=args.precision)
+    print(json.dumps(build_index(encoder, args.data, args.out, options, data_options, add=args.add)))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .index import SearchIndex, plot_grid
+
+    if bool(args.text) == bool(args.image):
+        raise ValueError("search: give exactly one of --text or --image")
+    index = SearchIndex.open(args.index, model=args.model)
+    hits = index.search_text(args.text, args.top_k) if args.text else index.search_image(args.image, args.top_k)
+    if args.plot:
+        plot_grid(hits, args.plot, title=args.text or Path(args.image).name)
+    if args.json:
+        print(json.dumps({"query": {"text": args.text} if args.text else {"image": args.image}, "hits": hits}, indent=2))
+    else:
+        for hit in hits:
+            extra = f"  [{hit['label']}]" if hit["label"] else ""
+            print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['path']}{extra}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings, serve
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device or None)
+    serve(args.model, index=args.index or None, host=args.host, port=args.port, settings=settings)
+    return 0
+
+
+def _add_index_and_serve_commands(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="embed images into a searchable FAISS index (resumable after a kill)")
+    index.add_argument("model", help="run folder, export / model folder, model id, compact_base, or a base recipe")
+    index.add_argument("data", help="image folder, .csv/.jsonl/.parquet manifest, or webdataset .tar shards")
+    index.add_argument("--out", required=True, help="index folder (re-run the same command to resume)")
+    index.add_argument("--add", action="store_true", help="add DATA to the existing index at --out")
+    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images")
+    index.add_argument("--shard-size", type=int, default=4096, help="images per committed shard (multiple of --batch-size)")
+    index.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding type")
+    index.add_argument("--kind", default="auto", help="auto (flat up to 100,000 images, hnsw above), flat or hnsw")
+    index.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more images are unreadable")
+    index.add_argument("--image-key", default="", help="manifest column with the image path (default image)")
+    index.add_argument("--caption-key", default="", help="manifest column with captions (default caption)")
+    index.add_argument("--label-key", default="", help="manifest column with the class name")
+    index.add_argument("--caption-separator", default="", help="split a CSV caption cell on this string")
+    index.add_argument("--device", default="", help="cpu, cuda, ... (default: GPU if there is one)")
+    index.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="dtype of the frozen weights while encoding (auto: bf16 where the device computes it fast)")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    index.set_defaults(func=_cmd_index)
+    search = sub.add_parser("search", help="top-k images of an index for a text or an image")
+    search.add_argument("index", help="index folder written by `domainclip index`")
+    search.add_argument("--text", default="", help="text query")
+    search.add_argument("--image", default="", help="query image file")
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.add_argument("--plot", default="", metavar="PNG", help="also save the hits as an image grid")
+    search.add_argument("--model", default="", help="model to encode the query (default: the one that built the index)")
+    search.set_defaults(func=_cmd_search)
+    serve = sub.add_parser("serve", help="HTTP service: /classify, /embed, /search, a web page at /")
+    serve.add_argument("model", help="run folder, export / model folder, model id, compact_base, or a base recipe")
+    serve.add_argument("--index", default="", help="index folder for /search and the page's search box")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=16, help="images per micro-batch (1 = batching off)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits to fill")
+    serve.add_argument("--device", default="", help="cpu, cuda, ... (default: GPU if there is one)")
+    serve.set_defaults(func=_cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 from .backbones.factory import ModelConfig
 from .data.sources import DataSourceConfig
+from .encode import check_precision
 from .eval.groups import GroupEvalConfig
 from .losses import LossConfig
 from .methods.base import MethodConfig
@@ -136,7 +137,11 @@ class EvalTaskConfig:
         groups: zeroshot only: also report group-level metrics (records need a group id, e.g.
             the CT volume of each slice); off while ``groups.aggregate`` is empty.
         robustness: task ``robustness`` only: what is attacked (``target``), the PGD radii and
-            steps, the corruption set (see docs/recipes.md).
+            steps, the corruption set (its own section below).
+        precision: dtype the frozen weights are held in while encoding: ``auto`` (bf16 where the
+            device computes bf16 fast: CUDA compute capability >= 8.0, CPUs with AVX-512 BF16 or
+            AMX; fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``. Independent of
+            ``train.precision``; ``metrics.json`` records the resolved one per task.
     """
 
     name: str = ""
@@ -147,8 +152,10 @@ class EvalTaskConfig:
     retention: bool = False
     groups: GroupEvalConfig = field(default_factory=GroupEvalConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, f"eval task {self.name!r}: precision")
         if self.task not in EVAL_TASKS:
             raise ValueError(f"eval task must be one of {EVAL_TASKS}, got {self.task!r}")
         if self.groups.aggregate and self.task != "zeroshot":

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from domainclip.core.eval.metrics import auroc
+from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.zeroshot import (
     ZEROSHOT_LOGIT_SCALE,
     EncodedImages,
@@ -36,15 +37,18 @@ __all__ = [
 
 
 def build_multilabel_classifiers(
-    model: nn.Module,
+    model: nn.Module | FrozenEncoder,
     label_names: Sequence[str],
     pos_templates: Sequence[str],
     neg_templates: Sequence[str],
     batch_size: int = 256,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positive and the negative prompt-ensemble classifiers, each (D, L) on the model's device."""
-    positive = build_zeroshot_classifier(model, label_names, pos_templates, batch_size)
-    negative = build_zeroshot_classifier(model, label_names, neg_templates, batch_size)
+    """The positive and the negative prompt-ensemble classifiers, each (D, L) on the model's device
+    (fp32 weights by default, as ``build_zeroshot_classifier``)."""
+    encoder = FrozenEncoder.of(model, precision)
+    positive = build_zeroshot_classifier(encoder, label_names, pos_templates, batch_size)
+    negative = build_zeroshot_classifier(encoder, label_names, neg_templates, batch_size)
     return positive, negative
 
 
@@ -76,20 +80,23 @@ def evaluate_multilabel(
     neg_templates: Sequence[str],
     accelerator: Any = None,
     text_batch_size: int = 256,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Per-label zero-shot AUROC on a loader whose ``labels`` are FloatTensor (B, L) of 0/1/NaN.
 
     NaN marks an unknown label: that image is left out of that label's AUROC only. A label whose
     known targets hold only one class has no AUROC: it is reported as ``None`` and left out of
     ``mean_auroc``. ``label_counts`` gives each label's positive, negative and unknown counts;
-    items the loader skipped are counted in ``n_bad`` and listed in ``bad``.
+    items the loader skipped are counted in ``n_bad`` and listed in ``bad``. Images are encoded
+    with the weights held in ``precision`` (``core/encode.py``), the prompt classifiers in fp32.
     """
     model = unwrap_model(model, accelerator)
+    encoder = FrozenEncoder.of(model, precision)
     label_names = list(label_names)
     if len(set(label_names)) != len(label_names):
         raise ValueError(f"label_names must be unique, got {label_names}")
     positive, negative = build_multilabel_classifiers(model, label_names, pos_templates, neg_templates, text_batch_size)
-    encoded = encode_loader_images(model, loader, accelerator, need_labels=True)
+    encoded = encode_loader_images(encoder, loader, accelerator, need_labels=True)
     targets = _check_multilabel_targets(encoded, label_names)
     log_odds = multilabel_logits(encoded.features, positive.cpu(), negative.cpu())
 

@@ -19,8 +19,9 @@ import torch
 __all__ = ["RECORD_KEYS", "benchmark_json", "read_metrics", "to_json_value", "write_metrics"]
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
-OPTIONAL_KEYS = ("retention", "classifier", "step")
-"""Kept when present: the change against the base model, a note on the classifier used, the step."""
+OPTIONAL_KEYS = ("retention", "classifier", "step", "precision")
+"""Kept when present: the change against the base model, a note on the classifier used, the step,
+the precision the weights were held in while encoding (``fp32`` / ``bf16`` / ``fp16``)."""
 
 
 HEADLINE_METRICS = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",

@@ -12,13 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.metrics import retrieval_metrics
-from domainclip.core.eval.zeroshot import (
-    encode_loader_images,
-    encode_texts,
-    model_device,
-    unwrap_model,
-)
+from domainclip.core.eval.zeroshot import encode_loader_images, encode_texts, unwrap_model
 
 __all__ = ["captions_from_records", "evaluate_retrieval"]
 
@@ -79,6 +75,7 @@ def evaluate_retrieval(
     accelerator: Any = None,
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = 256,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Recall@k both ways (see ``retrieval_metrics``) for ``model`` on the loader's images.
 
@@ -87,11 +84,12 @@ def evaluate_retrieval(
     loader skipped cannot be scored: they are counted in ``n_captions_skipped`` and listed in
     ``skipped_captions``; the skipped images are counted in ``n_bad`` and listed in ``bad``.
     Captions are encoded ``batch_size`` at a time; with an accelerator every process encodes
-    all captions (the images are split across processes and gathered).
+    all captions (the images are split across processes and gathered). Images and captions are
+    encoded with the weights held in ``precision`` (``core/encode.py``).
     """
-    model = unwrap_model(model, accelerator)
+    encoder = FrozenEncoder.of(unwrap_model(model, accelerator), precision)
     text_to_image = _check_text_to_image(text_to_image, len(captions))
-    encoded = encode_loader_images(model, image_loader, accelerator, need_labels=False)
+    encoded = encode_loader_images(encoder, image_loader, accelerator, need_labels=False)
     image_indices = encoded.indices
     if image_indices is None:
         if encoded.bad:
@@ -105,9 +103,9 @@ def evaluate_retrieval(
     if not has_image.any():
         raise ValueError("none of the captions' images were encoded; check that text_to_image holds dataset indices")
     kept_captions = [caption for caption, keep in zip(captions, has_image.tolist()) if keep]
-    text_features = encode_texts(model, kept_captions, batch_size)
+    text_features = encode_texts(encoder, kept_captions, batch_size)
     metrics: dict[str, Any] = retrieval_metrics(
-        encoded.features.to(model_device(model)), text_features, caption_rows[has_image], ks=ks, block_size=block_size
+        encoded.features.to(encoder.device), text_features, caption_rows[has_image], ks=ks, block_size=block_size
     )
     metrics["n_captions_skipped"] = int((~has_image).sum())
     metrics["skipped_captions"] = (~has_image).nonzero().flatten().tolist()

@@ -8,10 +8,8 @@ logits, so accuracy and recall do not depend on it.
 """
 from __future__ import annotations
 
-import itertools
 import string
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.metrics import classification_metrics, deduplicate_by_index
 from domainclip.core.eval.groups import GroupEvalConfig, group_metrics
 
@@ -31,8 +30,6 @@ __all__ = [
     "encode_loader_images",
     "encode_texts",
     "evaluate_zeroshot",
-    "evaluation_mode",
-    "model_device",
     "unwrap_model",
 ]
 
@@ -87,35 +84,32 @@ def _count_placeholders(template: str) -> int:
     return fields.count("")
 
 
-def encode_texts(model: nn.Module, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def encode_texts(model: nn.Module | FrozenEncoder, texts: Sequence[str], batch_size: int = 256,
+                 precision: str = "auto") -> torch.Tensor:
     """L2-normalised text features (N, D) as float32 on the model's device, in batches.
 
-    Runs in eval mode under ``torch.no_grad()``; the model's train/eval mode is restored after.
+    Runs through the kit's one encode path (``core/encode.py``: eval mode, no autograd, weights
+    held in ``precision``); the model itself is not changed. ``model`` may be a ``FrozenEncoder``
+    already built (its precision is used).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model_device(model)
-    parts = []
-    with evaluation_mode(model):
-        for start in range(0, len(texts), batch_size):
-            tokens = model.tokenize(list(texts[start : start + batch_size]))
-            tokens = {key: value.to(device) for key, value in tokens.items()}
-            parts.append(model.encode_text(tokens, normalize=True).float())
-    if not parts:
-        raise ValueError("encode_texts got no texts")
-    return torch.cat(parts)
+    return FrozenEncoder.of(model, precision).encode_texts(texts, batch_size)
 
 
 def build_zeroshot_classifier(
-    model: nn.Module, class_names: Sequence[str], templates: Templates, batch_size: int = 256
+    model: nn.Module | FrozenEncoder, class_names: Sequence[str], templates: Templates, batch_size: int = 256,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Zero-shot classifier weights (D, C): the normalised mean of each class's prompt features.
 
-    Runs in eval mode under ``torch.no_grad()`` and returns float32 weights on the model's device.
+    Encodes through :func:`encode_texts` and returns float32 weights on the model's device. The
+    default ``precision`` is fp32 even where images are encoded in bf16: the class weights are a
+    few prompts encoded once per label set, and fp32 weights keep the order of near-tied classes
+    exactly as an all-fp32 run has it (bf16 text features moved a tie of 2e-4 in cosine on the
+    bundled sample; bf16 image features moved none).
     """
     prompts = class_prompts(class_names, templates)
     flat_prompts = [prompt for class_prompt_list in prompts for prompt in class_prompt_list]
-    prompt_features = encode_texts(model, flat_prompts, batch_size)
+    prompt_features = encode_texts(model, flat_prompts, batch_size, precision)
     device = prompt_features.device
     prompt_class = torch.repeat_interleave(
         torch.arange(len(prompts), device=device), torch.tensor([len(p) for p in prompts], device=device)
@@ -147,7 +141,8 @@ class EncodedImages:
 
 
 def encode_loader_images(
-    model: nn.Module, loader: Iterable[Mapping[str, Any]], accelerator: Any = None, need_labels: bool = False
+    model: nn.Module | FrozenEncoder, loader: Iterable[Mapping[str, Any]], accelerator: Any = None,
+    need_labels: bool = False, precision: str = "auto",
 ) -> EncodedImages:
     """Encode every image of ``loader`` (batch dicts with ``images``, ``labels``, ``indices``, ``bad``).
 
@@ -157,30 +152,30 @@ def encode_loader_images(
     gathered and the samples a distributed sampler repeats are dropped by their dataset index
     (``gather_for_metrics`` cannot do that here: skipped bad items make the processes' batches
     uneven, which breaks its drop-the-last-remainder rule).
+
+    Images are encoded through the kit's one encode path (``core/encode.py``) with the weights
+    held in ``precision`` (or the given ``FrozenEncoder``'s); the accelerator's autocast is not
+    used (the weights are cast once instead).
     """
-    device = model_device(model)
-    dtype = _model_float_dtype(model)
-    autocast = accelerator.autocast if accelerator is not None else nullcontext
+    encoder = FrozenEncoder.of(model, precision)
+    device = encoder.device
     feature_parts, label_parts, index_parts = [], [], []
     bad: list[tuple[str, str]] = []
     carries_indices: bool | None = None
-    with evaluation_mode(model):
-        for batch_number, batch in enumerate(loader):
-            images, labels, indices = _unpack_batch(batch, batch_number, need_labels)
-            bad.extend(_bad_items(batch, batch_number))
-            if carries_indices is None:
-                carries_indices = indices is not None
-            elif carries_indices != (indices is not None):
-                raise ValueError(f"batch {batch_number}: some batches carry 'indices' and others do not")
-            if images.shape[0] == 0:
-                continue
-            with autocast():
-                features = model.encode_image(images.to(device=device, dtype=dtype), normalize=True)
-            feature_parts.append(features.float())
-            if need_labels:
-                label_parts.append(labels.to(device))
-            if indices is not None:
-                index_parts.append(indices.to(device=device, dtype=torch.long))
+    for batch_number, batch in enumerate(loader):
+        images, labels, indices = _unpack_batch(batch, batch_number, need_labels)
+        bad.extend(_bad_items(batch, batch_number))
+        if carries_indices is None:
+            carries_indices = indices is not None
+        elif carries_indices != (indices is not None):
+            raise ValueError(f"batch {batch_number}: some batches carry 'indices' and others do not")
+        if images.shape[0] == 0:
+            continue
+        feature_parts.append(encoder.encode_image(images))
+        if need_labels:
+            label_parts.append(labels.to(device))
+        if indices is not None:
+            index_parts.append(indices.to(device=device, dtype=torch.long))
 
     features = torch.cat(feature_parts) if feature_parts else torch.empty(0, 0, device=device)
     labels = torch.cat(label_parts) if label_parts else None
@@ -293,8 +288,12 @@ def evaluate_zeroshot(
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     groups: Sequence[str] | None = None,
     group_config: GroupEvalConfig | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Zero-shot classification metrics of ``model`` on ``loader`` (see ``classification_metrics``).
+
+    Images are encoded with the weights held in ``precision`` (``core/encode.py``), the class
+    weights in fp32 (see ``build_zeroshot_classifier``).
 
     With ``groups`` (the group id of every dataset index) and a ``group_config`` whose
     ``aggregate`` is set, group-level metrics (``core/eval/groups.py``) are added under keys
@@ -309,14 +308,15 @@ def evaluate_zeroshot(
     skipped are counted in ``n_bad`` and listed in ``bad`` as [path, reason].
     """
     model = unwrap_model(model, accelerator)
+    encoder = FrozenEncoder.of(model, precision)
     class_names = list(class_names)
-    if logits_fn is None:
+    if logits_fn is None:  # class weights in fp32 (see build_zeroshot_classifier)
         classifier = build_zeroshot_classifier(model, class_names, templates, text_batch_size).cpu()
 
         def logits_fn(features: torch.Tensor) -> torch.Tensor:
             return ZEROSHOT_LOGIT_SCALE * features @ classifier
 
-    encoded = encode_loader_images(model, loader, accelerator, need_labels=True)
+    encoded = encode_loader_images(encoder, loader, accelerator, need_labels=True)
     labels = _check_single_labels(encoded, len(class_names))
     indices = encoded.indices if encoded.indices is not None else torch.arange(labels.shape[0])
     labelled = labels >= 0
@@ -374,32 +374,6 @@ def describe_sample(encoded: EncodedImages, row: int) -> str:
 # --------------------------------------------------------------------------------------------
 # small model helpers
 # --------------------------------------------------------------------------------------------
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for the block; the model's train/eval mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _model_float_dtype(model: nn.Module) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
 def unwrap_model(model: nn.Module, accelerator: Any) -> nn.Module:
     """The bare backbone behind a DDP/compile wrapper (evaluation needs ``tokenize`` and the encoders)."""
     if accelerator is None:

@@ -9,8 +9,10 @@ Keys. Features live in one folder per *feature space*: a hash of the backbone's
 of the tower, see :func:`tower_weight_names`), the image transform (always the deterministic
 evaluation transform of ``model.preprocess``: cached features never carry random augmentation),
 the tower and the output point (``embedding``: the tower's output embedding before L2
-normalisation; ``trunk``: the input of a dual encoder's projection head), the parameter dtype and
-the cache format. Inside a space every item has its own key: an image is identified by its
+normalisation; ``trunk``: the input of a dual encoder's projection head), the parameter dtype, the
+**precision the features were computed in** (the resolved ``fp32`` / ``bf16`` / ``fp16`` of the
+kit's one encode path, ``core/encode.py``: features of different precisions never mix) and the
+cache format. Inside a space every item has its own key: an image is identified by its
 absolute path, modification time (ns) and size, a text by its content. Changing a weight, the
 preprocessing or touching a file therefore gives a new key and recomputes only what changed.
 
@@ -44,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from ..backbones.base import Backbone
 from ..checkpoint import atomic_write_bytes
+from ..encode import FrozenEncoder, check_precision, model_device, resolve_precision
 from ..data.dataset import Collator, ImageTextDataset
 from ..data.records import ImageTextRecord, RecordSet
 from ..data.transforms import build_image_transform
@@ -163,16 +166,21 @@ def _check_point(tower: str, output: str) -> None:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
 
-def feature_space(model: Backbone, tower: str, output: str = "embedding") -> dict[str, Any]:
-    """Everything the features of ``tower``/``output`` depend on, as a JSON-able dict."""
+def feature_space(model: Backbone, tower: str, output: str = "embedding", precision: str = "auto") -> dict[str, Any]:
+    """Everything the features of ``tower``/``output`` depend on, as a JSON-able dict.
+
+    ``precision`` is resolved on the model's device first (``auto`` -> ``fp32`` or ``bf16``), so
+    the key names the precision the features are actually computed in.
+    """
     _check_point(tower, output)
+    precision = resolve_precision(check_precision(precision, "feature cache precision"), model_device(model))
     if output == "trunk" and not isinstance(getattr(model, TRUNK_MODULES[tower], None), nn.Module):
         raise ValueError(f"output='trunk' reads the input of the model's {TRUNK_MODULES[tower]} (a dual encoder's "
                          f"head); {type(model).__name__} has no such module")
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
     space = {"format": FORMAT_VERSION, "backbone": f"{type(model).__module__}.{type(model).__qualname__}",
              "config": model.config_dict(), "weights": weights_fingerprint(model, tower, output), "tower": tower,
-             "output": output, "dtypes": dtypes}
+             "output": output, "dtypes": dtypes, "precision": precision}
     if tower == "image":
         space["transform"] = {"kind": "evaluation (deterministic, no augmentation)",
                               "preprocess": model.preprocess.to_dict()}
@@ -217,22 +225,23 @@ class FeatureCache:
         self._indexed_shards: dict[Path, set[str]] = {}
 
     # --- public API ------------------------------------------------------------------------
-    def space_key(self, model: Backbone, tower: str, output: str = "embedding") -> str:
-        """The key (folder name) of ``model``'s ``tower``/``output`` feature space."""
-        return _digest(feature_space(model, tower, output))[:32]
+    def space_key(self, model: Backbone, tower: str, output: str = "embedding", precision: str = "auto") -> str:
+        """The key (folder name) of ``model``'s ``tower``/``output`` feature space in ``precision``."""
+        return _digest(feature_space(model, tower, output, precision))[:32]
 
     @torch.no_grad()
     def image_features(self, model: Backbone, source: ImageSource, batch_size: int = 64, num_workers: int = 0,
-                       normalize: bool = True, output: str = "embedding") -> ImageFeatures:
+                       normalize: bool = True, output: str = "embedding", precision: str = "auto") -> ImageFeatures:
         """Features of every image of ``source``, encoding only the ones not cached yet.
 
         ``source`` is a ``RecordSet``, an ``ImageTextDataset`` (its records only: its own
         transform is not used, cached features always come from the evaluation transform), a
         list of ``ImageTextRecord`` or a list of paths. Returned rows are L2-normalised when
-        ``normalize`` (the cache stores them unnormalised).
+        ``normalize`` (the cache stores them unnormalised). Missing items are encoded with the
+        weights held in ``precision`` (``core/encode.py``), which is part of the cache key.
         """
         paths = _image_paths(source)
-        space = feature_space(model, "image", output)
+        space = feature_space(model, "image", output, precision)
         folder = self._space_folder(space)
         keys: list[str | None] = []
         bad: dict[int, tuple[str, str]] = {}
@@ -247,7 +256,7 @@ class FeatureCache:
         reused = sum(1 for key in keys if key is not None and key in found)
         missing = _first_positions(keys, skip=found)
         computed, unreadable = self._encode_images(model, folder, [(paths[p], keys[p]) for p in missing], output,
-                                                   batch_size, num_workers, found)
+                                                   batch_size, num_workers, found, space["precision"])
         for position, key in enumerate(keys):
             if key is not None and key not in found:
                 bad[position] = (paths[position], unreadable.get(paths[position], "could not be encoded"))
@@ -265,20 +274,19 @@ class FeatureCache:
 
     @torch.no_grad()
     def text_features(self, model: Backbone, texts: Sequence[str], batch_size: int = 256, normalize: bool = True,
-                      output: str = "embedding") -> torch.Tensor:
-        """Features (len(texts), D) float32 on the CPU, encoding only texts not cached yet."""
+                      output: str = "embedding", precision: str = "auto") -> torch.Tensor:
+        """Features (len(texts), D) float32 on the CPU, encoding only texts not cached yet (with the
+        weights held in ``precision``, part of the cache key)."""
         texts = [str(text) for text in texts]
-        space = feature_space(model, "text", output)
+        space = feature_space(model, "text", output, precision)
         folder = self._space_folder(space)
         keys = [text_item_key(text) for text in texts]
         found = self._lookup(folder, keys)
         todo = _first_positions(keys, skip=found)
-        device = _model_device(model)
+        encoder = FrozenEncoder(model, space["precision"]) if todo else None
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            tokens = {name: value.to(device) for name, value in model.tokenize([texts[i] for i in chunk]).items()}
-            with _eval_mode(model):
-                encoded = _encode(model, "text", output, tokens)
+            encoded = _encode(encoder, "text", output, model.tokenize([texts[i] for i in chunk]))
             found.update(self._write_shard(folder, [keys[i] for i in chunk], encoded))
         features = self._read(folder, [found[key] for key in keys])
         self.last_stats = CacheStats(computed=len(todo), reused=len(texts) - len(todo))
@@ -348,7 +356,7 @@ class FeatureCache:
         return out
 
     def _encode_images(self, model: Backbone, folder: Path, todo: list[tuple[str, str]], output: str,
-                       batch_size: int, num_workers: int, found: dict[str, tuple[Path, int]]
+                       batch_size: int, num_workers: int, found: dict[str, tuple[Path, int]], precision: str
                        ) -> tuple[int, dict[str, str]]:
         """Encode ``todo`` (path, key) with the evaluation transform, writing shards as they fill.
 
@@ -361,22 +369,20 @@ class FeatureCache:
         records = [ImageTextRecord(image=path, captions=[]) for path, _ in todo]
         loader = DataLoader(ImageTextDataset(records, transform, train=False), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=Collator(None))
-        device, dtype = _model_device(model), _model_dtype(model)
+        encoder = FrozenEncoder(model, precision)
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         computed = 0
-        with _eval_mode(model):
-            for batch in loader:
-                unreadable.update((str(path), str(reason)) for path, reason in batch["bad"])
-                if not len(batch["indices"]):
-                    continue
-                images = batch["images"].to(device=device, dtype=dtype)
-                pending.append(_encode(model, "image", output, images).float().cpu())
-                pending_keys.extend(todo[i][1] for i in batch["indices"].tolist())
-                if len(pending_keys) >= self.shard_size:
-                    found.update(self._write_shard(folder, pending_keys, torch.cat(pending)))
-                    computed += len(pending_keys)
-                    pending_keys, pending = [], []
+        for batch in loader:
+            unreadable.update((str(path), str(reason)) for path, reason in batch["bad"])
+            if not len(batch["indices"]):
+                continue
+            pending.append(_encode(encoder, "image", output, batch["images"]).cpu())
+            pending_keys.extend(todo[i][1] for i in batch["indices"].tolist())
+            if len(pending_keys) >= self.shard_size:
+                found.update(self._write_shard(folder, pending_keys, torch.cat(pending)))
+                computed += len(pending_keys)
+                pending_keys, pending = [], []
         if pending_keys:
             found.update(self._write_shard(folder, pending_keys, torch.cat(pending)))
             computed += len(pending_keys)
@@ -413,13 +419,13 @@ def _image_paths(source: ImageSource) -> list[str]:
     return paths
 
 
-def _encode(model: Backbone, tower: str, output: str, inputs: Any) -> torch.Tensor:
-    """The unnormalised ``output`` of ``tower`` for a batch (``trunk``: captured head input)."""
-    encode = model.encode_image if tower == "image" else model.encode_text
+def _encode(encoder: FrozenEncoder, tower: str, output: str, inputs: Any) -> torch.Tensor:
+    """The unnormalised float32 ``output`` of ``tower`` for a batch (``trunk``: captured head input)."""
+    encode = encoder.encode_image if tower == "image" else encoder.encode_tokens
     if output == "embedding":
         return encode(inputs, normalize=False)
     captured: list[torch.Tensor] = []
-    head: nn.Module = getattr(model, TRUNK_MODULES[tower])
+    head: nn.Module = getattr(encoder.model, TRUNK_MODULES[tower])
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
     try:
         encode(inputs, normalize=False)
@@ -427,28 +433,4 @@ def _encode(model: Backbone, tower: str, output: str, inputs: Any) -> torch.Tens
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"{TRUNK_MODULES[tower]} ran {len(captured)} times for one batch; expected once")
-    return captured[0]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-class _eval_mode:
-    """Eval mode inside the block, the previous train/eval flags of every module restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.flags = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self.flags:
-            module.training = flag
+    return captured[0].float()

@@ -40,6 +40,7 @@ from ..backbones.base import Backbone
 from ..data.dataset import derive_seed
 from ..data.sources import DataSourceConfig, load_records
 from ..distributed import world_info
+from ..encode import model_device
 from ..eval.zeroshot import encode_texts
 from ..losses import ClipLoss, OneToKLoss
 from .base import AdaptationMethod, MethodConfig, TaskInfo, register_method
@@ -159,7 +160,7 @@ class TeacherLearning(AdaptationMethod):
         if not self.cfg.teacher_model:
             return model  # called before any step: the text tower is still the original one
         teacher = create_backbone(config_lib.load(ModelConfig, None, (), base=dict(self.cfg.teacher_model)))
-        return teacher.to(next(model.parameters()).device)
+        return teacher.to(model_device(model))
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module) -> torch.Tensor:
         """Distance between the student's caption features and the teacher's parallel English ones."""

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..eval.metrics import retrieval_metrics
-from ..eval.zeroshot import (ZEROSHOT_LOGIT_SCALE, build_zeroshot_classifier, encode_texts, evaluation_mode,
-                             model_device)
+from ..encode import eval_mode, model_device
+from ..eval.zeroshot import ZEROSHOT_LOGIT_SCALE, build_zeroshot_classifier, encode_texts
 from .attack import pgd_linf
 from .config import RobustnessConfig, eps_label
 from .corruptions import corrupt, corruption_set
@@ -78,8 +78,8 @@ def robust_zeroshot(model: nn.Module, loader: Iterable[Mapping[str, Any]], class
                     templates: Sequence[str], cfg: RobustnessConfig) -> dict[str, Any]:
     """``acc1_<condition>`` for every condition (unlabelled images, label -1, are left out)."""
     device = model_device(model)
-    with evaluation_mode(model):
-        classifier = build_zeroshot_classifier(model, list(class_names), templates)
+    with eval_mode(model, no_grad=False):
+        classifier = build_zeroshot_classifier(model, list(class_names), templates, precision="fp32")
         conditions = Conditions(model, cfg)
         correct = {name: 0 for name in condition_names(cfg)}
         seen, bad = 0, []
@@ -123,8 +123,8 @@ def robust_retrieval(model: nn.Module, loader: Iterable[Mapping[str, Any]], capt
     """
     device = model_device(model)
     text_to_image = torch.as_tensor(text_to_image).long()
-    with evaluation_mode(model):
-        text = encode_texts(model, list(captions))
+    with eval_mode(model, no_grad=False):
+        text = encode_texts(model, list(captions), precision="fp32")
         conditions = Conditions(model, cfg)
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in condition_names(cfg)}
         indices, bad = [], []

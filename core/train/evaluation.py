@@ -12,6 +12,7 @@ from ..data.dataset import Collator, ImageTextDataset
 from ..data.records import ImageTextRecord
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
+from ..encode import model_device, resolve_precision
 from ..eval.report import headline_metric
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
 from ..methods import AdaptationMethod
@@ -49,7 +50,10 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     """Evaluate one task; the result is one CLIP_benchmark record.
 
     A method with a classifier of its own (learned prompts, a probe, a cache) classifies with it.
+    The record's ``precision`` is the one the weights were held in while encoding
+    (``task.precision`` resolved on the model's device, ``core/encode.py``).
     """
+    precision = resolve_precision(task.precision, model_device(model))
     records, loader = eval_loader(task, model, num_workers)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
@@ -64,7 +68,7 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
         logits_fn = method.logits_fn(model, class_names, list(templates)) if own_classifier else None
         metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
                                     logits_fn=logits_fn, groups=record_groups(task, records.records),
-                                    group_config=task.groups)
+                                    group_config=task.groups, precision=precision)
         kind = "zeroshot_classification"
         if method is not None and not own_classifier:
             # a probe / cache fitted on other classes cannot score this reference task; the towers
@@ -76,13 +80,15 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             notes = "prompt ensemble: attacks and scores use the towers' prompt-ensemble head"
     else:
         captions, text_to_image = captions_from_records(records.records)
-        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator)
+        metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator,
+                                     precision=precision)
         kind = "zeroshot_retrieval"
     if records.skipped:
         metrics["n_skipped_records"] = len(records.skipped)
     record = benchmark_json(kind, metrics, dataset=name, model=model_name or model.kind, pretrained=pretrained)
     if notes:
         record["classifier"] = notes
+    record["precision"] = precision
     return record
 
 

@@ -8,20 +8,28 @@ Probabilities follow the model's training objective: ``softmax(logit_scale * cos
 is an independent yes/no, the probabilities need not sum to 1). A run folder whose method has a
 classifier of its own (learned prompts, a linear probe, a Tip-Adapter cache) classifies with it:
 ``softmax`` of the method's logits.
+
+Images and prompts are encoded through the kit's one encode path (``core/encode.py``): the
+frozen weights are held in ``precision`` (``auto``: bf16 where the device computes it fast, else
+fp32), cast once when the classifier is built, for the images; the label classifier (a few
+prompts, once per label set) is always encoded in fp32 so near-tied labels keep fp32's order. Decoding runs in ``workers`` background threads,
+overlapping the forward pass; ``last_timing`` says where the time of the last call went.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..encode import FrozenEncoder
 from ..eval import build_zeroshot_classifier
 from ..token_merging import TokenMergingConfig, apply_token_merging, token_merging_key
-from .images import ImageInput, ImagePreparer, as_image_list, image_name
+from .images import EncodeTiming, ImageInput, ImagePreparer, as_image_list, image_name
 from .loading import LoadedModel, LogitsFactory, describe, load_model
 
 Templates = Sequence[str] | Mapping[str, Sequence[str]]
@@ -125,7 +133,10 @@ class ZeroShotClassifier:
         logits_factory: a trained method's ``logits_fn``, or None for the prompt ensemble.
         device: ``"cpu"``, ``"cuda"``, ...; None picks the GPU when there is one.
         batch_size: images per forward pass of the image tower.
-        workers: threads that decode and resize images (0 = the calling thread).
+        workers: background threads that decode and resize images while the previous batch runs
+            through the model (0 = decode in the calling thread, no overlap).
+        precision: ``auto`` / ``fp32`` / ``bf16`` / ``fp16``: the dtype the frozen weights are
+            held in for encoding (see ``core/encode.py``); ``model`` itself keeps its dtype.
         source, method: what was loaded (reported by ``info``).
         token_merging: merge image tokens (ToMe / PiToMe): a ``TokenMergingConfig`` or its
             command-line form (``"tome:8"``, ``"pitome:flops=0.6"``, ``"tome:0"`` = off); None keeps
@@ -134,8 +145,8 @@ class ZeroShotClassifier:
 
     def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
                  logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 32, workers: int = 0, source: str = "", method: str = "",
-                 token_merging: TokenMergingConfig | str | None = None):
+                 batch_size: int = 32, workers: int = 2, source: str = "", method: str = "",
+                 precision: str = "auto", token_merging: TokenMergingConfig | str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if token_merging is not None:
@@ -143,31 +154,40 @@ class ZeroShotClassifier:
             apply_token_merging(model, parsed)
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        self.encoder = FrozenEncoder(self.model, precision, self.device)
         self.templates = list(templates) if templates else ["a photo of a {}."]
         self.logits_factory = logits_factory
         self.batch_size = batch_size
         self.images = ImagePreparer(model.preprocess, workers)
         self.source, self.method = source, method
+        self.last_timing = EncodeTiming()
         self._heads: dict[tuple, nn.Module] = {}
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
-                        batch_size: int = 32, workers: int = 0, pretrained: str = "",
-                        revision: str = "", token_merging: TokenMergingConfig | str | None = None) -> "ZeroShotClassifier":
+                        batch_size: int = 32, workers: int = 2, pretrained: str = "",
+                        revision: str = "", precision: str = "auto",
+                        token_merging: TokenMergingConfig | str | None = None) -> "ZeroShotClassifier":
         """Load a run folder, a model folder (open_clip / Hugging Face / compact base), an open_clip
         architecture or ``hf-hub:`` id, a Hugging Face id, or ``compact_base``.
 
         ``pretrained``: weights tag or file for an open_clip architecture name; ``revision``: git
-        revision of a Hugging Face hub id; ``token_merging``: see the class.
+        revision of a Hugging Face hub id; ``precision``: ``auto`` / ``fp32`` / ``bf16`` / ``fp16``
+        (see ``core/encode.py``); ``token_merging``: see the class.
         """
         loaded = load_model(path_or_id, pretrained=pretrained, revision=revision)
-        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers,
+        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers, precision=precision,
                                token_merging=token_merging)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "ZeroShotClassifier":
         return cls(loaded.model, templates=loaded.templates, logits_factory=loaded.logits_factory,
                    source=loaded.source, method=loaded.method, **kwargs)
+
+    @property
+    def precision(self) -> str:
+        """The precision the frozen weights are held in for encoding (``auto`` resolved)."""
+        return self.encoder.precision
 
     @property
     def preprocess(self):
@@ -177,7 +197,8 @@ class ZeroShotClassifier:
     def info(self) -> dict[str, Any]:
         """What this classifier runs: source, method, backbone kind, device, default templates."""
         loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
-        return {**describe(loaded), "device": str(self.device), "templates": list(self.templates),
+        return {**describe(loaded), "device": str(self.device), "precision": self.precision,
+                "templates": list(self.templates),
                 "preprocess": self.preprocess.to_dict(), "token_merging": token_merging_key(self.model)}
 
     # --- the text side: one head per (labels, templates), cached -------------------------------
@@ -200,37 +221,44 @@ class ZeroShotClassifier:
             logits_fn = self.logits_factory(self.model, labels, list(templates))
             if logits_fn is not None:
                 return MethodHead(logits_fn)
-        weights = build_zeroshot_classifier(self.model, labels, templates)
+        weights = build_zeroshot_classifier(self.model, labels, templates)  # fp32: once per label set
         bias = getattr(self.model, "logit_bias", None)
         with torch.no_grad():
             scale = float(self.model.logit_scale.exp())
         return PromptEnsembleHead(weights, scale, None if bias is None else float(bias.detach())).to(self.device)
 
     def clear_cache(self) -> None:
-        """Forget the cached text classifiers (e.g. after changing the model's weights)."""
+        """Forget the cached text classifiers and re-cast the frozen weights (after changing the
+        model's weights)."""
         self._heads.clear()
+        self.encoder.refresh()
 
     # --- the image side ------------------------------------------------------------------------
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """L2-normalised image features (N, D), float32 on the classifier's device, in batches."""
-        items = as_image_list(images)
-        parts = []
-        with torch.inference_mode():
-            for batch in self.images.batches(items, self.batch_size):
-                parts.append(self.model.encode_image(batch.to(self.device), normalize=True).float())
-        return torch.cat(parts)
+        return torch.cat(list(self._encoded_batches(as_image_list(images), head=None)))
 
     def predict_proba(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],
                       templates: Templates | None = None) -> torch.Tensor:
         """Probabilities (N images, C labels) as a float32 CPU tensor, in input and label order."""
         head = self.head(labels, templates)
-        items = as_image_list(images)
-        parts = []
-        with torch.inference_mode():
-            for batch in self.images.batches(items, self.batch_size):
-                features = self.model.encode_image(batch.to(self.device), normalize=True)
-                parts.append(head(features).float().cpu())
-        return torch.cat(parts)
+        return torch.cat([part.cpu() for part in self._encoded_batches(as_image_list(images), head)])
+
+    def _encoded_batches(self, items: list[ImageInput], head: nn.Module | None) -> Iterator[torch.Tensor]:
+        """Features (or ``head``'s probabilities) batch by batch; decoding overlaps the forward pass."""
+        timing = EncodeTiming(images=len(items))
+        started = time.perf_counter()
+        for batch in self.images.batches(items, self.batch_size, timing):
+            forward_started = time.perf_counter()
+            with torch.inference_mode():
+                out = self.encoder.encode_image(batch)
+                out = head(out).float() if head is not None else out
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)  # the forward time is the kernels', not their launch
+            timing.forward_s += time.perf_counter() - forward_started
+            yield out
+        timing.wall_s = time.perf_counter() - started
+        self.last_timing = timing
 
     def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],
                  templates: Templates | None = None, top_k: int | None = None) -> list[ZeroShotResult]:

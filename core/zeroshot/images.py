@@ -11,10 +11,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from PIL import Image
@@ -57,17 +61,55 @@ def image_name(item: ImageInput, position: int) -> str:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"#{position}"
 
 
+@dataclass
+class EncodeTiming:
+    """Where the time of one batched encoding went (seconds).
+
+    Attributes:
+        images: images encoded.
+        decode_s: time spent decoding and preprocessing, summed over the decode threads (can
+            exceed ``wall_s`` when several threads decode at once).
+        wait_s: time the forward loop sat waiting for decoded images (decoding not hidden).
+        forward_s: time in the model's forward passes (and the classifier head).
+        wall_s: the whole call.
+    """
+
+    images: int = 0
+    decode_s: float = 0.0
+    wait_s: float = 0.0
+    forward_s: float = 0.0
+    wall_s: float = 0.0
+
+    def shares(self) -> dict[str, float]:
+        """Decode and forward as shares of their summed work, and the share of wall time waiting."""
+        work = self.decode_s + self.forward_s
+        return {"decode_share_of_work": self.decode_s / work if work else 0.0,
+                "forward_share_of_work": self.forward_s / work if work else 0.0,
+                "waiting_share_of_wall": self.wait_s / self.wall_s if self.wall_s else 0.0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), **self.shares()}
+
+
 class ImagePreparer:
     """Turns image inputs into normalised float batches for one ``PreprocessConfig``.
 
-    ``workers`` > 1 decodes and resizes the images of a batch in that many threads (PIL and
-    torch release the GIL in the heavy parts); 0 or 1 works in the calling thread.
+    ``workers`` >= 1 decodes and resizes images in that many background threads (PIL and torch
+    release the GIL in the heavy parts), up to ``prefetch`` batches ahead of the batch being
+    consumed, so decoding overlaps the forward pass of the previous batch; 0 decodes in the
+    calling thread, between forward passes.
     """
 
-    def __init__(self, preprocess: PreprocessConfig, workers: int = 0):
+    def __init__(self, preprocess: PreprocessConfig, workers: int = 0, prefetch: int = 2):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = decode in the calling thread), got {workers}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1 batch, got {prefetch}")
         self.preprocess = preprocess
         self.transform: Callable[[Image.Image], torch.Tensor] = build_image_transform(preprocess, train=False)
         self.workers = workers
+        self.prefetch = prefetch
+        self._lock = threading.Lock()
 
     def prepare(self, item: ImageInput, position: int) -> torch.Tensor:
         """One image -> ``(channels, S, S)`` float tensor."""
@@ -94,19 +136,55 @@ class ImagePreparer:
         except BadImageError as error:
             raise ValueError(f"image {os.fspath(item)!r}: {error.reason}") from None
 
-    def batches(self, items: Sequence[ImageInput], batch_size: int) -> Iterator[torch.Tensor]:
-        """Preprocessed ``(B, C, S, S)`` batches of ``items``, in order."""
+    def _timed_prepare(self, item: ImageInput, position: int, timing: EncodeTiming) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self.prepare(item, position)
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                timing.decode_s += elapsed
+
+    def batches(self, items: Sequence[ImageInput], batch_size: int,
+                timing: EncodeTiming | None = None) -> Iterator[torch.Tensor]:
+        """Preprocessed ``(B, C, S, S)`` batches of ``items``, in order.
+
+        ``timing`` (optional) accumulates decode time and the time spent waiting for a batch.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        timing = timing if timing is not None else EncodeTiming()
+        starts = list(range(0, len(items), batch_size))
+        if self.workers == 0:
+            for start in starts:
+                started = time.perf_counter()
+                batch = torch.stack([self._timed_prepare(item, position, timing)
+                                     for position, item in enumerate(items[start:start + batch_size], start)])
+                timing.wait_s += time.perf_counter() - started
+                yield batch
+            return
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="domainclip-decode")
+        pending: deque[list[Future]] = deque()
+        queued = iter(starts)
+
+        def submit_next() -> None:
+            start = next(queued, None)
+            if start is not None:
+                pending.append([pool.submit(self._timed_prepare, item, position, timing)
+                                for position, item in enumerate(items[start:start + batch_size], start)])
+
         try:
-            for start in range(0, len(items), batch_size):
-                chunk = list(enumerate(items[start:start + batch_size], start))
-                if pool is None:
-                    tensors = [self.prepare(item, position) for position, item in chunk]
-                else:
-                    tensors = list(pool.map(lambda pair: self.prepare(pair[1], pair[0]), chunk))
+            for _ in range(self.prefetch + 1):
+                submit_next()
+            while pending:
+                futures = pending.popleft()
+                started = time.perf_counter()
+                tensors = [future.result() for future in futures]
+                timing.wait_s += time.perf_counter() - started
+                submit_next()
                 yield torch.stack(tensors)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+            for futures in pending:
+                for future in futures:
+                    future.cancel()
+            pool.shutdown(wait=True)

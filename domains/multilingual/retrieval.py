@@ -29,7 +29,8 @@ from domainclip.core.data.dataset import Collator, ImageTextDataset
 from domainclip.core.data.transforms import build_image_transform
 from domainclip.core.eval.metrics import _caption_ranks, _image_ranks, retrieval_metrics
 from domainclip.core.eval.report import benchmark_json
-from domainclip.core.eval.zeroshot import encode_loader_images, encode_texts, model_device, unwrap_model
+from domainclip.core.encode import FrozenEncoder
+from domainclip.core.eval.zeroshot import encode_loader_images, encode_texts, unwrap_model
 
 from .parallel import ParallelCaptions
 
@@ -52,19 +53,20 @@ def language_ranks(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int = 64, num_workers: int = 0,
-                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+                       ks: Sequence[int] = (1, 5, 10), precision: str = "auto") -> dict[str, Any]:
     """Retrieval per language on ``data``: ``{"languages": {lang: metrics}, "mean": {...}, MRVs}``.
 
-    Images the loader cannot read are left out of every language (counted in ``n_bad``).
+    Images the loader cannot read are left out of every language (counted in ``n_bad``). Encoded
+    with the weights held in ``precision`` (``core/encode.py``).
     """
-    model = unwrap_model(model, None)
+    model = FrozenEncoder.of(unwrap_model(model, None), precision)
     dataset = ImageTextDataset(data.record_set(data.languages[0]),
                                build_image_transform(model.preprocess, train=False), train=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=Collator(None))
     encoded = encode_loader_images(model, loader, None, need_labels=False)
     rows = encoded.indices if encoded.indices is not None else torch.arange(encoded.features.shape[0])
-    images = encoded.features.to(model_device(model))
+    images = encoded.features.to(model.device)
     per_language: dict[str, dict[str, Any]] = {}
     t2i, i2t = [], []
     for lang in data.languages:

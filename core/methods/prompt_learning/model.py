@@ -19,7 +19,7 @@ from torch import nn
 
 from ...backbones.base import Backbone, Tokens
 from ...backbones.prompting import Piece, PromptLayout, PromptTextEncoder, PromptVisionEncoder
-from ...eval.zeroshot import evaluation_mode
+from ...encode import eval_mode
 from ..base import AdaptationMethod, TaskInfo
 
 log = logging.getLogger("domainclip.methods.prompt_learning")
@@ -219,13 +219,13 @@ class PromptLearningMethod(AdaptationMethod):
             chunk = max(1, EVAL_PROMPTS_PER_CHUNK // len(class_names))
 
             def image_conditioned_logits(features: torch.Tensor) -> torch.Tensor:
-                with evaluation_mode(model):
+                with eval_mode(model):
                     parts = [model.class_logits(part.to(device), class_names).float().cpu()
                              for part in features.split(chunk)]
                 return torch.cat(parts) if parts else torch.empty(0, len(class_names))
 
             return image_conditioned_logits
-        with evaluation_mode(model):
+        with eval_mode(model):
             text = model.class_text_features(class_names).float().cpu()
             scale = model.logit_scale.exp().float().cpu()
 

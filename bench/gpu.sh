@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The training, encoding and zero-shot benches at GPU sizes: ViT-B/16, batch 256, bf16.
+#
+#   bash bench/gpu.sh [OUT_DIR]          # on a machine with one CUDA GPU; writes OUT_DIR/*.json
+#
+# - encoding, model only (pre-decoded tensors) and end to end (files decoded in 8 threads):
+#   fp32 / bf16 autocast / bf16 weights / fp16 weights, images/s, ratios, min cosine to fp32, MFU
+#   (model FLOPs per image x images/s over the measured bf16 / fp32 matmul peak of the GPU);
+# - zero-shot: ZeroShotClassifier against transformers.pipeline at the same batch size, workers
+#   and precision (bf16);
+# - training: domainclip train against open_clip_train, ViT-B-16, batch 256, bf16, with the
+#   training FLOPs per sample and the GPU's bf16 matmul peak (MFU).
+# The accuracy guard runs first (bf16 and fp16 against fp32 on the shared data).
+# Every bench prints its JSON; a bench that found the machine busy (load average above half the
+# cores) writes nothing and exits 3. Needs the shared data in ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT="${1:-gpu_results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+  | tee -a "$OUT/gpu.txt"
+
+status=0
+run() { "$@" || { rc=$?; echo "exit $rc: $*"; status=$rc; }; }
+
+run "$PY" precision_guard.py --device cuda --precisions bf16,fp16 --json "$OUT/precision_guard.json"
+run "$PY" encode_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --images 4096 --workers 8 \
+  --rounds 3 --fp16 --json "$OUT/encode_throughput.json"
+run "$PY" zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256 --images 2048 --workers 8 \
+  --rounds 3 --json "$OUT/zeroshot_throughput.json"
+run "$PY" train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --workers 8 --steps 30 \
+  --warmup-steps 10 --rounds 2 --json "$OUT/train_throughput.json"
+exit $status

@@ -1,0 +1,223 @@
+"""The one encode path: frozen weights at the best precision the device computes fast.
+
+Every place that encodes images or texts without training them (the zero-shot API and
+``domainclip classify``, evaluation, the feature cache, teachers) goes through
+:class:`FrozenEncoder`. It holds the weights in one dtype, **cast once** when it is built (not
+autocast at every call, which re-casts every weight at every forward pass and is slower than fp32
+on a CPU), and always returns float32, L2-normalised features. The model it is built from is
+never changed: for a precision other than the model's own dtype the encoder works on a copy.
+
+Precision (``precision`` everywhere in the kit): ``fp32``, ``bf16``, ``fp16`` or ``auto``.
+``auto`` (the default) is decided by :func:`resolve_precision`:
+
+- CUDA device with compute capability >= 8.0 (Ampere and later: native bf16 tensor cores) -> bf16;
+- CPU whose ``/proc/cpuinfo`` flags include ``avx512_bf16``, ``amx_bf16`` or ``amx_tile``
+  (Cooper Lake, Sapphire Rapids and later, Zen 4 and later) -> bf16;
+- anything else (older GPUs, CPUs without bf16 instructions, where bf16 is emulated and slower
+  than fp32, Apple MPS) -> fp32.
+
+bf16 keeps fp32's range, so features of a CLIP tower agree with fp32 to a cosine of about 0.999;
+the accuracy guard (``tests/core/test_encode.py``, ``bench/precision_guard.py``) checks top-1
+agreement >= 99.5 % and metrics within 0.5 points. ``fp16`` is meant for GPUs.
+
+This module also holds the kit's one definition of "the model's device" (:func:`model_device`)
+and of "eval mode for a block" (:func:`eval_mode`).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+"""``/proc/cpuinfo`` flags of CPUs with native bf16 arithmetic (any one is enough)."""
+
+__all__ = ["CPU_BF16_FLAGS", "DTYPES", "PRECISIONS", "FrozenEncoder", "check_precision", "cpu_has_fast_bf16",
+           "eval_mode", "model_device", "model_float_dtype", "resolve_precision"]
+
+
+def check_precision(precision: str, where: str = "precision") -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming ``where``."""
+    if precision not in PRECISIONS:
+        import difflib
+
+        close = difflib.get_close_matches(str(precision), PRECISIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where} must be one of {PRECISIONS}, got {precision!r}{hint}")
+    return precision
+
+
+def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has native bf16 instructions (AVX-512 BF16 or AMX), from its cpuinfo flags.
+
+    ``cpuinfo`` is the file to read (tests pass a fake one); an unreadable file (not Linux) means no.
+    """
+    path = Path(cpuinfo)
+    if path == Path("/proc/cpuinfo"):
+        return _host_cpu_has_fast_bf16()
+    return _flags_have_bf16(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _host_cpu_has_fast_bf16() -> bool:
+    return _flags_have_bf16(Path("/proc/cpuinfo"))
+
+
+def _flags_have_bf16(path: Path) -> bool:
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device: str | torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for ``precision`` on ``device`` (``auto``: see the module docstring)."""
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16(cpuinfo) else "fp32"
+    return "fp32"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype:
+    """dtype of the model's first floating-point parameter (float32 for a model with none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@contextmanager
+def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (and no autograd unless ``no_grad=False``) for the block.
+
+    The train/eval flag of every submodule is restored after, exactly as it was (a wrapper that
+    keeps its frozen backbone in eval mode while training stays so).
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        if no_grad:
+            with torch.no_grad():
+                yield model
+        else:
+            yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of ``model`` whose floating-point parameters and buffers are ``dtype``.
+
+    The cast tensors are placed in the copy's memo, so the fp32 weights are never duplicated
+    (peak memory: source + one copy in ``dtype``).
+    """
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        if id(parameter) not in memo:
+            data = parameter.detach().to(dtype) if parameter.is_floating_point() else parameter.detach().clone()
+            memo[id(parameter)] = nn.Parameter(data, requires_grad=False)
+    for buffer in model.buffers():
+        if id(buffer) not in memo:
+            memo[id(buffer)] = buffer.detach().to(dtype) if buffer.is_floating_point() else buffer.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+class FrozenEncoder:
+    """Float32 normalised features of a model's towers, computed with weights held in one dtype.
+
+    Args:
+        model: a backbone (or a method's wrapper of one) with ``encode_image``, ``encode_text``
+            and ``tokenize``; never modified.
+        precision: ``auto`` / ``fp32`` / ``bf16`` / ``fp16`` (see :func:`resolve_precision`).
+        device: where to compute; default the model's device.
+
+    When the resolved dtype is the model's own, the encoder runs the model itself (no copy);
+    else it holds a frozen copy cast once. Call :meth:`refresh` after the source's weights change.
+    The encoder always runs in eval mode under ``torch.no_grad`` (its features may serve as
+    training targets, which inference-mode tensors could not).
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "auto", device: str | torch.device | None = None):
+        self.source = model
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = DTYPES[self.precision]
+        self.model = self._build()
+
+    @classmethod
+    def of(cls, model: "nn.Module | FrozenEncoder", precision: str = "auto") -> "FrozenEncoder":
+        """``model`` itself when it is already an encoder, else a new encoder of it."""
+        return model if isinstance(model, FrozenEncoder) else cls(model, precision)
+
+    @property
+    def copied(self) -> bool:
+        """Whether the encoder holds its own cast copy (False: it runs the source model)."""
+        return self.model is not self.source
+
+    def _build(self) -> nn.Module:
+        if model_device(self.source) == self.device and model_float_dtype(self.source) == self.dtype:
+            return self.source
+        if model_float_dtype(self.source) == self.dtype:  # only the device differs: move a copy
+            return copy.deepcopy(self.source).to(self.device).requires_grad_(False)
+        return _cast_copy(self.source, self.dtype).to(self.device).eval()
+
+    def refresh(self) -> None:
+        """Cast the source's current weights again (after they changed)."""
+        self.model = self._build()
+
+    @property
+    def preprocess(self) -> Any:
+        return self.source.preprocess
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.source.tokenize(texts)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Features (B, D) float32 of a preprocessed image batch (moved and cast here)."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        with eval_mode(self.model):
+            features = self.model.encode_image(images, normalize=False).float()
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """Features (B, D) float32 of tokenized texts."""
+        tokens = {key: value.to(self.device) for key, value in tokens.items()}
+        with eval_mode(self.model):
+            features = self.model.encode_text(tokens, normalize=False).float()
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Features (N, D) float32 on the encoder's device of ``texts``, ``batch_size`` at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(texts) == 0:
+            raise ValueError("encode_texts got no texts")
+        parts = [self.encode_tokens(self.tokenize(list(texts[start:start + batch_size])), normalize)
+                 for start in range(0, len(texts), batch_size)]
+        return torch.cat(parts)

@@ -1,0 +1,253 @@
+"""The one encode path (core/encode.py): precision resolution, frozen weights cast once, float32
+features close to fp32, the precision in the feature-cache key, in metrics.json and in classify,
+decoding overlapped with the forward pass, and the bf16 accuracy guard on the bundled sample."""
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from domainclip.core import config as config_lib
+from domainclip.core.backbones import ModelConfig, create_backbone
+from domainclip.core.cli import main
+from domainclip.core.encode import (
+    FrozenEncoder,
+    cpu_has_fast_bf16,
+    eval_mode,
+    model_device,
+    resolve_precision,
+)
+from domainclip.core.eval import classification_metrics, encode_texts
+from domainclip.core.features import FeatureCache
+from domainclip.core.run_config import RunConfig
+from domainclip.core.zeroshot import ImagePreparer, ZeroShotClassifier
+
+from ..conftest import tiny_recipe
+from .test_zeroshot_api import LABELS, TEMPLATES, pixels, square_paths, tiny_backbone, write_open_clip_folder
+
+SAMPLE = Path(__file__).resolve().parents[2] / "recipes" / "sample_data" / "plantvillage_apple"
+
+
+def fake_cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
+                    f"processor\t: 1\nflags\t\t: fpu sse2 avx2 {flags}\n")
+    return path
+
+
+# --- precision resolution -----------------------------------------------------------------------
+@pytest.mark.parametrize("flags, expected", [("avx512f avx512_bf16", "bf16"), ("amx_bf16 amx_tile", "bf16"),
+                                             ("amx_tile", "bf16"), ("avx512f avx512_vnni", "fp32"), ("", "fp32")])
+def test_auto_reads_the_cpus_bf16_flags(tmp_path: Path, flags: str, expected: str) -> None:
+    cpuinfo = fake_cpuinfo(tmp_path, flags)
+    assert cpu_has_fast_bf16(cpuinfo) is (expected == "bf16")
+    assert resolve_precision("auto", "cpu", cpuinfo) == expected
+    for explicit in ("fp32", "bf16", "fp16"):  # an explicit precision is taken as given
+        assert resolve_precision(explicit, "cpu", cpuinfo) == explicit
+
+
+def test_auto_without_cpuinfo_is_fp32_and_bad_names_are_errors(tmp_path: Path) -> None:
+    assert resolve_precision("auto", "cpu", tmp_path / "absent") == "fp32"
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'bf61'; did you mean 'bf16'\?"):
+        resolve_precision("bf61", "cpu")
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp32")])
+def test_auto_on_cuda_follows_the_compute_capability(monkeypatch: pytest.MonkeyPatch, capability: tuple,
+                                                     expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", "cuda:0") == expected
+
+
+def test_eval_task_precision_is_checked() -> None:
+    with pytest.raises(config_lib.ConfigError, match="precision must be one of"):
+        config_lib.load(RunConfig, None, ["eval=[{name: e, precision: half}]"])
+
+
+# --- the frozen copy ----------------------------------------------------------------------------
+def test_bf16_weights_are_cast_once_into_a_copy_and_the_source_is_untouched(colour_squares: Path) -> None:
+    model = tiny_backbone().train()
+    model.model.visual.conv1.weight.requires_grad_(True)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    flags = {name: module.training for name, module in model.named_modules()}
+
+    encoder = FrozenEncoder(model, "bf16")
+    assert encoder.precision == "bf16" and encoder.copied
+    copy_params = dict(encoder.model.named_parameters())
+    assert {p.dtype for p in copy_params.values()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in copy_params.values())
+    pointers = {name: p.data_ptr() for name, p in copy_params.items()}
+    images = pixels(model, square_paths(colour_squares, 4))
+    encoder.encode_image(images)
+    encoder.encode_texts(["a red square", "a blue square"])
+    # the same bf16 tensors serve every call (nothing re-cast per call)
+    assert {name: p.data_ptr() for name, p in encoder.model.named_parameters()} == pointers
+
+    after = model.state_dict()
+    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert model.model.visual.conv1.weight.requires_grad
+    assert {name: module.training for name, module in model.named_modules()} == flags
+    assert not any(p.data_ptr() in pointers.values() for p in model.parameters())
+
+
+def test_fp32_runs_the_model_itself_and_refresh_follows_new_weights(colour_squares: Path) -> None:
+    model = tiny_backbone()
+    assert not FrozenEncoder(model, "fp32").copied
+    encoder = FrozenEncoder(model, "bf16")
+    images = pixels(model, square_paths(colour_squares, 2))
+    old = encoder.encode_image(images)
+    with torch.no_grad():
+        model.model.visual.proj.mul_(-1.0)
+    assert torch.allclose(encoder.encode_image(images), old)  # the frozen copy keeps the cast weights
+    encoder.refresh()
+    assert torch.allclose(encoder.encode_image(images), -old, atol=1e-6)
+
+
+def test_features_are_float32_normalised_and_close_to_fp32(colour_squares: Path) -> None:
+    model = tiny_backbone(seed=3)
+    images = pixels(model, square_paths(colour_squares, 6))
+    texts = ["a red square", "a green square", "a photo of a blue square"]
+    reference = FrozenEncoder(model, "fp32")
+    for precision in ("bf16", "fp16"):
+        encoder = FrozenEncoder(model, precision)
+        for ours, theirs in ((encoder.encode_image(images), reference.encode_image(images)),
+                             (encode_texts(model, texts, precision=precision), reference.encode_texts(texts))):
+            assert ours.dtype == torch.float32
+            assert torch.allclose(ours.norm(dim=-1), torch.ones(len(ours)), atol=1e-5)
+            assert (ours * theirs).sum(-1).min() > 0.99, precision
+    with torch.no_grad():  # fp32 through the encoder is exactly the model's own output
+        direct = model.encode_image(images, normalize=True)
+    assert torch.allclose(reference.encode_image(images), direct, atol=1e-6)
+
+
+def test_eval_mode_restores_every_flag_and_model_device() -> None:
+    model = tiny_backbone().train()
+    model.model.transformer.eval()  # a submodule kept in eval mode by its owner
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+        assert not torch.is_grad_enabled()
+    assert model.training and not model.model.transformer.training
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+# --- the feature cache key ----------------------------------------------------------------------
+def test_cache_key_and_features_differ_by_precision(colour_squares: Path, tmp_path: Path) -> None:
+    model = tiny_backbone()
+    cache = FeatureCache(tmp_path / "cache")
+    keys = {p: cache.space_key(model, "image", precision=p) for p in ("fp32", "bf16", "fp16")}
+    assert len(set(keys.values())) == 3
+    assert cache.space_key(model, "image", precision="auto") == keys[resolve_precision("auto", "cpu")]
+    assert cache.space_key(model, "text", precision="fp32") != cache.space_key(model, "text", precision="bf16")
+
+    paths = square_paths(colour_squares, 5)
+    fp32 = cache.image_features(model, paths, precision="fp32")
+    bf16 = cache.image_features(model, paths, precision="bf16")
+    assert (fp32.key, bf16.key) == (keys["fp32"], keys["bf16"])
+    assert bf16.computed == 5 and bf16.reused == 0  # fp32 rows are never served for bf16
+    space = json.loads((tmp_path / "cache" / bf16.key / "space.json").read_text())
+    assert space["precision"] == "bf16"
+    assert not torch.equal(fp32.features, bf16.features)
+    assert (fp32.features * bf16.features).sum(-1).min() > 0.99
+    assert cache.image_features(model, paths, precision="bf16").reused == 5
+
+
+# --- metrics.json and classify ------------------------------------------------------------------
+def test_metrics_json_records_the_precision_of_each_eval_task(colour_squares: Path, tmp_path: Path) -> None:
+    from domainclip.core.train import train
+
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1)
+    data = {"format": "csv", "path": str(colour_squares), "label_key": "label", "caption_separator": "|"}
+    recipe["eval"] = [{"name": "squares_bf16", "task": "zeroshot", "templates": ["a {} square"], "data": data,
+                       "precision": "bf16"},
+                      {"name": "squares_fp32", "task": "zeroshot", "templates": ["a {} square"], "data": data,
+                       "precision": "fp32"},
+                      {"name": "squares_retrieval", "task": "retrieval", "data": data}]
+    result = train(config_lib.load(RunConfig, None, (), base=recipe))
+    records = {r["dataset"]: r for r in json.loads((result.run_dir / "metrics.json").read_text())}
+    assert records["squares_bf16"]["precision"] == "bf16"
+    assert records["squares_fp32"]["precision"] == "fp32"
+    assert records["squares_retrieval"]["precision"] == resolve_precision("auto", "cpu")
+    assert abs(records["squares_bf16"]["metrics"]["acc1"] - records["squares_fp32"]["metrics"]["acc1"]) <= 1 / 24
+
+
+def test_classify_precision_flag(tmp_path: Path, colour_squares: Path, capsys: pytest.CaptureFixture) -> None:
+    backbone = tiny_backbone(seed=5)
+    folder = write_open_clip_folder(tmp_path / "oc", backbone)
+    paths = square_paths(colour_squares, 3)
+    reference = ZeroShotClassifier(backbone, templates=TEMPLATES, device="cpu", precision="fp32")
+    expected = reference.predict_proba(paths, LABELS)
+    args = ["classify", "--model", str(folder), "--labels", ",".join(LABELS), "--templates", TEMPLATES[0],
+            "--template", TEMPLATES[1], "--precision", "bf16", *paths]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    got = torch.tensor([[{p["label"]: p["probability"] for p in item["predictions"]}[label] for label in LABELS]
+                        for item in printed])
+    assert torch.allclose(got, expected, atol=2e-2)
+    assert ZeroShotClassifier.from_pretrained(folder, device="cpu", precision="bf16").info()["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        main(["classify", "--model", str(folder), "--labels", "a,b", "--precision", "half", *paths])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+
+
+# --- decoding overlapped with the forward pass --------------------------------------------------
+def test_background_decoding_gives_the_same_batches_and_names_bad_files(colour_squares: Path,
+                                                                         tmp_path: Path) -> None:
+    model = tiny_backbone()
+    paths = square_paths(colour_squares, 7)
+    threads: set[str] = set()
+    preparer = ImagePreparer(model.preprocess, workers=2)
+    original = preparer.prepare
+
+    def recording(item, position):
+        threads.add(threading.current_thread().name)
+        return original(item, position)
+
+    preparer.prepare = recording  # type: ignore[method-assign]
+    inline = list(ImagePreparer(model.preprocess, workers=0).batches(paths, 3))
+    background = list(preparer.batches(paths, 3))
+    assert [b.shape[0] for b in background] == [3, 3, 1]
+    assert all(torch.equal(a, b) for a, b in zip(inline, background))
+    assert threads and all(name.startswith("domainclip-decode") for name in threads)
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        list(ImagePreparer(model.preprocess, workers=2).batches([*paths, str(broken)], 3))
+
+
+def test_classifier_reports_where_the_time_went(colour_squares: Path) -> None:
+    classifier = ZeroShotClassifier(tiny_backbone(), device="cpu", batch_size=2, workers=2)
+    classifier.predict_proba(square_paths(colour_squares, 5), LABELS)
+    timing = classifier.last_timing
+    assert timing.images == 5 and timing.decode_s > 0 and timing.forward_s > 0
+    assert timing.wall_s >= timing.forward_s + timing.wait_s - 1e-3
+    shares = timing.shares()
+    assert shares["decode_share_of_work"] + shares["forward_share_of_work"] == pytest.approx(1.0)
+
+
+# --- accuracy guard: bf16 against fp32 on the bundled sample ------------------------------------
+def test_bf16_agrees_with_fp32_on_the_bundled_sample() -> None:
+    with open(SAMPLE / "test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    paths = [str(SAMPLE / row["path"]) for row in rows]
+    classes = sorted({row["label"] for row in rows})
+    names = [label.split("___")[1].replace("_", " ") for label in classes]
+    truth = torch.tensor([classes.index(row["label"]) for row in rows])
+    metrics, predictions = {}, {}
+    for precision in ("fp32", "bf16"):
+        classifier = ZeroShotClassifier.from_pretrained("compact_base", device="cpu", precision=precision,
+                                                        batch_size=40)
+        assert classifier.precision == precision
+        probabilities = classifier.predict_proba(paths, names, ["a photo of a {} leaf.", "a leaf with {}."])
+        predictions[precision] = probabilities.argmax(-1)
+        metrics[precision] = classification_metrics(probabilities.log(), truth, names)
+    agreement = (predictions["fp32"] == predictions["bf16"]).float().mean().item()
+    assert len(paths) == 80 and agreement >= 0.995
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        assert abs(metrics["fp32"][key] - metrics["bf16"][key]) <= 0.005, key
