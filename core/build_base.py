@@ -47,7 +47,7 @@ def export_compact_base(run_dir: str | Path, out: str | Path | None = None) -> P
     return out
 
 
-def _headline(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _base_card_metrics(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "image_retrieval_recall@5",
             "image_retrieval_recall@10", "text_retrieval_recall@1", "text_retrieval_recall@5",
             "text_retrieval_recall@10", "mean_recall")
@@ -72,7 +72,7 @@ def base_metadata(cfg: RunConfig, metrics: list[dict[str, Any]], summary: dict[s
                           "licence": "none stated by the authors; research use"},
                          {"name": "Flickr8k (English captions)", "split": "all but a 20 % file-name-hash hold-out",
                           "licence": "Flickr terms of use, non-commercial research"}]},
-        "evaluation": _headline(metrics),
+        "evaluation": _base_card_metrics(metrics),
         "software": {"torch": torch.__version__, "python": platform.python_version()},
     }
 

@@ -8,8 +8,10 @@ retention, package versions, config hash) into ``RUN/model`` or any other folder
 
 What the run cannot know (data provenance, the training population of a medical model, licence,
 intended use) comes from a *card config* (:class:`CardConfig`, YAML; ``RUN/card.yaml`` is read
-when present). The prose comes from ``model_cards/templates/<domain>.md`` (medical,
-remote_sensing, agriculture, multilingual, generic); the medical one says the model is not for
+when present). The prose comes from the card domain's template: ``model_cards/templates/generic.md``,
+or the one a domain package registers with :func:`register_card_domain` (each ships
+``card_template.md`` in its own package); the card's domain is ``--domain`` or the recipe's
+(:func:`recipe_domain`). The medical one says the model is not for
 clinical use and describes the training population, with ``not stated`` for unknown fields.
 
 Privacy: every string that reaches a card or ``metadata.json`` passes :func:`scrub`, which
@@ -33,14 +35,94 @@ import yaml
 
 from . import config as config_lib
 from .checkpoint import atomic_write_text
+from .backbones.factory import INPUT_ADAPTERS
+from .data.sources import FORMAT_LOADERS
+from .data.transforms import IMAGE_READERS, TRAIN_TRANSFORMS
+from .plugins import load_domain_plugins, require_registered
 from .run_config import RunConfig
 
 PACKAGES = ("domainclip", "torch", "open_clip_torch", "transformers", "peft", "accelerate", "timm",
             "safetensors", "huggingface_hub")
-DOMAINS = ("generic", "medical", "remote_sensing", "agriculture", "multilingual")
 NOT_STATED = "not stated"
 REDACTED = "[redacted]"
 CARD_FILE = "card.yaml"
+GENERIC = "generic"
+
+
+# --- card domains: each domain package registers its own template -----------------------------
+
+@dataclass(frozen=True)
+class CardDomain:
+    """A card template and what the card says about a domain, registered by the domain's package.
+
+    Attributes:
+        name: the domain's name (``CardConfig.domain``, ``--domain``, a card tag).
+        template: Markdown file with ``${slot}`` placeholders (see :data:`SLOT_NAMES`).
+        package: module prefix of the package whose data formats, augmentations and image readers
+            make a recipe belong to this domain (e.g. ``domainclip.domains.medical``); empty: never
+            chosen from a recipe, only by name.
+        required_slots: slots the template must have beyond :data:`REQUIRED_SLOTS` (medical:
+            ``population``).
+        tags: card tags added for this domain.
+        metadata: facts written under ``domain_metadata`` in ``metadata.json`` (e.g.
+            ``{"clinical_use": False}``).
+    """
+
+    name: str
+    template: Path
+    package: str = ""
+    required_slots: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+CARD_DOMAINS: dict[str, CardDomain] = {}
+
+
+def register_card_domain(domain: CardDomain) -> CardDomain:
+    """Make ``domain`` a card domain (one line in the domain package's ``__init__``)."""
+    CARD_DOMAINS[domain.name] = domain
+    return domain
+
+
+def card_domain(name: str) -> CardDomain:
+    """The registered card domain ``name`` (the domain packages are imported when needed)."""
+    require_registered(name, CARD_DOMAINS, f"card domain {name!r} has no template")
+    return CARD_DOMAINS[name]
+
+
+def _generic_template() -> Path:
+    import domainclip.model_cards as bundled
+
+    return Path(next(iter(bundled.__path__))) / "templates" / f"{GENERIC}.md"
+
+
+register_card_domain(CardDomain(GENERIC, _generic_template()))
+
+
+def _owner(obj: Any) -> str:
+    """The card domain whose package defined ``obj`` (a format loader, transform, reader), or ``""``."""
+    module = getattr(obj, "__module__", "") or ""
+    for domain in CARD_DOMAINS.values():
+        if domain.package and (module == domain.package or module.startswith(domain.package + ".")):
+            return domain.name
+    return ""
+
+
+def recipe_domain(cfg: RunConfig) -> str:
+    """The card domain a recipe belongs to: the domain whose package registered one of its data
+    formats, its augmentation or its image reader (the first found, in that order); else generic."""
+    load_domain_plugins()
+    owners = [FORMAT_LOADERS.get(s.format) for s in (cfg.data.train, *cfg.data.train_extra, *(t.data for t in cfg.eval))]
+    owners.append(TRAIN_TRANSFORMS.get(str((cfg.data.augment or {}).get("name", ""))))
+    owners.append(INPUT_ADAPTERS.get(str((cfg.model.input or {}).get("name", ""))))
+    reader = (cfg.model.preprocess or {}).get("reader") or {}
+    owners.append(IMAGE_READERS.get(str(reader.get("name", "")) if isinstance(reader, dict) else ""))
+    for owner in owners:
+        name = _owner(owner) if owner is not None else ""
+        if name:
+            return name
+    return GENERIC
 
 
 # --- card config: what the user states about the data and the model --------------------------
@@ -119,7 +201,9 @@ class CardConfig:
     """Everything a card states that the run folder cannot know.
 
     Attributes:
-        domain: template: generic | medical | remote_sensing | agriculture | multilingual.
+        domain: card domain (template): generic, or one a domain package registers (medical,
+            remote_sensing, agriculture, multilingual); empty: the recipe's domain
+            (:func:`recipe_domain`).
         name: model name in the card (default: the run folder's or the repo's name).
         license: licence id of the weights for the card metadata (``other`` when unknown).
         base_model: Hugging Face id of the base model (default: derived from the recipe).
@@ -130,10 +214,10 @@ class CardConfig:
         training_data: provenance of the training data sets, in the recipe's source order.
         population: training population (medical).
         input: input description.
-        template: path of a custom template instead of ``model_cards/templates/<domain>.md``.
+        template: path of a custom template instead of the domain's registered one.
     """
 
-    domain: str = "generic"
+    domain: str = ""
     name: str = ""
     license: str = "other"
     base_model: str = ""
@@ -147,9 +231,8 @@ class CardConfig:
     template: str = ""
 
     def __post_init__(self) -> None:
-        if self.domain not in DOMAINS:
-            close = config_lib._closest(self.domain, DOMAINS)
-            raise ValueError(f"card domain {self.domain!r} has no template{close} (valid: {', '.join(DOMAINS)})")
+        if self.domain:
+            card_domain(self.domain)
 
 
 def load_card_config(run_dir: str | Path, card: CardConfig | str | Path | None = None) -> CardConfig:
@@ -246,6 +329,41 @@ def base_model_id(cfg: RunConfig) -> str:
     return f"{model.name}{':' + model.pretrained if model.pretrained else ''}"
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def base_hub_id(cfg: RunConfig) -> str:
+    """The base model's Hugging Face Hub id when the recipe names one, else ``""``.
+
+    ``hf`` backbones named ``ORG/NAME`` that is not a local folder, and open_clip ``hf-hub:ORG/NAME``;
+    an open_clip pretrained tag (``laion2b_s34b_b79k``), a local file or folder, the bundled
+    compact base and a dual encoder (two models) are not one Hub id.
+    """
+    model = cfg.model
+    candidates = {"hf": model.name, "open_clip": model.name[len("hf-hub:"):] if model.name.startswith("hf-hub:")
+                  else (model.pretrained[len("hf-hub:"):] if model.pretrained.startswith("hf-hub:") else "")}
+    name = candidates.get(model.kind, "")
+    if not name or not HUB_ID.match(name) or ".." in name or Path(name).expanduser().exists():
+        return ""
+    return name
+
+
+GENERIC_LAYOUTS = ("csv", "jsonl", "parquet", "karpathy", "folders", "label_csv", "webdataset")
+
+
+def _dataset_ids(cfg: RunConfig, card: CardConfig) -> list[str]:
+    """What the card's ``datasets:`` lists: the stated hub id or name of each training source, else
+    the named data set the recipe's format stands for (``rsicd``, ``plantvillage``); a generic layout
+    (csv, folders...) names no data set, and a folder name is never used."""
+    out = []
+    for i, source in enumerate([cfg.data.train, *cfg.data.train_extra]):
+        stated = card.training_data[i] if i < len(card.training_data) else DataProvenance()
+        name = stated.hub_id or stated.name or ("" if source.format in GENERIC_LAYOUTS else source.format)
+        if name and not is_identifier(name):
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
 def _data_name(source: Any) -> str:
     if not source.path:
         return source.format
@@ -305,11 +423,16 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
     summary = json.loads((run_dir / "train_summary.json").read_text())
     evaluation = _evaluation(metrics)
     population = config_lib.to_dict(card.population)
+    domain = card_domain(card.domain or recipe_domain(cfg))
     meta = {
         "name": card.name or run_dir.name,
-        "domain": card.domain,
+        "domain": domain.name,
+        "domain_metadata": dict(domain.metadata),
         "license": card.license,
         "base_model": card.base_model or base_model_id(cfg),
+        "base_model_hub_id": card.base_model or base_hub_id(cfg),
+        "datasets": _dataset_ids(cfg, card),
+        "pipeline_tag": "",
         "base": {"kind": cfg.model.kind, "revision": cfg.model.revision or NOT_STATED},
         "method": config_lib.to_dict(cfg.method),
         "input": _input(model_info["backbone"]["preprocess"], card),
@@ -323,7 +446,7 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
         "retention": [{"dataset": e["dataset"], **e["retention"]} for e in evaluation if "retention" in e],
         "intended_use": card.intended_use,
         "limitations": card.limitations,
-        "tags": card.tags,
+        "tags": [*domain.tags, *card.tags],
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "config_hash": config_hash(cfg),
     }
@@ -365,13 +488,15 @@ def front_matter(meta: dict[str, Any]) -> dict[str, Any]:
     header: dict[str, Any] = {
         "license": meta["license"],
         "library_name": "domainclip",
-        "base_model": meta["base_model"],
-        "datasets": [d["hub_id"] or d["name"] for d in meta["training_data"]
-                     if REDACTED not in (d["hub_id"] or d["name"])],
         "tags": list(dict.fromkeys(["clip", "domainclip", meta["domain"].replace("_", "-"),
                                     meta["method"]["name"], *meta["tags"]])),
-        "pipeline_tag": "zero-shot-image-classification",
     }
+    if meta["base_model_hub_id"] and REDACTED not in meta["base_model_hub_id"]:
+        header["base_model"] = meta["base_model_hub_id"]
+    if meta["datasets"]:
+        header["datasets"] = meta["datasets"]
+    if meta["pipeline_tag"]:  # only set for a folder that transformers' pipeline loads (see publish)
+        header["pipeline_tag"] = meta["pipeline_tag"]
     if meta["language"]:
         header["language"] = meta["language"]
     index = _model_index(meta["name"], meta)
@@ -473,24 +598,19 @@ def derived_limitations(meta: dict[str, Any]) -> list[str]:
 
 
 def template_path(domain: str, template: str = "") -> Path:
-    """``template`` when given, else the bundled ``model_cards/templates/<domain>.md``."""
-    if template:
-        path = Path(template)
-    else:
-        import domainclip.model_cards as bundled
-
-        path = Path(next(iter(bundled.__path__))) / "templates" / f"{domain}.md"
+    """``template`` when given, else the template the domain registered (:class:`CardDomain`)."""
+    path = Path(template) if template else card_domain(domain).template
     if not path.is_file():
         raise FileNotFoundError(f"card template {path} does not exist (domain {domain!r})")
     return path
 
 
 def load_template(domain: str, template: str = "") -> string.Template:
-    """A domain template, checked for the slots every card needs (and ``population`` for medical)."""
+    """A domain template, checked for the slots every card needs and those its domain requires."""
     path = template_path(domain, template)
     text = string.Template(path.read_text())
     slots = set(text.get_identifiers())
-    needed = set(REQUIRED_SLOTS) | ({"population"} if domain == "medical" else set())
+    needed = set(REQUIRED_SLOTS) | set(card_domain(domain).required_slots)
     missing = sorted(needed - slots)
     unknown = sorted(slots - set(SLOT_NAMES))
     if missing or unknown or not text.is_valid():
@@ -522,10 +642,12 @@ def render_card(meta: dict[str, Any], domain_text: str = "", usage: str = "", te
 
 
 def write_card(run_dir: str | Path, out: str | Path, card: CardConfig | str | Path | None = None,
-               domain_text: str = "", usage: str = "", **overrides: Any) -> Path:
+               domain_text: str = "", usage: str = "", pipeline_tag: str = "", **overrides: Any) -> Path:
     """Write ``OUT/README.md`` and ``OUT/metadata.json`` for a run; returns the card's path.
 
-    ``overrides`` replace card-config fields (``name``, ``domain``, ``license``); empty values are ignored.
+    ``overrides`` replace card-config fields (``name``, ``domain``, ``license``); empty values are
+    ignored. ``pipeline_tag`` is set only by callers that checked the folder loads in that
+    transformers pipeline (``publish``).
     """
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_card_config(run_dir, card)
@@ -533,6 +655,7 @@ def write_card(run_dir: str | Path, out: str | Path, card: CardConfig | str | Pa
     if given:
         cfg = config_lib.from_dict(CardConfig, {**config_lib.to_dict(cfg), **given}, source="card overrides")
     meta = run_metadata(run_dir, cfg)
+    meta["pipeline_tag"] = pipeline_tag
     text = render_card(meta, domain_text, usage, cfg.template)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

@@ -2,6 +2,7 @@
 
     domainclip train RECIPE [KEY=VALUE ...]     train; writes runs/NAME
     domainclip eval RECIPE|RUN [KEY=VALUE ...]  evaluate a base model (recipe) or a finished run
+    domainclip show RUN                         a run's recipe, method, steps, metrics and weights
     domainclip config RECIPE [KEY=VALUE ...]    print the resolved recipe
     domainclip quickstart [KEY=VALUE ...]       offline demo on the bundled sample
     domainclip compare SPEC [KEY=VALUE ...]     methods side by side (k-shot or base-to-novel)
@@ -30,12 +31,25 @@ from .recipe_files import list_recipes, resolve_recipe  # noqa: F401  (list_reci
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+    from .run_summary import metric_lines
     from .train import load_run_config, train
 
     result = train(load_run_config(resolve_recipe(args.recipe), args.overrides))
+    plot = plot_run(result.run_dir)
+    for line in metric_lines(result.metrics):  # the final metrics, readable; stdout stays one JSON line
+        print(f"  {line}", file=sys.stderr)
     print(json.dumps({"run_dir": str(result.run_dir), "global_step": result.global_step,
                       "trainable_parameters": result.trainable_parameters,
-                      "samples_per_second": round(result.samples_per_second, 2)}))
+                      "samples_per_second": round(result.samples_per_second, 2),
+                      "metrics": metric_lines(result.metrics), "summary_png": str(plot)}))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .run_summary import run_summary
+
+    print(run_summary(args.run))
     return 0
 
 
@@ -115,7 +129,7 @@ def _cmd_wise_ft(args: argparse.Namespace) -> int:
     from .wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
 
     alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(DEFAULT_ALPHAS)
-    result = wise_ft_sweep(args.run, alphas, args.select_on, args.out or None)
+    result = wise_ft_sweep(args.run, alphas, args.select_on, args.out or None, min_retention=args.min_retention)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -201,10 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. train.lr=1e-4 data.batch_size=64")
     train.set_defaults(func=_cmd_train)
+    show_run = sub.add_parser("show", help="print a run's summary: recipe, method, steps, metrics, weights")
+    show_run.add_argument("run", help="run folder")
+    show_run.set_defaults(func=_cmd_show)
     evaluate = sub.add_parser("eval", help="evaluate a recipe's base model or a finished run folder")
     evaluate.add_argument("target", help="recipe (base model) or run folder (trained model)")
     evaluate.add_argument("overrides", nargs="*")
     evaluate.add_argument("--out", default="", help="metrics JSON to write")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar (none shows when stderr is no terminal)")
     evaluate.set_defaults(func=_cmd_eval)
     show = sub.add_parser("config", help="print the resolved recipe")
     show.add_argument("recipe", nargs="?", default="")
@@ -216,14 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="", help="parent folder of the run (default: runs)")
     quick.set_defaults(func=_cmd_quickstart)
     comp = sub.add_parser("compare", help="run several methods on the same data and tabulate them")
-    comp.add_argument("spec", help="comparison spec YAML (or a bundled name such as compare/plantvillage)")
+    comp.add_argument("spec", help="comparison spec YAML (or a bundled name such as compare/plantvillage_apple)")
     comp.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. seeds=[0] shots=[4]")
+    comp.add_argument("--quiet", action="store_true", help="no progress bar (none shows when stderr is no terminal)")
     comp.set_defaults(func=_cmd_compare)
     wise = sub.add_parser("wise-ft", help="interpolate base and fine-tuned weights; pick alpha on validation data")
     wise.add_argument("run", help="finished run folder")
     wise.add_argument("--select-on", required=True, help="name of the run's eval task to choose alpha on (validation)")
     wise.add_argument("--alphas", default="", help="comma-separated mixing weights (default 0,0.1,...,1)")
     wise.add_argument("--out", default="", help="output folder (default RUN/wise_ft)")
+    wise.add_argument("--min-retention", type=float, default=None, metavar="SHARE",
+                      help="best alpha whose retention tasks keep at least SHARE (e.g. 0.95) of the base's score")
     wise.set_defaults(func=_cmd_wise_ft)
     merge = sub.add_parser("merge", help="merge a LoRA run's adapters into full backbone weights")
     merge.add_argument("run")
@@ -368,6 +389,10 @@ def _add_index_and_serve_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from .progress import set_quiet
+
+        set_quiet(True)
     try:
         return args.func(args)
     except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:

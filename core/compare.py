@@ -21,8 +21,9 @@ from . import config as config_lib
 from .backbones import create_backbone
 from .checkpoint import atomic_write_text
 from .data import load_records
+from .eval.headline import headline
+from .progress import progress
 from .recipe_files import resolve_recipe
-from .eval.report import headline_metric
 from .run_config import RunConfig
 from .train import train
 from .train.evaluation import run_eval_tasks
@@ -97,13 +98,9 @@ def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
     return config_lib.expand_recipe_dir(config_lib.read_yaml(path), path.resolve().parent)
 
 
-def _headline(record: dict[str, Any], metric: str = "acc1") -> float:
-    return float(record["metrics"][headline_metric(record, metric)])
-
-
 def _scores(records: list[dict[str, Any]], spec: CompareConfig) -> dict[str, float]:
     """Headline metric per task, then the ``also`` metrics of the first task."""
-    scores = {r["dataset"]: _headline(r, spec.metric) for r in records}
+    scores = {r["dataset"]: headline(r, spec.metric)[1] for r in records}
     for metric in spec.also:
         first = records[0]
         if metric not in first["metrics"]:
@@ -186,7 +183,8 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
     baseline = run_eval_tasks(base_cfg, create_backbone(base_cfg.model))
     rows = _finished_rows(out / "runs.json", spec)
     done = {(r["method"], r["shots"], r["seed"]) for r in rows}
-    for label, k, seed, data in run_configs(spec, recipe, out):
+    planned = run_configs(spec, recipe, out)
+    for label, k, seed, data in progress(planned, total=len(planned), desc=f"compare {spec.name}", unit="run"):
         if (label, k, seed) in done:
             continue  # finished by an earlier, interrupted invocation of the same spec
         cfg = config_lib.from_dict(RunConfig, data)
@@ -235,7 +233,8 @@ def _finished_rows(path: Path, spec: CompareConfig) -> list[dict[str, Any]]:
 
 def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]]) -> str:
     keys = list(zero)
-    header = "| method | shots | " + " | ".join(keys) + " | trained params | train s | retention Δ |"
+    header = "| method | shots | " + " | ".join(column_label(spec, k) for k in keys) + \
+        " | trained params | train s | retention Δ |"
     lines = [f"## {spec.name} ({spec.protocol}, seeds {spec.seeds}, metric {spec.metric})", "", header,
              "|" + "---|" * (len(keys) + 5)]
     lines.append("| zero-shot base | 0 | " + " | ".join(f"{zero[k]:.3f}" for k in keys) + " | 0 | 0 | |")
@@ -247,25 +246,70 @@ def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dic
     return "\n".join(lines) + "\n"
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def metric_label(spec: CompareConfig, key: str) -> str:
+    """What the plotted number is: the task and its metric (``plantvillage_test: acc1``)."""
+    if spec.protocol == "base_to_novel":
+        return f"harmonic mean of base and novel {spec.metric}" if key == "hm" else f"{key} {spec.metric}"
+    metric = spec.metric if " " not in key else key.split(" ", 1)[1]
+    return f"{key.split(' ', 1)[0]}: {metric}"
+
+
+def column_label(spec: CompareConfig, key: str) -> str:
+    """A table column's header, naming the metric it holds."""
+    if spec.protocol == "base_to_novel":
+        return f"{key} ({spec.metric})" if key != "hm" else f"hm ({spec.metric})"
+    name, _, extra = key.partition(" ")
+    return f"{name} ({extra or spec.metric})"
+
+
 def plot_compare(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]], path: Path) -> None:
+    """Write ``compare.png`` (see :func:`compare_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = compare_figure(spec, zero, table)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_figure(spec: CompareConfig, zero: dict[str, float], table: list[dict[str, Any]]) -> Any:
+    """The comparison figure: the headline metric per method, named on the y axis; several k values are a
+    line per method over k (log2 axis; a marker and a small offset per method, so methods with equal
+    scores stay visible), a single k is a bar per method with its standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = "hm" if spec.protocol == "base_to_novel" else next(iter(zero))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in table}):
-        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["shots"])
-        ax.errorbar([r["shots"] for r in rows], [r[key] for r in rows], yerr=[r[f"{key}_std"] for r in rows],
-                    marker="o", capsize=3, label=method)
-    ax.axhline(zero[key], color="black", linestyle="--", label="zero-shot")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="shots per class", ylabel=key, title=f"{spec.name}: {key}", ylim=(0, 1))
+    label = metric_label(spec, key)
+    methods = sorted({r["method"] for r in table})
+    shots = sorted({r["shots"] for r in table})
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if len(shots) == 1:
+        rows = {r["method"]: r for r in table}
+        ax.bar(range(len(methods)), [rows[m][key] for m in methods], yerr=[rows[m][f"{key}_std"] for m in methods],
+               capsize=3, color=[f"C{i}" for i in range(len(methods))])
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        ax.set(xlabel=f"method ({shots[0]} shots per class)")
+    else:
+        spread = 0.06 * (len(methods) - 1)
+        for i, method in enumerate(methods):
+            rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["shots"])
+            factor = 2 ** ((i * 0.12 - spread) if len(methods) > 1 else 0.0)  # offset in log2 space
+            ax.errorbar([r["shots"] * factor for r in rows], [r[key] for r in rows],
+                        yerr=[r[f"{key}_std"] for r in rows], marker=MARKERS[i % len(MARKERS)], capsize=3,
+                        label=method, alpha=0.85)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set(xlabel="shots per class")
+    ax.axhline(zero[key], color="black", linestyle="--", label="zero-shot base")
+    ax.set(ylabel=label, title=f"{spec.name}: {label}", ylim=(0, 1))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> CompareConfig:

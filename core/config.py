@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -200,14 +201,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 RECIPE_DIR = "${recipe_dir}"
+SHARED_DATA = "${shared_data}"
+SHARED_DATA_ENV = "DOMAINCLIP_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """The folder of the small real data sets: ``$DOMAINCLIP_SHARED_DATA`` when set, else
+    ``shared/data`` beside the kit's checkout (``../shared/data`` from the repository root)."""
+    env = os.environ.get(SHARED_DATA_ENV)
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def expand_recipe_dir(data: Any, recipe_dir: Path) -> Any:
-    """Replace ``${recipe_dir}`` in every string with the recipe file's folder.
+    """Replace ``${recipe_dir}`` in every string with the recipe file's folder and ``${shared_data}``
+    with :func:`shared_data_dir`.
 
-    Bundled recipes point at their sample data this way, so they run from any working directory.
+    Bundled recipes point at their sample data and the shared data sets this way, so they run from
+    any working directory.
     """
     if isinstance(data, str):
+        if SHARED_DATA in data:
+            data = data.replace(SHARED_DATA, str(shared_data_dir()))
         return data.replace(RECIPE_DIR, str(recipe_dir))
     if isinstance(data, list):
         return [expand_recipe_dir(v, recipe_dir) for v in data]

@@ -8,10 +8,43 @@ gathers, and the padding is stripped again. All helpers are no-ops in a single p
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad"]
+__all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad", "launch_mismatch", "warn_launch_mismatch"]
+log = logging.getLogger("domainclip.train")
+CPU_LAUNCH_HINT = ("on CPU, start N processes with `accelerate launch --multi_gpu --num_processes N --num_machines 1 "
+                   "--mixed_precision no --dynamo_backend no -m domainclip.core.cli train RECIPE train.cpu=true` "
+                   "(with ACCELERATE_USE_CPU=1 CUDA_VISIBLE_DEVICES=''); `accelerate launch --cpu --num_processes N` "
+                   "starts one process")
+
+
+def launch_mismatch(processes: int, env: Mapping[str, str] | None = None) -> str:
+    """Why the ``processes`` that started differ from what the launcher asked for, or ``""``.
+
+    A launcher that asks for several processes sets ``WORLD_SIZE`` (torchrun, ``accelerate launch
+    --multi_gpu``); ``accelerate launch --cpu --num_processes N`` sets only ``MASTER_ADDR`` /
+    ``MASTER_PORT`` and starts one process.
+    """
+    env = os.environ if env is None else env
+    asked = env.get("WORLD_SIZE")
+    if asked is not None and asked.isdigit() and int(asked) != processes:
+        return f"the launcher asked for WORLD_SIZE={asked} processes but {processes} joined the run; {CPU_LAUNCH_HINT}"
+    if asked is None and processes == 1 and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        return (f"a multi-process launch was requested (MASTER_ADDR/MASTER_PORT are set) but this run has 1 process "
+                f"(world size 1); {CPU_LAUNCH_HINT}")
+    return ""
+
+
+def warn_launch_mismatch(processes: int) -> None:
+    """Log a warning (console and run log) when the world size is not what the launch asked for."""
+    reason = launch_mismatch(processes)
+    if reason:
+        log.warning("world size %d: %s", processes, reason)
 
 
 def is_distributed() -> bool:

@@ -212,6 +212,21 @@ class FrozenEncoder:
             features = self.model.encode_text(tokens, normalize=False).float()
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised pooled features (B, D), per-token normalised final-layer tokens (B, I, D), both
+        float32, and the token mask (B, I) bool, from one pass (``Backbone.encode_image_tokens``)."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        with eval_mode(self.model):
+            out = self.model.encode_image_tokens(images)
+        return F.normalize(out.pooled.float(), dim=-1), F.normalize(out.tokens.float(), dim=-1), out.mask.bool()
+
+    def encode_text_tokens(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`encode_image_tokens` for tokenized texts (``Backbone.encode_text_tokens``)."""
+        tokens = {key: value.to(self.device) for key, value in tokens.items()}
+        with eval_mode(self.model):
+            out = self.model.encode_text_tokens(tokens)
+        return F.normalize(out.pooled.float(), dim=-1), F.normalize(out.tokens.float(), dim=-1), out.mask.bool()
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
         """Features (N, D) float32 on the encoder's device of ``texts``, ``batch_size`` at a time."""
         if batch_size < 1:

@@ -4,6 +4,14 @@ The uploaded folder is exactly what :func:`stage_folder` writes: the exported mo
 (``domainclip.core.export.export_run``), ``README.md`` (the card, with loading instructions for
 the repo id) and ``metadata.json``. ``--dry-run DIR`` writes that folder and uploads nothing.
 
+Nothing local leaves the machine: before anything is uploaded, every string value in the staged
+JSON files that is a local path (the adapter manifest's local base weights, a method's teacher
+data, parallel captions or cache folder) becomes ``[local path withheld]``, the text files lose any
+of this machine's paths, and the folder is refused when a file still holds one (home, working
+directory, temp folder, the kit's folder, the run folder, or an absolute path of the recipe).
+``pipeline_tag: zero-shot-image-classification`` is set only when transformers' pipeline loads
+the staged folder.
+
 Upload: ``HfApi.create_repo`` (``private`` applies when the repo is created; publishing with
 ``private=True`` to an existing *public* repo is refused rather than exposing the model),
 ``HfApi.upload_folder`` (one commit; remote files not in the folder stay), then
@@ -11,14 +19,24 @@ Upload: ``HfApi.create_repo`` (``private`` applies when the repo is created; pub
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .cards import CardConfig, scrub_text, write_card
+import yaml
+
+from .cards import CardConfig, looks_like_path, scrub_text, write_card
 from .export import export_run, formats_for_kind
+from .export.adapter_format import WITHHELD
 from .export.common import read_run, require_new_folder
+
+LOCAL_PATH_WITHHELD = WITHHELD
+TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jinja", ".py")
+PIPELINE_TAG = "zero-shot-image-classification"
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -66,6 +84,112 @@ def usage_text(fmt: str, repo_id: str) -> str:
     return f"Format `{fmt}`, loaded with {library}:\n\n```python\n{code}\n```"
 
 
+def machine_paths(run_dir: str | Path) -> list[str]:
+    """This machine's paths that must not leave it: home, working directory, temp folder, the kit's
+    folder, the run folder, and every absolute path in the run's resolved recipe (data, caches)."""
+    import domainclip
+
+    run_dir = Path(run_dir)
+    paths = {str(Path.home()), os.getcwd(), tempfile.gettempdir(), str(run_dir.resolve()),
+             str(Path(next(iter(domainclip.__path__))).resolve().parent)}
+    for path in list(paths):
+        paths.add(os.path.realpath(path))
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        for value in _strings(yaml.safe_load(config.read_text())):
+            if value.startswith("/") and len(Path(value).parts) > 2:
+                paths.add(value.rstrip("/"))
+    return sorted((p for p in paths if p not in ("/", "")), key=len, reverse=True)
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def is_local_path(value: str, forbidden: Iterable[str] = ()) -> bool:
+    """A string that names a file or folder on this machine (not a hub id, URL or model name)."""
+    if any(p in value for p in forbidden):
+        return True
+    if not value or any(c.isspace() for c in value) or len(value) > 4096:
+        return False
+    if looks_like_path(value):
+        return True
+    return ("/" in value or "\\" in value) and Path(value).expanduser().exists()
+
+
+def _withhold(value: Any, forbidden: list[str]) -> tuple[Any, int]:
+    if isinstance(value, str):
+        return (LOCAL_PATH_WITHHELD, 1) if is_local_path(value, forbidden) else (value, 0)
+    if isinstance(value, dict):
+        pairs = {k: _withhold(v, forbidden) for k, v in value.items()}
+        return {k: p[0] for k, p in pairs.items()}, sum(p[1] for p in pairs.values())
+    if isinstance(value, list):
+        pairs = [_withhold(v, forbidden) for v in value]
+        return [p[0] for p in pairs], sum(p[1] for p in pairs)
+    return value, 0
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return handle.read(min(size, 100_000_000))
+
+
+def scrub_staged(folder: str | Path, forbidden: list[str]) -> dict[str, int]:
+    """Withhold local paths in every staged file; refuse (``ValueError`` naming the file and the
+    path) when one remains. Returns the number of values withheld per file."""
+    folder = Path(folder)
+    withheld: dict[str, int] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".json":
+            data, hits = _withhold(json.loads(path.read_text()), forbidden)
+            if hits:
+                path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+                withheld[name] = hits
+        elif path.suffix in TEXT_SUFFIXES:
+            text = path.read_text()
+            hits = sum(text.count(p) for p in forbidden)
+            if hits:
+                for p in forbidden:  # longest first: a run folder inside the home folder goes whole
+                    text = text.replace(p, LOCAL_PATH_WITHHELD)
+                path.write_text(text)
+                withheld[name] = hits
+        content = _safetensors_header(path) if path.suffix == ".safetensors" else path.read_bytes()
+        left = [p for p in forbidden if p.encode() in content]
+        if left:
+            raise ValueError(f"publish: staged file {name} still holds the local path {left[0]!r}; refusing to "
+                             f"upload it (remove the path from the run's config or metadata and publish again)")
+    return withheld
+
+
+def pipeline_loads(folder: str | Path) -> bool:
+    """True when ``transformers.pipeline("zero-shot-image-classification", model=folder)`` loads the folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        from transformers import pipeline
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            pipeline(PIPELINE_TAG, model=str(folder), device="cpu")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001 - any failure means "not loadable": the tag is left out
+        return False
+    return True
+
+
 def stage_folder(run_dir: str | Path, out: str | Path, fmt: str, repo_id: str,
                  card: CardConfig | str | Path | None = None, domain: str = "", license_id: str = "") -> Path:
     """Write the folder that ``publish`` uploads: export + ``README.md`` + ``metadata.json``.
@@ -74,8 +198,10 @@ def stage_folder(run_dir: str | Path, out: str | Path, fmt: str, repo_id: str,
     """
     out = Path(out)
     export_run(run_dir, fmt, out)
+    tag = PIPELINE_TAG if pipeline_loads(out) else ""
     write_card(run_dir, out, card, usage=usage_text(fmt, repo_id), name=repo_id.split("/")[1],
-               domain=domain, license=license_id)
+               domain=domain, license=license_id, pipeline_tag=tag)
+    scrub_staged(out, machine_paths(run_dir))
     return out
 
 

@@ -93,7 +93,8 @@ def recipe_reference_markdown() -> str:
               "(do not edit by hand; `tests/core/test_reference.py` checks it is current).", "",
               "Any key can be overridden on the command line as `section.key=value` "
               "(the value is parsed as YAML). An unknown key is an error naming the closest valid key. "
-              "Strings may use `${recipe_dir}`, the folder of the recipe file.", ""]
+              "Strings may use `${recipe_dir}`, the folder of the recipe file, and `${shared_data}`, the shared "
+              "data sets' folder (`$DOMAINCLIP_SHARED_DATA`, else `../shared/data` beside the repository).", ""]
     body = section_markdown(RunConfig, "")
     body[0] = "## Top level"
     return "\n".join(header + body).rstrip() + "\n"

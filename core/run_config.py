@@ -8,6 +8,7 @@ from .backbones.factory import ModelConfig
 from .data.sources import DataSourceConfig
 from .encode import check_precision
 from .eval.groups import GroupEvalConfig
+from .eval.retrieval import RerankConfig
 from .losses import LossConfig
 from .methods.base import MethodConfig
 from .methods.full import FullConfig
@@ -138,6 +139,8 @@ class EvalTaskConfig:
             the CT volume of each slice); off while ``groups.aggregate`` is empty.
         robustness: task ``robustness`` only: what is attacked (``target``), the PGD radii and
             steps, the corruption set (its own section below).
+        rerank: retrieval only: re-rank each query's top k by a finer score
+            (``{name: filip, k: 50}``: FILIP late interaction of the token features).
         precision: dtype the frozen weights are held in while encoding: ``auto`` (bf16 where the
             device computes bf16 fast: CUDA compute capability >= 8.0, CPUs with AVX-512 BF16 or
             AMX; fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``. Independent of
@@ -152,6 +155,7 @@ class EvalTaskConfig:
     retention: bool = False
     groups: GroupEvalConfig = field(default_factory=GroupEvalConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -166,6 +170,8 @@ class EvalTaskConfig:
         if self.task == "robustness" and self.retention:
             raise ValueError(f"eval task {self.name!r}: retention compares one headline number; use task "
                              f"'zeroshot' or 'retrieval' for it (robustness reports several conditions)")
+        if self.rerank.name and self.task != "retrieval":
+            raise ValueError(f"eval task {self.name!r}: rerank needs task 'retrieval', got {self.task!r}")
 
 
 @dataclass

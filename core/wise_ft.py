@@ -28,14 +28,15 @@ from torch import nn
 
 from .backbones.base import Backbone
 from .checkpoint import atomic_write_text, save_tensors
+from .eval.headline import headline
+from .plots import plot_wise_ft
 from .methods.base import AdaptationMethod, TaskInfo
 from .train import build_model, load_trained
 from .train.evaluation import run_eval_tasks
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-MAIN_METRICS = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",
-                "zeroshot_multilabel": "mean_auroc"}
 RESULT_FILE = "wise_ft.json"
+PLOT_FILE = "wise_ft.png"
 
 
 def interpolate(base_state: Mapping[str, torch.Tensor], finetuned_state: Mapping[str, torch.Tensor],
@@ -100,39 +101,68 @@ def weight_space(model: Backbone, method: AdaptationMethod) -> WeightSpace:
     return WeightSpace(model, method, {k: v.detach().clone() for k, v in method.trainable_state(model).items()}, "trainable")
 
 
-def main_metric(record: Mapping[str, Any]) -> tuple[str, float]:
-    """The headline number of one CLIP_benchmark record: acc1, mean_recall or mean_auroc."""
-    task = record.get("task")
-    if task not in MAIN_METRICS:
-        raise ValueError(f"eval record of {record.get('dataset')!r} has task {task!r}; WiSE-FT selects on {sorted(MAIN_METRICS)}")
-    name = MAIN_METRICS[task]
-    value = record["metrics"].get(name)
-    if value is None:
-        raise ValueError(f"eval record of {record.get('dataset')!r} has no {name!r} metric to select on")
-    return name, float(value)
+def retention_ratios(rows: Sequence[Mapping[str, Any]], retention_tasks: Sequence[str]) -> None:
+    """Add ``retention`` (task -> score / the base's score) to every row; alpha 0 is the base."""
+    base = next((row for row in rows if row["alpha"] == 0.0), None)
+    if base is None:
+        raise ValueError("retention ratios need the alpha 0 row (the base model)")
+    for row in rows:
+        row["retention"] = {}
+        for task in retention_tasks:
+            before = headline(base["tasks"][task])[1]
+            after = headline(row["tasks"][task])[1]
+            row["retention"][task] = after / before if before > 0 else (1.0 if after >= before else 0.0)
+
+
+def choose_alpha(rows: Sequence[Mapping[str, Any]], min_retention: float | None = None) -> tuple[float, float]:
+    """``(alpha, selection value)`` of the best row; with ``min_retention``, only among rows whose
+    every ``retention`` ratio is at least that. Ties go to the smaller alpha (rows are ascending)."""
+    best: tuple[float, float] | None = None
+    for row in rows:
+        if min_retention is not None and any(r < min_retention for r in row.get("retention", {}).values()):
+            continue
+        if best is None or row["selection_value"] > best[1]:
+            best = (row["alpha"], row["selection_value"])
+    if best is None:
+        raise ValueError(f"no alpha keeps {min_retention:.0%} of the base's score on every retention task")
+    return best
 
 
 def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, out_dir: str | Path | None = None,
-                  device: str | torch.device | None = None) -> dict[str, Any]:
+                  device: str | torch.device | None = None, min_retention: float | None = None) -> dict[str, Any]:
     """Evaluate the run's ``eval`` tasks for each alpha and keep the best alpha on ``select_on``.
 
     ``alphas``: the mixing weights to try, each in [0, 1] (:data:`DEFAULT_ALPHAS` is 0, 0.1, ..., 1).
 
     ``select_on`` names one of the run's eval tasks (its ``name``, or its data path when unnamed);
     it should be validation data, not the test set. The chosen weights and ``wise_ft.json`` (all
-    tasks for all alphas) go to ``out_dir`` (default ``RUN/wise_ft``). Ties go to the smaller
-    alpha (closer to the base model). Returns the contents of ``wise_ft.json``.
+    tasks for all alphas) go to ``out_dir`` (default ``RUN/wise_ft``), with ``wise_ft.png``, the
+    whole curve (the selection metric and each retention task's share of the base's score per
+    alpha). Ties go to the smaller alpha (closer to the base model).
+
+    ``min_retention`` (e.g. 0.95): pick the best alpha among those whose ``retention: true`` eval
+    tasks keep at least that share of the base model's (alpha 0's) headline score; alpha 0 is
+    then always evaluated. Returns the contents of ``wise_ft.json``.
     """
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
-    alphas = sorted(_check_alphas(alphas))  # ascending, so ties keep the smaller alpha
+    alphas = _check_alphas(alphas)
+    if min_retention is not None:
+        if not 0.0 < min_retention <= 1.0:
+            raise ValueError(f"min_retention must be in (0, 1] (e.g. 0.95), got {min_retention}")
+        alphas = alphas if 0.0 in alphas else [0.0, *alphas]  # the base's own score
+    alphas = sorted(alphas)  # ascending, so ties keep the smaller alpha
     finetuned, method, cfg = load_trained(run_dir)
     task_names = [task.name or task.data.path for task in cfg.eval]
     if not task_names:
         raise ValueError(f"{run_dir / 'config.yaml'} has no eval tasks; WiSE-FT picks alpha on a validation eval task")
     if select_on not in task_names:
         raise ValueError(f"select_on={select_on!r} is not an eval task of {run_dir} (tasks: {task_names})")
+    retention_tasks = [name for name, task in zip(task_names, cfg.eval) if task.retention]
+    if min_retention is not None and not retention_tasks:
+        raise ValueError(f"--min-retention needs eval tasks marked 'retention: true' in {run_dir / 'config.yaml'} "
+                         f"(tasks: {task_names})")
     info = json.loads((run_dir / "model" / "model.json").read_text())
 
     tuned = weight_space(finetuned, method)
@@ -144,16 +174,16 @@ def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tuned.model.to(device)
 
-    rows, best = [], None
+    rows = []
     for alpha in alphas:
         tuned.load(interpolate(base_state, tuned.state, alpha))
         records = run_eval_tasks(cfg, tuned.model, accelerator=None, method=tuned.method)
-        tasks = {name: {**record, "main_metric": dict([main_metric(record)])} for name, record in zip(task_names, records)}
-        metric, value = main_metric(tasks[select_on])
+        tasks = {name: {**record, "main_metric": dict([headline(record)])} for name, record in zip(task_names, records)}
+        metric, value = headline(tasks[select_on])
         rows.append({"alpha": alpha, "selection_value": value, "tasks": tasks})
-        if best is None or value > best[1]:
-            best = (alpha, value)
-    assert best is not None
+    if 0.0 in alphas and retention_tasks:
+        retention_ratios(rows, retention_tasks)
+    best = choose_alpha(rows, min_retention)
     chosen = best[0]
 
     out = Path(out_dir) if out_dir is not None else run_dir / "wise_ft"
@@ -163,8 +193,10 @@ def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, 
                  metadata={"format": f"domainclip-wise-ft-{tuned.kind}", "alpha": str(chosen), "run": str(run_dir)})
     summary = {"run": str(run_dir), "method": cfg.method.name, "select_on": select_on, "metric": metric,
                "alphas": alphas, "chosen_alpha": chosen, "chosen_value": best[1], "weights_file": weights_file.name,
-               "weights_kind": tuned.kind, "results": rows}
+               "weights_kind": tuned.kind, "min_retention": min_retention, "retention_tasks": retention_tasks,
+               "results": rows}
     atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2))
+    plot_wise_ft(summary, out / PLOT_FILE)
     return summary
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +57,33 @@ def tiny_recipe(manifest: Path, output_dir: Path, **train: object) -> dict:
         "train": {"max_steps": 6, "lr": 1e-3, "precision": "no", "log_every": 1, "progress": False,
                   "tensorboard": False, **train},
     }
+
+
+# --- `slow`: end-to-end tests, marked by what they call ----------------------------------------
+# A test is end-to-end when it, or a fixture it uses, trains, runs a CLI command, a comparison,
+# a WiSE-FT sweep, an export, a publish, a base rebuild or a subprocess. `pytest -m "not slow"`
+# runs the rest: the quick loop.
+END_TO_END_CALLS = re.compile(r"(?<![\w.])(train|main|compare|wise_ft_sweep|export_run|publish_run|stage_folder|"
+                              r"build_base|export_compact_base|_train)\(|subprocess\.|accelerate launch")
+
+
+def _source(function: object) -> str:
+    try:
+        return inspect.getsource(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+def is_end_to_end(item: pytest.Item) -> bool:
+    """True when the test function or one of its fixtures calls an end-to-end entry point."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else []):
+        functions.extend(d.func for d in defs)
+    return any(END_TO_END_CALLS.search(_source(f)) for f in functions if f is not None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "slow" not in item.keywords and is_end_to_end(item):
+            item.add_marker(pytest.mark.slow)

@@ -62,8 +62,8 @@ class DataSourceConfig:
         path: manifest file, Karpathy JSON, class-folder root, label CSV, or a shard pattern
             such as ``shards/train-{0000..0099}.tar`` (brace expansion) for webdataset.
         image_root: folder that relative image paths start from (default: the manifest's folder;
-            for karpathy: the JSON's folder joined with ``images`` if that exists, else the JSON's folder
-            -- document what you choose; for RSICD the images are in ``RSICD_images/`` beside the JSON).
+            for karpathy: the first of ``images/``, ``*_images/`` (e.g. RSICD's ``RSICD_images/``) and the
+            JSON's folder that holds the first image, each image at ``filepath/filename``).
         split: Karpathy split name ("train", "val", "test"), or for manifests the value of the
             ``split`` column to keep ("" keeps all rows).
         image_key: manifest column with the image path.

@@ -8,7 +8,7 @@ retrieval. All values are fractions in [0, 1], not percentages.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # classification
 # --------------------------------------------------------------------------------------------
+
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     """Single-label classification metrics from logits.
 
@@ -146,12 +147,17 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # retrieval
 # --------------------------------------------------------------------------------------------
+# (direction, first query row, end query row, block scores) -> re-scored block
+Rescore = Callable[[str, int, int, torch.Tensor], torch.Tensor]
+
+
 def retrieval_metrics(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     text_to_image: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = 256,
+    rescore: Rescore | None = None,
 ) -> dict[str, float | int]:
     """Recall@k both ways between images and captions, computed block by block.
 
@@ -174,6 +180,10 @@ def retrieval_metrics(
     Memory: never the full N_img x N_txt matrix; at most ``block_size x max(N_img, N_txt)``
     scores at a time (each caption's row over all images, then each image's row over all
     captions).
+
+    ``rescore(direction, start, stop, scores)`` may replace a block of dot-product scores before
+    ranking (re-ranking): ``direction`` is ``text_to_image`` (rows: captions ``start:stop``,
+    columns: images) or ``image_to_text`` (rows: images, columns: captions).
     """
     ks = _check_ks(ks)
     if block_size < 1:
@@ -182,8 +192,8 @@ def retrieval_metrics(
     text_to_image = text_to_image.to(image_features.device).long()
     text_features = text_features.to(device=image_features.device, dtype=image_features.dtype)
 
-    caption_ranks = _caption_ranks(image_features, text_features, text_to_image, block_size)
-    image_ranks, image_has_caption = _image_ranks(image_features, text_features, text_to_image, block_size)
+    caption_ranks = _caption_ranks(image_features, text_features, text_to_image, block_size, rescore)
+    image_ranks, image_has_caption = _image_ranks(image_features, text_features, text_to_image, block_size, rescore)
     queried_image_ranks = image_ranks[image_has_caption]
 
     metrics: dict[str, float | int] = {}
@@ -242,13 +252,16 @@ def _check_retrieval_inputs(
 
 
 def _caption_ranks(
-    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor, block_size: int
+    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor, block_size: int,
+    rescore: Rescore | None = None,
 ) -> torch.Tensor:
     """For each caption: how many other images score at least as high as its own image."""
     ranks = torch.empty(text_features.shape[0], dtype=torch.long, device=image_features.device)
     for start in range(0, text_features.shape[0], block_size):
         stop = min(start + block_size, text_features.shape[0])
         scores = text_features[start:stop] @ image_features.T  # (block, N_img)
+        if rescore is not None:
+            scores = rescore("text_to_image", start, stop, scores)
         own_image = text_to_image[start:stop, None]
         own_score = scores.gather(1, own_image)
         scores.scatter_(1, own_image, float("-inf"))
@@ -257,7 +270,8 @@ def _caption_ranks(
 
 
 def _image_ranks(
-    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor, block_size: int
+    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor, block_size: int,
+    rescore: Rescore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image: how many non-matching captions score at least as high as its best caption."""
     num_images = image_features.shape[0]
@@ -268,6 +282,8 @@ def _image_ranks(
     for start in range(0, num_images, block_size):
         stop = min(start + block_size, num_images)
         scores = image_features[start:stop] @ text_features.T  # (block, N_txt)
+        if rescore is not None:
+            scores = rescore("image_to_text", start, stop, scores)
         is_match = text_to_image[None, :] == torch.arange(start, stop, device=device)[:, None]
         best_match = scores.masked_fill(~is_match, float("-inf")).amax(dim=1, keepdim=True)
         ranks[start:stop] = ((scores >= best_match) & ~is_match).sum(dim=1)

@@ -24,22 +24,6 @@ OPTIONAL_KEYS = ("retention", "classifier", "step", "precision")
 the precision the weights were held in while encoding (``fp32`` / ``bf16`` / ``fp16``)."""
 
 
-HEADLINE_METRICS = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",
-                    "zeroshot_classification_robustness": "acc1_clean",
-                    "zeroshot_retrieval_robustness": "text_retrieval_recall@1_clean"}
-"""The headline metric of each record kind (plots, ``compare`` and retention read it)."""
-
-
-def headline_metric(record: Mapping[str, Any], classification_metric: str = "acc1") -> str:
-    """Name of the headline metric of a record; ``classification_metric`` replaces ``acc1``."""
-    if record["task"] == "zeroshot_classification":
-        return classification_metric
-    if record["task"] not in HEADLINE_METRICS:
-        raise ValueError(f"eval record of {record.get('dataset')!r} has task {record['task']!r}, which has no "
-                         f"headline metric (known: {sorted(HEADLINE_METRICS)})")
-    return HEADLINE_METRICS[record["task"]]
-
-
 def benchmark_json(
     task: str, metrics: Mapping[str, Any], dataset: str, model: str, pretrained: str = "", language: str = "en"
 ) -> dict[str, Any]:

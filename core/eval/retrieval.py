@@ -6,17 +6,86 @@ items the loader had to skip.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import difflib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from domainclip.core.encode import FrozenEncoder
-from domainclip.core.eval.metrics import retrieval_metrics
-from domainclip.core.eval.zeroshot import encode_loader_images, encode_texts, unwrap_model
+from domainclip.core.eval.metrics import Rescore, retrieval_metrics
+from domainclip.core.eval.zeroshot import encode_loader_images, encode_text_tokens, encode_texts, unwrap_model
+from domainclip.core.losses import paired_late_interaction
 
-__all__ = ["captions_from_records", "evaluate_retrieval"]
+__all__ = ["RERANKERS", "RerankConfig", "captions_from_records", "evaluate_retrieval", "filip_rescorer",
+           "register_reranker"]
+
+# Re-ranked candidates score RERANK_OFFSET + their new score: cosines and late-interaction scores lie
+# in [-1, 1], so every re-ranked candidate ranks above every other item and keeps its new order.
+RERANK_OFFSET = 4.0
+# name -> builder(image tokens, image mask, text tokens, text mask, k) -> Rescore
+RERANKERS: dict[str, Callable[..., Rescore]] = {}
+
+
+def register_reranker(name: str) -> Callable[[Callable[..., Rescore]], Callable[..., Rescore]]:
+    """Decorator: make ``rerank: {name: NAME}`` on a retrieval task use this rescorer builder."""
+
+    def decorator(builder: Callable[..., Rescore]) -> Callable[..., Rescore]:
+        RERANKERS[name] = builder
+        return builder
+
+    return decorator
+
+
+@dataclass
+class RerankConfig:
+    """Re-rank each query's top ``k`` (by the pooled embeddings) with a finer score; retrieval only.
+
+    Attributes:
+        name: ``""`` (off) or ``filip`` (FILIP token-wise late interaction of the final-layer
+            tokens). The result then holds the plain recalls and ``reranked_*`` ones side by side.
+        k: candidates re-ranked per query (images per caption, captions per image).
+    """
+
+    name: str = ""
+    k: int = 50
+
+    def __post_init__(self) -> None:
+        if self.name and self.name not in RERANKERS:
+            close = difflib.get_close_matches(self.name, list(RERANKERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"rerank.name {self.name!r} is not a re-ranker{hint} (valid: {sorted(RERANKERS)})")
+        if self.k < 1:
+            raise ValueError(f"rerank.k must be >= 1, got {self.k}")
+
+
+@register_reranker("filip")
+def filip_rescorer(image_tokens: torch.Tensor, image_mask: torch.Tensor, text_tokens: torch.Tensor,
+                   text_mask: torch.Tensor, k: int, pairs_per_step: int = 1024) -> Rescore:
+    """Re-score each query's top k by late interaction: a caption's images by ``text_to_image``
+    (its words' best patches), an image's captions by ``image_to_text`` (its patches' best words),
+    the directions FILIP trains. ``pairs_per_step`` bounds memory (pairs x I x T scores)."""
+
+    def rescore(direction: str, start: int, stop: int, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (queries, k)
+        queries = torch.arange(start, stop).repeat_interleave(top.shape[1])
+        candidates = top.flatten().cpu()
+        if direction == "text_to_image":
+            image_rows, text_rows = candidates, queries
+        else:
+            image_rows, text_rows = queries, candidates
+        new = torch.empty(candidates.shape[0], dtype=torch.float32)
+        for first in range(0, candidates.shape[0], pairs_per_step):
+            part = slice(first, first + pairs_per_step)
+            new[part] = paired_late_interaction(image_tokens[image_rows[part]], image_mask[image_rows[part]],
+                                                text_tokens[text_rows[part]], text_mask[text_rows[part]], direction)
+        return scores.scatter(1, top, RERANK_OFFSET + new.view_as(top).to(scores.device, scores.dtype))
+
+    return rescore
+
+
 
 
 def captions_from_records(records: Sequence[Any]) -> tuple[list[str], torch.Tensor]:
@@ -76,6 +145,7 @@ def evaluate_retrieval(
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = 256,
     precision: str = "auto",
+    rerank: RerankConfig | None = None,
 ) -> dict[str, Any]:
     """Recall@k both ways (see ``retrieval_metrics``) for ``model`` on the loader's images.
 
@@ -86,10 +156,15 @@ def evaluate_retrieval(
     Captions are encoded ``batch_size`` at a time; with an accelerator every process encodes
     all captions (the images are split across processes and gathered). Images and captions are
     encoded with the weights held in ``precision`` (``core/encode.py``).
+
+    ``rerank`` (``name`` set): the top ``k`` of every query are re-scored (e.g. by FILIP late
+    interaction of the token features, kept for every image and caption on the CPU) and the
+    result gains ``reranked_*`` recalls and ``reranked_mean_recall`` beside the plain ones.
     """
     encoder = FrozenEncoder.of(unwrap_model(model, accelerator), precision)
     text_to_image = _check_text_to_image(text_to_image, len(captions))
-    encoded = encode_loader_images(encoder, image_loader, accelerator, need_labels=False)
+    with_tokens = rerank is not None and bool(rerank.name)
+    encoded = encode_loader_images(encoder, image_loader, accelerator, need_labels=False, with_tokens=with_tokens)
     image_indices = encoded.indices
     if image_indices is None:
         if encoded.bad:
@@ -103,10 +178,20 @@ def evaluate_retrieval(
     if not has_image.any():
         raise ValueError("none of the captions' images were encoded; check that text_to_image holds dataset indices")
     kept_captions = [caption for caption, keep in zip(captions, has_image.tolist()) if keep]
-    text_features = encode_texts(encoder, kept_captions, batch_size)
+    image_features = encoded.features.to(encoder.device)
+    if with_tokens:
+        text_features, text_tokens, text_mask = encode_text_tokens(encoder, kept_captions, batch_size)
+    else:
+        text_features = encode_texts(encoder, kept_captions, batch_size)
     metrics: dict[str, Any] = retrieval_metrics(
-        encoded.features.to(encoder.device), text_features, caption_rows[has_image], ks=ks, block_size=block_size
+        image_features, text_features, caption_rows[has_image], ks=ks, block_size=block_size
     )
+    if with_tokens:
+        rescore = RERANKERS[rerank.name](encoded.tokens, encoded.token_mask, text_tokens, text_mask, rerank.k)
+        reranked = retrieval_metrics(image_features, text_features, caption_rows[has_image], ks=ks,
+                                     block_size=block_size, rescore=rescore)
+        metrics.update({f"reranked_{key}": value for key, value in reranked.items() if "recall" in key})
+        metrics["rerank"] = f"{rerank.name}@{rerank.k}"
     metrics["n_captions_skipped"] = int((~has_image).sum())
     metrics["skipped_captions"] = (~has_image).nonzero().flatten().tolist()
     metrics["n_bad"] = len(encoded.bad)

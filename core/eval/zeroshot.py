@@ -95,6 +95,27 @@ def encode_texts(model: nn.Module | FrozenEncoder, texts: Sequence[str], batch_s
     return FrozenEncoder.of(model, precision).encode_texts(texts, batch_size)
 
 
+def encode_text_tokens(model: nn.Module | FrozenEncoder, texts: Sequence[str], batch_size: int = 256,
+                       precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised pooled features (N, D) on the encoder's device plus per-token normalised final-layer
+    tokens (N, T, D) float32 and their mask (N, T) bool on the CPU, T = the last column holding a
+    real token in any caption (padding beyond it is dropped to save memory)."""
+    encoder = FrozenEncoder.of(model, precision)
+    if len(texts) == 0:
+        raise ValueError("encode_text_tokens got no texts")
+    pooled, tokens, masks = [], [], []
+    for start in range(0, len(texts), batch_size):
+        features, token_rows, mask = encoder.encode_text_tokens(encoder.tokenize(list(texts[start:start + batch_size])))
+        last = int(mask.any(dim=0).nonzero().max()) + 1
+        pooled.append(features)
+        tokens.append(token_rows[:, :last].cpu())
+        masks.append(mask[:, :last].cpu())
+    width = max(t.shape[1] for t in tokens)
+    tokens = [F.pad(t, (0, 0, 0, width - t.shape[1])) for t in tokens]
+    masks = [F.pad(m, (0, width - m.shape[1]), value=False) for m in masks]
+    return torch.cat(pooled), torch.cat(tokens), torch.cat(masks)
+
+
 def build_zeroshot_classifier(
     model: nn.Module | FrozenEncoder, class_names: Sequence[str], templates: Templates, batch_size: int = 256,
     precision: str = "fp32",
@@ -132,17 +153,21 @@ class EncodedImages:
         labels: the batches' ``labels`` concatenated (N,) or (N, L), or None when not asked for.
         indices: (N,) dataset indices, or None when the batches carry none.
         bad: (path, reason) of every item the loader skipped.
+        tokens: with ``with_tokens``: (N, I, D) float32 final-layer tokens, normalised per token.
+        token_mask: (N, I) bool, True for real tokens.
     """
 
     features: torch.Tensor
     labels: torch.Tensor | None
     indices: torch.Tensor | None
     bad: list[tuple[str, str]] = field(default_factory=list)
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
 
 
 def encode_loader_images(
     model: nn.Module | FrozenEncoder, loader: Iterable[Mapping[str, Any]], accelerator: Any = None,
-    need_labels: bool = False, precision: str = "auto",
+    need_labels: bool = False, precision: str = "auto", with_tokens: bool = False,
 ) -> EncodedImages:
     """Encode every image of ``loader`` (batch dicts with ``images``, ``labels``, ``indices``, ``bad``).
 
@@ -155,11 +180,12 @@ def encode_loader_images(
 
     Images are encoded through the kit's one encode path (``core/encode.py``) with the weights
     held in ``precision`` (or the given ``FrozenEncoder``'s); the accelerator's autocast is not
-    used (the weights are cast once instead).
+    used (the weights are cast once instead). ``with_tokens`` also keeps each image's final-layer
+    tokens (the pooled feature comes from the same pass).
     """
     encoder = FrozenEncoder.of(model, precision)
     device = encoder.device
-    feature_parts, label_parts, index_parts = [], [], []
+    feature_parts, label_parts, index_parts, token_parts, mask_parts = [], [], [], [], []
     bad: list[tuple[str, str]] = []
     carries_indices: bool | None = None
     for batch_number, batch in enumerate(loader):
@@ -171,7 +197,13 @@ def encode_loader_images(
             raise ValueError(f"batch {batch_number}: some batches carry 'indices' and others do not")
         if images.shape[0] == 0:
             continue
-        feature_parts.append(encoder.encode_image(images))
+        if with_tokens:
+            features, token_rows, mask = encoder.encode_image_tokens(images)
+            token_parts.append(token_rows)
+            mask_parts.append(mask.to(torch.uint8))  # gloo gathers no bool
+            feature_parts.append(features)
+        else:
+            feature_parts.append(encoder.encode_image(images))
         if need_labels:
             label_parts.append(labels.to(device))
         if indices is not None:
@@ -180,6 +212,7 @@ def encode_loader_images(
     features = torch.cat(feature_parts) if feature_parts else torch.empty(0, 0, device=device)
     labels = torch.cat(label_parts) if label_parts else None
     indices = torch.cat(index_parts) if index_parts else None
+    extra = [torch.cat(token_parts), torch.cat(mask_parts)] if token_parts else []
     distributed = accelerator is not None and accelerator.num_processes > 1
     if indices is not None and (indices < 0).any():
         if distributed:
@@ -193,13 +226,14 @@ def encode_loader_images(
             raise ValueError(
                 "distributed evaluation needs batches with 'indices' to drop the samples a sampler repeats"
             )
-        features, labels, indices = _gather_across_processes(accelerator, features, labels, indices)
+        features, labels, indices, extra = _gather_across_processes(accelerator, features, labels, indices, extra)
         bad = _gather_bad_items(bad)
     elif indices is not None:
         _check_unique_indices(indices)
     if indices is not None:  # one row per dataset index, in index order
-        indices, features, *maybe_labels = deduplicate_by_index(indices, features, *_present(labels))
-        labels = maybe_labels[0] if maybe_labels else None
+        indices, features, *rest = deduplicate_by_index(indices, features, *extra, *_present(labels))
+        extra, rest = rest[:len(extra)], rest[len(extra):]
+        labels = rest[0] if rest else None
     if features.shape[0] == 0:
         raise ValueError(f"the loader yielded no images to evaluate ({len(bad)} items skipped as bad)")
     return EncodedImages(
@@ -207,6 +241,8 @@ def encode_loader_images(
         labels=labels.cpu() if labels is not None else None,
         indices=indices.cpu() if indices is not None else None,
         bad=bad,
+        tokens=extra[0].cpu() if extra else None,
+        token_mask=extra[1].bool().cpu() if extra else None,
     )
 
 
@@ -257,15 +293,16 @@ def _check_unique_indices(indices: torch.Tensor) -> None:
 
 
 def _gather_across_processes(
-    accelerator: Any, features: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    accelerator: Any, features: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor,
+    extra: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
     """Pad every process's rows to the same count (index -1 marks padding), then gather."""
+    def gather(rows: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(accelerator.pad_across_processes(rows, dim=0))
+
     gathered_indices = accelerator.gather(accelerator.pad_across_processes(indices, dim=0, pad_index=-1))
-    gathered_features = accelerator.gather(accelerator.pad_across_processes(features, dim=0))
-    gathered_labels = None
-    if labels is not None:
-        gathered_labels = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))
-    return gathered_features, gathered_labels, gathered_indices
+    gathered_labels = gather(labels) if labels is not None else None
+    return gather(features), gathered_labels, gathered_indices, [gather(rows) for rows in extra]
 
 
 def _gather_bad_items(bad: list[tuple[str, str]]) -> list[tuple[str, str]]:

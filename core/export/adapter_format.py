@@ -34,6 +34,7 @@ ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "adapter.json"
 FORMAT = "domainclip-adapter"
 FORMAT_VERSION = 1
+WITHHELD = "[local path withheld]"  # what publish writes in place of a local path (core/publish.py)
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -104,6 +105,10 @@ def load_adapter(folder: str | Path, base: Backbone | None = None) -> tuple[Back
     folder = Path(folder)
     manifest = read_manifest(folder)
     pinned = manifest["base"]
+    if base is None and WITHHELD in json.dumps(pinned["model"]):
+        raise ValueError(f"{folder / MANIFEST_FILE}: the base model was a local file whose path was withheld when the "
+                         f"adapter was published; build that base yourself and pass it: load_adapter(folder, "
+                         f"base=create_backbone(ModelConfig(...))) (its weights hash is checked)")
     model_cfg = config_lib.from_dict(ModelConfig, pinned["model"], where="base.model", source=str(folder / MANIFEST_FILE))
     if base is None:
         base = base_model(model_cfg, int(manifest.get("seed", 0)))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import atomic_write_bytes
+from ..plugins import require_registered
 
 INDEX_FILE = "index.faiss"
 FLAT_MAX_VECTORS = 100_000
@@ -42,8 +43,6 @@ def _faiss():
 def choose_kind(count: int, requested: str = "auto") -> str:
     """``flat`` or ``hnsw`` for ``count`` vectors (``requested`` other than ``auto`` is kept)."""
     if requested not in KINDS:
-        from ..plugins import require_registered
-
         require_registered(requested, KINDS, f"index kind {requested!r} is unknown")
     if requested != "auto":
         return requested

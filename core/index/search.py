@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..data.dataset import BadImageError, open_rgb_image
 from . import faiss_index
 from .build import METADATA_FILE
 from .encoding import Encoder
+from .items import open_indexed_path
 from .manifest import IndexManifest, read_manifest
 
 
@@ -75,8 +77,6 @@ class SearchIndex:
 
     def search_image(self, image: str | Path | Image.Image, top_k: int = 10) -> list[dict[str, Any]]:
         """The ``top_k`` images closest to ``image`` (a path or a decoded image)."""
-        from ..data.dataset import BadImageError, open_rgb_image
-
         if not isinstance(image, Image.Image):
             try:
                 image = open_rgb_image(image)
@@ -98,9 +98,6 @@ def plot_grid(hits: list[dict[str, Any]], out: str | Path, title: str = "", colu
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..data.dataset import BadImageError
-    from .items import open_indexed_path
 
     if not hits:
         raise ValueError("nothing to plot: the search returned no hits")

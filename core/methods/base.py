@@ -16,6 +16,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..config import TaggedConfig, register_tagged
+from ..losses import loss_inputs
 
 
 @dataclass
@@ -68,6 +69,18 @@ def is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "logit_scale" in name or "logit_bias" in name
 
 
+def forward_for_loss(model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module) -> dict[str, Any]:
+    """The model's forward on a training batch, with token features only when ``loss_fn`` needs them."""
+    extra = {"with_tokens": True} if getattr(loss_fn, "needs_tokens", False) else {}
+    return model(batch["images"], batch.get("tokens"), batch.get("text_features"), **extra)
+
+
+def contrastive_loss(outputs: dict[str, Any], batch: dict[str, Any], loss_fn: nn.Module) -> torch.Tensor:
+    """``loss_fn`` on a forward's outputs (plus token features for token-level losses)."""
+    args, kwargs = loss_inputs(outputs, batch["labels"], loss_fn)
+    return loss_fn(*args, **kwargs)
+
+
 class AdaptationMethod:
     """Default behaviour: train whatever ``apply`` leaves with ``requires_grad``.
 
@@ -106,9 +119,15 @@ class AdaptationMethod:
 
         ``batch["text_features"]`` is set by the loop when the text tower is frozen (cached).
         """
-        out = model(batch["images"], batch.get("tokens"), batch.get("text_features"))
-        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
-                       labels=batch["labels"])
+        return contrastive_loss(forward_for_loss(model, batch, loss_fn), batch, loss_fn)
+
+    @property
+    def supports_token_losses(self) -> bool:
+        """Whether ``compute_loss`` gives a token-level loss (``loss_fn.needs_tokens``, e.g. FILIP) its tokens.
+
+        True for the default objective; a method with its own ``compute_loss`` says so itself.
+        """
+        return type(self).compute_loss is AdaptationMethod.compute_loss
 
     def prepare_data(self, model: Backbone, loader: Any) -> list[tuple[str, str]]:
         """One-off work on the training data before SGD; returns unreadable (path, reason) items."""

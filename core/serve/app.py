@@ -22,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
+from ..data.dataset import BadImageError
 from ..index.encoding import Encoder
+from ..index.items import open_indexed_path
 from ..index.search import SearchIndex
 from .batcher import MicroBatcher
 from .limits import Limits, RequestError, check_strings, decode_base64, decode_image
@@ -298,9 +300,6 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
 
 def _thumbnail_bytes(path: str) -> bytes:
-    from ..data.dataset import BadImageError
-    from ..index.items import open_indexed_path
-
     try:
         image = open_indexed_path(path)
     except BadImageError as error:

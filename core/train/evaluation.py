@@ -13,8 +13,9 @@ from ..data.records import ImageTextRecord
 from ..data.sources import load_records
 from ..data.transforms import build_image_transform
 from ..encode import model_device, resolve_precision
-from ..eval.report import headline_metric
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
+from ..eval.headline import headline
+from ..progress import progress
 from ..methods import AdaptationMethod
 from ..robustness import robust_retrieval, robust_zeroshot
 from ..run_config import EvalTaskConfig, RunConfig
@@ -81,7 +82,7 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
     else:
         captions, text_to_image = captions_from_records(records.records)
         metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator,
-                                     precision=precision)
+                                     precision=precision, rerank=task.rerank)
         kind = "zeroshot_retrieval"
     if records.skipped:
         metrics["n_skipped_records"] = len(records.skipped)
@@ -110,18 +111,13 @@ def _robustness(task: EvalTaskConfig, name: str, model: Backbone, records, loade
     return robust_retrieval(model, loader, captions, text_to_image, cfg), "zeroshot_retrieval_robustness"
 
 
-def main_metric(record: dict[str, Any]) -> float:
-    """The headline number of a result: acc1 for classification, mean recall for retrieval."""
-    return float(record["metrics"][headline_metric(record)])
-
-
 def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
     """Attach ``retention: {metric, before, after, change}`` to the tasks measured before training."""
     earlier = {record["dataset"]: record for record in before}
     for record in results:
         if record["dataset"] in earlier:
-            old, new = main_metric(earlier[record["dataset"]]), main_metric(record)
-            record["retention"] = {"metric": headline_metric(record), "before": old, "after": new,
+            (metric, old), (_, new) = headline(earlier[record["dataset"]]), headline(record)
+            record["retention"] = {"metric": metric, "before": old, "after": new,
                                    "change": new - old}
 
 
@@ -135,12 +131,11 @@ def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | N
     """
     results = []
     model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
+    tasks = [task for task in cfg.eval if task.retention or not only_retention]
     bare = accelerator.unwrap_model(model) if accelerator is not None else model
     with token_merging(bare, cfg.token_merging) if cfg.token_merging.active else nullcontext():
         merged = token_merging_key(bare)
-        for task in cfg.eval:
-            if only_retention and not task.retention:
-                continue
+        for task in progress(tasks, total=len(tasks), desc="eval", unit="task"):
             record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
                                    pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
             if step is not None:

@@ -28,6 +28,7 @@ from ..data.dataset import Collator, ImageTextDataset
 from ..data.sources import STREAM_FORMATS, load_records
 from ..data.webdataset import build_webdataset
 from ..data.transforms import build_image_transform, build_train_transform
+from ..distributed import warn_launch_mismatch
 from ..losses import build_loss
 from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
@@ -167,6 +168,7 @@ def train(cfg: RunConfig) -> TrainResult:
         log_with="tensorboard" if cfg.train.tensorboard else None,
         project_dir=str(Path(cfg.output_dir) / cfg.name / "logs"),
     )
+    warn_launch_mismatch(accelerator.num_processes)
     run = RunFolder(Path(cfg.output_dir) / cfg.name, accelerator)
     records = load_train_records(cfg)
     # what model.input computes from the data (band statistics) is saved with the recipe
@@ -216,6 +218,10 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     """Optimizer steps until ``total_steps``, with accumulation, checkpoints, logs and resume."""
     data = TrainData(cfg, model, records, accelerator)
     loss_fn = build_loss(cfg.loss)
+    token_loss = getattr(loss_fn, "needs_tokens", False)
+    if token_loss and not method.supports_token_losses:
+        raise ValueError(f"loss.name={cfg.loss.name!r} needs token features, but method {cfg.method.name!r} computes "
+                         f"its own loss without them; use it with a method that trains a tower (full, lora)")
     steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"one epoch of data.train has {data.batches_per_epoch} batches per process: "
@@ -247,7 +253,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
 
     unwrapped: Backbone = accelerator.unwrap_model(model)
     towers = frozen_towers(unwrapped)
-    cache_text = cfg.train.cache_text_features and uses_text_cache(unwrapped, method)
+    # a token-level loss needs the text tokens, not only the cached pooled features
+    cache_text = cfg.train.cache_text_features and uses_text_cache(unwrapped, method) and not token_loss
     text_cache = TextFeatureCache(unwrapped) if cache_text else None
     if towers:
         run.log(f"frozen towers (eval mode): {towers}; cached text features: {text_cache is not None}")

@@ -7,6 +7,9 @@ it was trained (same base, same method, same seed for parts the method does not 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -15,6 +18,7 @@ from safetensors.torch import load_file
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
 from ..methods import AdaptationMethod, TaskInfo, build_method
+from ..methods.distill import set_run_loader
 from ..run_config import RunConfig
 
 
@@ -25,6 +29,35 @@ def build_model(cfg: RunConfig, task: TaskInfo | None = None,
     method = build_method(cfg.method)
     model = method.apply(model, task or TaskInfo())
     return model, method
+
+
+BASE_CHATTER = ("initialized randomly", "No pretrained weights loaded")
+
+
+class _DropBaseChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in BASE_CHATTER)
+
+
+@contextmanager
+def quiet_base_loading() -> Iterator[None]:
+    """Silence what building a base says when trained weights replace it right after: transformers'
+    "Loading weights" bars and info, open_clip's "Model initialized randomly" (logged on the root
+    logger). Errors still show; everything is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    drop = _DropBaseChatter()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_trained(run_dir: str | Path) -> tuple[Backbone, AdaptationMethod, RunConfig]:
@@ -40,6 +73,10 @@ def load_trained(run_dir: str | Path) -> tuple[Backbone, AdaptationMethod, RunCo
     info = json.loads((run_dir / "model" / "model.json").read_text())
     # seeded like training, so parts the method does not save (a random-init base) come back equal
     set_seed(cfg.train.seed)
-    model, method = build_model(cfg, TaskInfo(**info.get("task", {})))
+    with quiet_base_loading():  # the trained state replaces what the messages are about
+        model, method = build_model(cfg, TaskInfo(**info.get("task", {})))
     method.load_trainable_state(model, load_file(str(weights)), source=str(weights))
     return model, method, cfg
+
+
+set_run_loader(lambda run_dir: load_trained(run_dir)[0])  # a finished run as a distillation teacher

@@ -158,10 +158,20 @@ class OnnxZeroShotClassifier:
 
     def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str] | None = None,
                  top_k: int | None = None) -> list[ZeroShotResult]:
-        """Like ``ZeroShotClassifier.classify``; ``labels``, if given, must be the exported ones."""
-        if labels is not None and check_labels(labels) != self.labels:
-            raise ValueError(f"{self.path} was exported for labels {self.labels}; got {list(labels)}. "
-                             "Export again for a different label set")
+        """Like ``ZeroShotClassifier.classify``; ``labels``, if given, are exported labels in any
+        order, or a subset of them (softmax probabilities are renormalised over the subset, which
+        equals a softmax over only those labels; sigmoid scores are per label and kept)."""
+        chosen = self.labels if labels is None else self._subset(check_labels(labels))
+        columns = [self.labels.index(label) for label in chosen]
         items = as_image_list(images)
-        probabilities = self.predict_proba(items)
-        return rank(probabilities, self.labels, [image_name(item, i) for i, item in enumerate(items)], top_k)
+        probabilities = self.predict_proba(items)[:, columns]
+        if self.metadata.get("output") == "softmax" and len(columns) < len(self.labels):
+            probabilities = probabilities / probabilities.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        return rank(probabilities, chosen, [image_name(item, i) for i, item in enumerate(items)], top_k)
+
+    def _subset(self, labels: list[str]) -> list[str]:
+        unknown = [label for label in labels if label not in self.labels]
+        if unknown:
+            raise ValueError(f"{self.path} was exported for labels {self.labels}; {unknown} are not among them. "
+                             "Give those labels in any order or a subset of them, or export again for a new label set")
+        return labels

@@ -10,6 +10,10 @@ Research use only, not for clinical use. See docs/medical.md.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from domainclip.core.cards import CardDomain, register_card_domain
+
 from . import datasets, robustness, transforms
 from .prompts import (
     CHEXPERT_COLUMNS,
@@ -24,3 +28,7 @@ from .prompts import (
 
 __all__ = ["CHEXPERT_COLUMNS", "CT_TEMPLATES", "CXR_TEMPLATES", "FINDINGS", "NEGATIVE_TEMPLATES",
            "POSITIVE_TEMPLATES", "class_name_map", "clinical_name", "datasets", "robustness", "transforms"]
+
+register_card_domain(CardDomain("medical", Path(__file__).with_name("card_template.md"), package=__name__,
+                                required_slots=("population",), tags=("not-for-clinical-use",),
+                                metadata={"clinical_use": False, "medical_device": False}))

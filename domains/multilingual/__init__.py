@@ -12,13 +12,19 @@ run by the one training loop. See docs/multilingual.md.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from domainclip.core.cards import CardDomain, register_card_domain
+
 from .languages import (DomainPrompts, LanguagePack, available_languages, load_language, localise,
                         localised_prompts)
 from .parallel import DEFAULT_LANGUAGES, ParallelCaptions, load_parallel
 from .retrieval import benchmark_records, evaluate_languages, language_ranks, mean_rank_variance
-from .tokenization import RoundTrip, round_trip, round_trip_report
+from .tokenization import RoundTrip, round_trip, round_trip_report, tokenizer_coverage
 
 __all__ = ["DEFAULT_LANGUAGES", "DomainPrompts", "LanguagePack", "ParallelCaptions", "RoundTrip",
            "available_languages", "benchmark_records", "evaluate_languages", "language_ranks", "load_language",
            "load_parallel", "localise", "localised_prompts", "mean_rank_variance", "round_trip",
-           "round_trip_report"]
+           "round_trip_report", "tokenizer_coverage"]
+
+register_card_domain(CardDomain("multilingual", Path(__file__).with_name("card_template.md"), package=__name__))

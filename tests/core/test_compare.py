@@ -71,10 +71,10 @@ def test_spec_validation(tmp_path: Path) -> None:
 
 def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import domainclip.core.train as train_package
+    import domainclip.core.compare as compare_module
 
     spec_path = write_spec(tmp_path, colour_squares, shots=[2], seeds=[0])
-    real_train, trained, killed = train_package.train, [], []
+    real_train, trained, killed = compare_module.train, [], []
 
     def counting_train(cfg):
         trained.append(cfg.name)
@@ -83,7 +83,7 @@ def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Pa
             raise SystemExit("killed")  # the process dies during the second run
         return real_train(cfg)
 
-    monkeypatch.setattr(train_package, "train", counting_train)
+    monkeypatch.setattr(compare_module, "train", counting_train)
     with pytest.raises(SystemExit, match="killed"):
         compare(load_spec(spec_path), spec_path.parent)
     saved_path = tmp_path / "out" / "cmp" / "runs.json"
@@ -130,6 +130,6 @@ def test_also_tabulates_more_metrics_of_the_headline_task(colour_squares: Path, 
     result = json.loads((out / "compare.json").read_text())
     [record] = json.loads((out / "runs" / "full_k2_s0" / "metrics.json").read_text())
     assert result["runs"][0]["scores"]["squares acc5"] == pytest.approx(record["metrics"]["acc5"])
-    assert "squares acc5" in result["zero_shot"] and "| squares acc5 |" in (out / "compare.md").read_text()
+    assert "squares acc5" in result["zero_shot"] and "| squares (acc5) |" in (out / "compare.md").read_text()
     with pytest.raises(ValueError, match=r"few_shot protocol only"):
         CompareConfig(methods={"a": {}}, protocol="base_to_novel", also=["auroc"])

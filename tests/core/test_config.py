@@ -1,6 +1,7 @@
 """Recipe validation: unknown keys name the closest valid key, overrides, tagged sections, round trip."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,21 @@ def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
     path.write_text("train: {lr: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config_lib.load(RunConfig, path)
+
+
+def test_bundled_recipes_find_the_shared_data_through_one_variable(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    from domainclip.core.config import shared_data_dir
+    from domainclip.core.recipe_files import resolve_recipe
+    from domainclip.core.run_config import RunConfig
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    texts = {p: p.read_text() for p in recipes.rglob("*.yaml")}
+    assert not [p for p, t in texts.items() if re.search(r"\$\{recipe_dir\}(/\.\.)+/shared", t)]
+    assert sum("${shared_data}" in t for t in texts.values()) >= 20
+    monkeypatch.setenv("DOMAINCLIP_SHARED_DATA", str(tmp_path / "elsewhere"))
+    assert shared_data_dir() == tmp_path / "elsewhere"
+    cfg = config_lib.load(RunConfig, resolve_recipe("remote_sensing/full"))
+    assert cfg.data.train.path.startswith(str(tmp_path / "elsewhere") + "/")
+    monkeypatch.delenv("DOMAINCLIP_SHARED_DATA")
+    assert shared_data_dir() == recipes.parent.parent / "shared" / "data"

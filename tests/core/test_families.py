@@ -21,19 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def save_tiny_siglip2(folder: Path) -> Path:
-    """A tiny random Siglip2Model with a SigLIP 2 image processor and a real (MiniLM) tokenizer; patch 16
-    and 64 text positions as the released models (Siglip2Processor fixes those in its defaults)."""
-    from transformers import AutoTokenizer, Siglip2Config, Siglip2ImageProcessor, Siglip2Model
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=64, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_patches=16,
-                  patch_size=16)
-    Siglip2Model(Siglip2Config(text_config=text, vision_config=vision)).save_pretrained(folder)
-    Siglip2ImageProcessor(patch_size=16, max_num_patches=16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_hf(folder, "siglip2")
 
 
 def family_backbones(tmp_path: Path) -> dict[str, object]:

@@ -116,3 +116,14 @@ def test_two_processes_match_single_process(distributed_results: Path, config: s
         torch.testing.assert_close(
             results[name], expected_grad, atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+def test_a_launch_that_starts_fewer_processes_than_asked_is_named() -> None:
+    from domainclip.core.distributed import launch_mismatch
+
+    # `accelerate launch --cpu --num_processes 2`: MASTER_ADDR/PORT set, no WORLD_SIZE, one process
+    reason = launch_mismatch(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "world size 1" in reason and "--multi_gpu --num_processes N" in reason
+    assert "WORLD_SIZE=4 processes but 2 joined" in launch_mismatch(2, {"WORLD_SIZE": "4", "MASTER_ADDR": "h"})
+    assert launch_mismatch(2, {"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == ""
+    assert launch_mismatch(1, {}) == ""  # a plain single-process run

@@ -179,3 +179,45 @@ def test_sweep_picks_the_validation_best_alpha_and_writes_it(method: dict, colou
         wise_ft_sweep(run_dir, alphas=[0.5], select_on="test")
     with pytest.raises(ValueError, match=r"WiSE-FT alphas must lie in \[0, 1\], got \[-0.1\]"):
         wise_ft_sweep(run_dir, alphas=[-0.1, 0.5], select_on="val")
+
+
+def _row(alpha: float, value: float, **scores: float) -> dict:
+    tasks = {name: {"dataset": name, "task": "zeroshot_classification", "metrics": {"acc1": v}}
+             for name, v in scores.items()}
+    return {"alpha": alpha, "selection_value": value, "tasks": tasks}
+
+
+def test_choose_alpha_respects_the_retention_floor() -> None:
+    from domainclip.core.wise_ft import choose_alpha, retention_ratios
+
+    rows = [_row(0.0, 0.5, ref=0.80), _row(0.5, 0.7, ref=0.78), _row(0.7, 0.8, ref=0.76), _row(1.0, 0.9, ref=0.40)]
+    retention_ratios(rows, ["ref"])
+    assert [round(r["retention"]["ref"], 4) for r in rows] == [1.0, 0.975, 0.95, 0.5]
+    assert choose_alpha(rows) == (1.0, 0.9)
+    assert choose_alpha(rows, 0.95) == (0.7, 0.8)  # 0.76 / 0.80 = 0.95 exactly: kept
+    assert choose_alpha(rows, 0.96) == (0.5, 0.7)
+    assert choose_alpha(rows, 1.0) == (0.0, 0.5)
+
+
+def test_sweep_with_min_retention_writes_the_curve(colour_squares: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from domainclip.core.cli import main
+
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=8, lr=1e-3)
+    recipe["method"] = {"name": "full"}
+    swapped = zeroshot_task("reference", write_swapped_labels(colour_squares))
+    swapped["retention"] = True  # fine-tuning destroys it: alpha 1 keeps 0 % of the base's score
+    recipe["eval"] = [zeroshot_task("val", colour_squares), swapped]
+    run_dir = train(config_lib.load(RunConfig, None, [], base=recipe)).run_dir
+    assert main(["wise-ft", str(run_dir), "--select-on", "val", "--alphas", "0.5,1", "--min-retention", "0.95"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = {row["alpha"]: row for row in summary["results"]}
+    assert sorted(table) == [0.0, 0.5, 1.0]  # alpha 0 added: the base's own score
+    assert table[1.0]["retention"]["reference"] == 0.0 and table[0.0]["retention"]["reference"] == 1.0
+    eligible = [a for a, row in table.items() if row["retention"]["reference"] >= 0.95]
+    assert summary["chosen_alpha"] in eligible and summary["chosen_alpha"] != 1.0
+    assert summary["chosen_value"] == max(table[a]["selection_value"] for a in eligible)
+    assert summary["min_retention"] == 0.95 and summary["retention_tasks"] == ["reference"]
+    assert (run_dir / "wise_ft" / "wise_ft.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match=r"min_retention must be in \(0, 1\]"):
+        wise_ft_sweep(run_dir, alphas=[0.5], select_on="val", min_retention=95)

