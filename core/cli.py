@@ -175,10 +175,11 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         from .zeroshot import OnnxZeroShotClassifier
 
         ignored = [flag for flag, value in (("--templates", args.templates), ("--export-onnx", args.export_onnx),
-                                            ("--device", args.device), ("--precision", args.precision)) if value]
+                                            ("--device", args.device), ("--precision", args.precision),
+                                            ("--token-merging", args.token_merging)) if value]
         if ignored:
             raise ValueError(f"classify: {', '.join(ignored)} cannot apply to an .onnx model (its prompts are baked "
-                             f"in at export; it runs on onnxruntime's CPU provider)")
+                             f"in at export, and so is its merge schedule; it runs on onnxruntime's CPU provider)")
 
         onnx_classifier = OnnxZeroShotClassifier(args.model, batch_size=args.batch_size, workers=args.workers)
         results = onnx_classifier.classify(args.images, labels, top_k=args.top_k) if args.images else []
@@ -187,7 +188,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
         classifier = ZeroShotClassifier.from_pretrained(args.model, device=args.device or None,
                                                         batch_size=args.batch_size, workers=args.workers,
-                                                        precision=args.precision or "auto")
+                                                        precision=args.precision or "auto",
+                                                        token_merging=args.token_merging or None)
         if args.export_onnx:
             path = export_onnx(classifier, labels, args.export_onnx, templates=args.templates)
             print(json.dumps({"onnx": str(path), "labels": labels}), file=sys.stderr)
@@ -294,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: GPU if there is one)")
     classify.add_argument("--export-onnx", default="", metavar="PATH",
                           help="also write the image tower + classifier for these labels as ONNX")
+    classify.add_argument("--token-merging", default="", metavar="ALGO:R",
+                          help="merge image tokens: tome:8 (8 per block), pitome:flops=0.6, tome:0 (off; default: "
+                               "the run's recipe setting, else off)")
     classify.set_defaults(func=_cmd_classify)
     pub = sub.add_parser("publish", help="export a run with its model card and upload it to the Hugging Face Hub")
     pub.add_argument("run", help="finished run folder")

@@ -56,7 +56,10 @@ def _default(field: dataclasses.Field) -> Any:
     return ""
 
 
-def section_markdown(cls: type, key: str) -> list[str]:
+def section_markdown(cls: type, key: str, expanding: dict[type, str] | None = None) -> list[str]:
+    """Markdown of ``cls``'s fields and, below, of its nested sections. A tagged section nested in
+    one of its own kind (fare's ``tower_method`` is a method section) points to the outer one."""
+    expanding = dict(expanding or {})
     docs = field_docs(cls)
     hints = get_type_hints(cls)
     summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
@@ -74,10 +77,13 @@ def section_markdown(cls: type, key: str) -> list[str]:
     lines.append("")
     for tp, sub_key in nested:
         if isinstance(tp, type) and issubclass(tp, TaggedConfig):
+            if tp in expanding:
+                lines += [f"`{sub_key}` is a `{expanding[tp]}` section: see `{expanding[tp]} (name: ...)` above.", ""]
+                continue
             for name, sub in sorted(tp.REGISTRY.items()):
-                lines += section_markdown(sub, f"{sub_key} (name: {name})")
+                lines += section_markdown(sub, f"{sub_key} (name: {name})", {**expanding, tp: sub_key})
         else:
-            lines += section_markdown(tp, sub_key)
+            lines += section_markdown(tp, sub_key, expanding)
     return lines
 
 

@@ -12,6 +12,8 @@ from .eval.retrieval import RerankConfig
 from .losses import LossConfig
 from .methods.base import MethodConfig
 from .methods.full import FullConfig
+from .robustness.config import RobustnessConfig
+from .token_merging.config import TokenMergingConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -121,7 +123,7 @@ class TrainConfig:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
 
 
-EVAL_TASKS = ("zeroshot", "retrieval")
+EVAL_TASKS = ("zeroshot", "retrieval", "robustness")
 
 
 @dataclass
@@ -130,8 +132,9 @@ class EvalTaskConfig:
 
     Attributes:
         name: data set name used in ``metrics.json`` (e.g. ``rsicd_test``).
-        task: ``zeroshot`` (classification with prompt ensembles; needs labels) or ``retrieval``
-            (image-text retrieval over every caption of each image).
+        task: ``zeroshot`` (classification with prompt ensembles; needs labels), ``retrieval``
+            (image-text retrieval over every caption of each image) or ``robustness`` (clean, PGD
+            and corrupted numbers side by side; see ``robustness``).
         data: the evaluation split.
         templates: prompt templates for zeroshot (default: ``data.templates``).
         batch_size: images per evaluation batch.
@@ -139,6 +142,8 @@ class EvalTaskConfig:
             see what the domain model forgot on a reference task (WiSE-FT wins it back).
         groups: zeroshot only: also report group-level metrics (records need a group id, e.g.
             the CT volume of each slice); off while ``groups.aggregate`` is empty.
+        robustness: task ``robustness`` only: what is attacked (``target``), the PGD radii and
+            steps, the corruption set (its own section below).
         rerank: retrieval only: re-rank each query's top k by a finer score
             (``{name: filip, k: 50}``: FILIP late interaction of the token features).
         precision: dtype the frozen weights are held in while encoding: ``auto`` (bf16 where the
@@ -154,6 +159,7 @@ class EvalTaskConfig:
     batch_size: int = 64
     retention: bool = False
     groups: GroupEvalConfig = field(default_factory=GroupEvalConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     precision: str = "auto"
 
@@ -164,6 +170,11 @@ class EvalTaskConfig:
         if self.groups.aggregate and self.task != "zeroshot":
             raise ValueError(f"eval task {self.name!r}: groups (group-level metrics) needs task 'zeroshot', "
                              f"got {self.task!r}")
+        if self.task != "robustness" and self.robustness != RobustnessConfig():
+            raise ValueError(f"eval task {self.name!r}: a robustness section needs task 'robustness', got {self.task!r}")
+        if self.task == "robustness" and self.retention:
+            raise ValueError(f"eval task {self.name!r}: retention compares one headline number; use task "
+                             f"'zeroshot' or 'retrieval' for it (robustness reports several conditions)")
         if self.rerank.name and self.task != "retrieval":
             raise ValueError(f"eval task {self.name!r}: rerank needs task 'retrieval', got {self.task!r}")
 
@@ -181,6 +192,8 @@ class RunConfig:
         loss: contrastive objective.
         train: optimisation and run control.
         eval: evaluation tasks run at the end of training (and by ``domainclip eval``).
+        token_merging: merge image tokens in the image tower (ToMe / PiToMe) wherever images are
+            encoded for evaluation, and during training when ``token_merging.train`` is set.
     """
 
     name: str = "run"
@@ -191,3 +204,4 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: list[EvalTaskConfig] = field(default_factory=list)
+    token_merging: TokenMergingConfig = field(default_factory=TokenMergingConfig)

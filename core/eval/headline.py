@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 HEADLINE_METRICS: dict[str, str] = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "mean_recall",
-                                    "zeroshot_multilabel": "mean_auroc"}
+                                    "zeroshot_multilabel": "mean_auroc",
+                                    "zeroshot_classification_robustness": "acc1_clean",
+                                    "zeroshot_retrieval_robustness": "text_retrieval_recall@1_clean"}
 
 
 def headline_name(task: str, classification_metric: str = "acc1") -> str:

@@ -50,6 +50,7 @@ from ..encode import FrozenEncoder, check_precision, model_device, resolve_preci
 from ..data.dataset import Collator, ImageTextDataset
 from ..data.records import ImageTextRecord, RecordSet
 from ..data.transforms import build_image_transform
+from ..token_merging.patch import token_merging_key
 
 log = logging.getLogger("domainclip.features")
 
@@ -183,6 +184,9 @@ def feature_space(model: Backbone, tower: str, output: str = "embedding", precis
     if tower == "image":
         space["transform"] = {"kind": "evaluation (deterministic, no augmentation)",
                               "preprocess": model.preprocess.to_dict()}
+        merging = token_merging_key(model)
+        if merging is not None:  # only when set, so unmerged features keep their earlier keys
+            space["token_merging"] = merging
     return space
 
 

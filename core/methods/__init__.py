@@ -8,5 +8,6 @@ from . import projector  # noqa: F401  (registers "projector")
 from . import tip_adapter  # noqa: F401  (registers "tip_adapter")
 from . import cross_lingual  # noqa: F401  (registers "teacher", "one_to_k")
 from . import distill  # noqa: F401  (registers "distill")
+from . import adversarial  # noqa: F401  (registers "fare", "tecoa")
 
 __all__ = ["METHODS", "AdaptationMethod", "MethodConfig", "TaskInfo", "build_method", "register_method"]

@@ -1,6 +1,7 @@
 """Run a recipe's ``eval`` tasks on a model and return CLIP_benchmark-style records."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from accelerate import Accelerator
@@ -16,7 +17,9 @@ from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, ev
 from ..eval.headline import headline
 from ..progress import progress
 from ..methods import AdaptationMethod
+from ..robustness import robust_retrieval, robust_zeroshot
 from ..run_config import EvalTaskConfig, RunConfig
+from ..token_merging import token_merging, token_merging_key
 
 
 def eval_loader(task: EvalTaskConfig, model: Backbone, num_workers: int):
@@ -72,6 +75,10 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             # a probe / cache fitted on other classes cannot score this reference task; the towers
             # it left unchanged are scored with the prompt ensemble instead
             notes = "prompt ensemble: the method's classifier covers only its training classes"
+    elif task.task == "robustness":
+        metrics, kind = _robustness(task, name, model, records, loader, accelerator)
+        if method is not None and type(method).logits_fn is not AdaptationMethod.logits_fn:
+            notes = "prompt ensemble: attacks and scores use the towers' prompt-ensemble head"
     else:
         captions, text_to_image = captions_from_records(records.records)
         metrics = evaluate_retrieval(model, loader, captions, text_to_image, accelerator=accelerator,
@@ -84,6 +91,24 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
         record["classifier"] = notes
     record["precision"] = precision
     return record
+
+
+def _robustness(task: EvalTaskConfig, name: str, model: Backbone, records, loader,
+                accelerator: Accelerator | None) -> tuple[dict[str, Any], str]:
+    """Metrics and record kind of a ``robustness`` task (one process: attacks are not sharded)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise ValueError(f"eval task {name!r}: robustness runs in one process; evaluate the finished run with "
+                         f"`domainclip eval RUN` without accelerate launch")
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    cfg = task.robustness
+    if cfg.target == "zeroshot":
+        if not records.class_names:
+            raise ValueError(f"eval task {name!r}: robustness.target zeroshot needs labelled data (data.label_key "
+                             f"or a labelled format)")
+        templates = list(task.templates or task.data.templates)
+        return robust_zeroshot(model, loader, records.class_names, templates, cfg), "zeroshot_classification_robustness"
+    captions, text_to_image = captions_from_records(records.records)
+    return robust_retrieval(model, loader, captions, text_to_image, cfg), "zeroshot_retrieval_robustness"
 
 
 def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
@@ -99,14 +124,23 @@ def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -
 def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,
                    step: int | None = None, method: AdaptationMethod | None = None,
                    only_retention: bool = False) -> list[dict[str, Any]]:
-    """Every ``cfg.eval`` task (or only those marked ``retention``); results carry their step."""
+    """Every ``cfg.eval`` task (or only those marked ``retention``); results carry their step.
+
+    With ``cfg.token_merging`` set, images are encoded with merging (records carry the setting
+    under ``token_merging``); a model that already merges (the zero-shot API's) keeps its own.
+    """
     results = []
     model_name = cfg.model.name or f"{cfg.model.vision}+{cfg.model.text}"
     tasks = [task for task in cfg.eval if task.retention or not only_retention]
-    for task in progress(tasks, total=len(tasks), desc="eval", unit="task"):
-        record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
-                               pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
-        if step is not None:
-            record["step"] = step
-        results.append(record)
+    bare = accelerator.unwrap_model(model) if accelerator is not None else model
+    with token_merging(bare, cfg.token_merging) if cfg.token_merging.active else nullcontext():
+        merged = token_merging_key(bare)
+        for task in progress(tasks, total=len(tasks), desc="eval", unit="task"):
+            record = run_eval_task(task, model, accelerator, num_workers=cfg.data.num_workers, model_name=model_name,
+                                   pretrained=f"{cfg.name}:{cfg.method.name}", method=method)
+            if step is not None:
+                record["step"] = step
+            if merged is not None:
+                record["token_merging"] = merged
+            results.append(record)
     return results

@@ -37,6 +37,7 @@ from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
+from ..token_merging import apply_token_merging
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .evaluation import add_retention, run_eval_tasks
 from .frozen import TextFeatureCache, frozen_towers, set_frozen_towers_eval, uses_text_cache
@@ -210,6 +211,8 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
     base = create_backbone(cfg.model).to(accelerator.device)
     before = run_eval_tasks(cfg, base, accelerator, method=None, only_retention=True)
     model, method = build_model(cfg, task, base=base)
+    if cfg.token_merging.train:
+        apply_token_merging(model, cfg.token_merging)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     started = time.perf_counter()

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..encode import FrozenEncoder
 from ..eval import build_zeroshot_classifier
+from ..token_merging import TokenMergingConfig, apply_token_merging, token_merging_key
 from .images import EncodeTiming, ImageInput, ImagePreparer, as_image_list, image_name
 from .loading import LoadedModel, LogitsFactory, describe, load_model
 
@@ -137,14 +138,20 @@ class ZeroShotClassifier:
         precision: ``auto`` / ``fp32`` / ``bf16`` / ``fp16``: the dtype the frozen weights are
             held in for encoding (see ``core/encode.py``); ``model`` itself keeps its dtype.
         source, method: what was loaded (reported by ``info``).
+        token_merging: merge image tokens (ToMe / PiToMe): a ``TokenMergingConfig`` or its
+            command-line form (``"tome:8"``, ``"pitome:flops=0.6"``, ``"tome:0"`` = off); None keeps
+            the model's own setting (a run's recipe ``token_merging``, else none).
     """
 
     def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
                  logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
                  batch_size: int = 32, workers: int = 2, source: str = "", method: str = "",
-                 precision: str = "auto"):
+                 precision: str = "auto", token_merging: TokenMergingConfig | str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if token_merging is not None:
+            parsed = TokenMergingConfig.parse(token_merging) if isinstance(token_merging, str) else token_merging
+            apply_token_merging(model, parsed)
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.encoder = FrozenEncoder(self.model, precision, self.device)
@@ -159,16 +166,18 @@ class ZeroShotClassifier:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
                         batch_size: int = 32, workers: int = 2, pretrained: str = "",
-                        revision: str = "", precision: str = "auto") -> "ZeroShotClassifier":
+                        revision: str = "", precision: str = "auto",
+                        token_merging: TokenMergingConfig | str | None = None) -> "ZeroShotClassifier":
         """Load a run folder, a model folder (open_clip / Hugging Face / compact base), an open_clip
         architecture or ``hf-hub:`` id, a Hugging Face id, or ``compact_base``.
 
         ``pretrained``: weights tag or file for an open_clip architecture name; ``revision``: git
         revision of a Hugging Face hub id; ``precision``: ``auto`` / ``fp32`` / ``bf16`` / ``fp16``
-        (see ``core/encode.py``).
+        (see ``core/encode.py``); ``token_merging``: see the class.
         """
         loaded = load_model(path_or_id, pretrained=pretrained, revision=revision)
-        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers, precision=precision)
+        return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers, precision=precision,
+                               token_merging=token_merging)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "ZeroShotClassifier":
@@ -190,7 +199,7 @@ class ZeroShotClassifier:
         loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
         return {**describe(loaded), "device": str(self.device), "precision": self.precision,
                 "templates": list(self.templates),
-                "preprocess": self.preprocess.to_dict()}
+                "preprocess": self.preprocess.to_dict(), "token_merging": token_merging_key(self.model)}
 
     # --- the text side: one head per (labels, templates), cached -------------------------------
     def head(self, labels: Sequence[str], templates: Templates | None = None) -> nn.Module:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..backbones import ModelConfig, create_backbone, model_config_from_folder
+from ..token_merging import apply_token_merging
 from ..train import load_trained
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -101,6 +102,8 @@ def load_model(path_or_id: str | Path, pretrained: str = "", revision: str = "")
 
 def _load_run(run_dir: Path) -> LoadedModel:
     model, method, cfg = load_trained(run_dir)
+    if cfg.token_merging.active:  # the recipe's merge setting travels with the run
+        apply_token_merging(model, cfg.token_merging)
     task = json.loads((run_dir / "model" / "model.json").read_text()).get("task", {})  # load_trained needs the file
     templates = list(task.get("templates") or cfg.data.train.templates or DEFAULT_TEMPLATES)
     return LoadedModel(model=model, source=str(run_dir), templates=templates, logits_factory=method.logits_fn,

@@ -4,14 +4,16 @@ The exported graph is the image tower plus the classifier head: ``pixel_values``
 preprocessed as the weights expect, in; ``probabilities`` (batch, labels) out. The batch axis
 is dynamic. The text tower is not exported: the label set's text classifier is baked in as
 constant weights. Everything a caller needs to use the file (labels, templates, preprocessing,
-softmax or sigmoid) is stored in the ONNX model's metadata under ``domainclip.zeroshot``, so
+softmax or sigmoid, the token-merging schedule) is stored in the ONNX model's metadata under
+``domainclip.zeroshot``, so
 :class:`OnnxZeroShotClassifier` needs only the ``.onnx`` file and onnxruntime (no torch model).
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import PreprocessConfig
+from ..token_merging import apply_token_merging, merging_of, token_merging_key
 from .classifier import PromptEnsembleHead, Templates, ZeroShotClassifier, ZeroShotResult, check_labels, rank
 from .images import ImageInput, ImagePreparer, as_image_list, image_name
 
@@ -70,7 +73,7 @@ def export_onnx(classifier: ZeroShotClassifier, labels: Sequence[str], path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
+    with torch.no_grad(), fixed_merge_schedule(classifier.model, example) as merging:
         torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_shapes={"pixel_values": {0: batch}}, opset_version=opset, dynamo=True,
                           external_data=size > SINGLE_FILE_LIMIT, verbose=False)
@@ -83,12 +86,29 @@ def export_onnx(classifier: ZeroShotClassifier, labels: Sequence[str], path: str
         "output": ("sigmoid" if isinstance(head, PromptEnsembleHead) and head.sigmoid else "softmax"),
         "source": classifier.source,
         "method": classifier.method,
+        "token_merging": merging,
     }
     proto = onnx.load(str(path), load_external_data=False)
     entry = next((p for p in proto.metadata_props if p.key == METADATA_KEY), None) or proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
     onnx.save(proto, str(path))
     return path
+
+
+@contextmanager
+def fixed_merge_schedule(model: nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any] | None]:
+    """The model's token merging frozen to the per-block schedule of ``example``'s image size (the
+    graph then has fixed token counts); yields the setting with its schedule, None without merging."""
+    state = merging_of(model)
+    if state is None:
+        yield None
+        return
+    model.encode_image(example)  # plans the schedule for this image size
+    apply_token_merging(model, state.cfg, schedule=list(state.schedule))
+    try:
+        yield token_merging_key(model)
+    finally:
+        apply_token_merging(model, state.cfg, schedule=state.fixed)
 
 
 class OnnxZeroShotClassifier:

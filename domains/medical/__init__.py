@@ -1,7 +1,8 @@
 """Medical imaging: chest X-ray (DICOM, reports, CheXpert labels) and CT (volumes, HU windows).
 
 Importing this package registers its data formats (``cxr_dicom``, ``chexpert``, ``iu_reports``,
-``ct_slices``...) and its training augmentation (``data.augment: {name: cxr}``); core loads it by
+``ct_slices``...), its training augmentation (``data.augment: {name: cxr}``) and the corruption set
+``chest_xray`` (``robustness.corruptions``, no flips); core loads it by
 itself when a recipe names one of them. pydicom, MONAI and nibabel (extra ``medical``) are
 imported only when used. No patient identifier reaches a record, log, cache or card (see
 ``privacy.py``). Training always goes through ``domainclip train`` (core/train/loop.py).
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from domainclip.core.cards import CardDomain, register_card_domain
 
-from . import datasets, transforms
+from . import datasets, robustness, transforms
 from .prompts import (
     CHEXPERT_COLUMNS,
     CT_TEMPLATES,
@@ -26,7 +27,7 @@ from .prompts import (
 )
 
 __all__ = ["CHEXPERT_COLUMNS", "CT_TEMPLATES", "CXR_TEMPLATES", "FINDINGS", "NEGATIVE_TEMPLATES",
-           "POSITIVE_TEMPLATES", "class_name_map", "clinical_name", "datasets", "transforms"]
+           "POSITIVE_TEMPLATES", "class_name_map", "clinical_name", "datasets", "robustness", "transforms"]
 
 register_card_domain(CardDomain("medical", Path(__file__).with_name("card_template.md"), package=__name__,
                                 required_slots=("population",), tags=("not-for-clinical-use",),
