@@ -120,6 +120,10 @@ class AdversarialMethod(AdaptationMethod):
         self.space = PixelSpace(model.preprocess)
         return self.tower.apply(model, task)
 
+    def plain_backbone(self, model: Backbone) -> Backbone | None:
+        """The tower method's plain backbone (full: as trained; LoRA: merged): full-format exports take it."""
+        return self.tower.plain_backbone(model)
+
     def adversarial_images(self, model: nn.Module, images: torch.Tensor,
                            loss_of_features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Normalised images whose pixels lie within ``eps`` of ``images``' and raise the loss."""

@@ -15,6 +15,7 @@ from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.backbones.base import PreprocessConfig
 from domainclip.core.config import ConfigError
 from domainclip.core.data import load_records
+from domainclip.core.export import export_run
 from domainclip.core.eval import build_zeroshot_classifier, encode_texts, captions_from_records, evaluate_retrieval, evaluate_zeroshot
 from domainclip.core.methods import TaskInfo, build_method
 from domainclip.core.robustness.evaluate import caption_loss
@@ -190,6 +191,7 @@ def resume_from_first_checkpoint(run_dir: Path) -> None:
     first = sorted(path.name for path in (run_dir / "checkpoints").glob("step_*"))[0]
     (run_dir / "checkpoints" / "latest").write_text(first)
     shutil.rmtree(run_dir / "model")
+    (run_dir / "train_summary.json").unlink()  # as a run killed after that checkpoint leaves it
 
 
 @pytest.mark.parametrize("method", [
@@ -197,7 +199,7 @@ def resume_from_first_checkpoint(run_dir: Path) -> None:
     {"name": "tecoa", "eps": 4, "steps": 2, "tower_method": {"name": "full", "lock_text": True, "train_logit_scale": False}},
 ])
 def test_adversarial_methods_train_resume_and_evaluate(colour_squares: Path, tmp_path: Path, method: dict,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      capsys: pytest.CaptureFixture) -> None:
     recipe = adversarial_recipe(colour_squares, tmp_path / "runs", method, method["name"])
     run_dir = run(recipe)
     weights = load_file(str(run_dir / "model" / "trainable.safetensors"))
@@ -215,13 +217,15 @@ def test_adversarial_methods_train_resume_and_evaluate(colour_squares: Path, tmp
     assert "acc1_hflip" not in metrics
 
     resume_from_first_checkpoint(run_dir)
-    caplog.set_level("INFO", logger="domainclip.train")
-    caplog.clear()
+    capsys.readouterr()
     resumed = load_file(str(run(recipe) / "model" / "trainable.safetensors"))
-    assert "resumed from" in caplog.text and "at step 3" in caplog.text
+    assert "resumed from step 3" in capsys.readouterr().err
     assert set(resumed) == set(weights)
     for name in weights:
         assert torch.equal(resumed[name], weights[name]), name
+    # what an adversarial method trains is plain backbone weights: the family's full format takes it
+    export = export_run(run_dir, "open_clip", tmp_path / "export")
+    assert json.loads((export / "domainclip_export.json").read_text())["method"] == method["name"]
 
 
 def test_fare_loss_is_zero_at_the_start_without_attack(colour_squares: Path) -> None:
