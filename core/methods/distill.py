@@ -44,6 +44,7 @@ from ..backbones import create_backbone
 from ..backbones.base import Backbone
 from ..backbones.factory import ModelConfig
 from ..distributed import gather_no_grad, gather_with_grad, world_info
+from ..encode import model_device
 from ..features import FeatureCache
 from .base import AdaptationMethod, TaskInfo, contrastive_loss, forward_for_loss, register_method
 from .cross_lingual import training_records
@@ -163,7 +164,7 @@ class Distill(FullFineTune):
     def prepare_data(self, model: Backbone, loader: Any) -> list[tuple[str, str]]:
         """Encode the training set with the teacher once (through the feature cache); add ``P`` if needed."""
         records = training_records(loader)
-        device = _device(model)
+        device = model_device(model)
         # a cold cache draws random numbers (loader seeds) that a warm one does not: keep the
         # global RNG out of it, so the run (projection init, data order) does not depend on the cache
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -228,10 +229,6 @@ def add_projection(model: nn.Module, student_dim: int, teacher_dim: int) -> None
     param = next(model.parameters())
     heads = nn.ModuleDict({tower: nn.Linear(student_dim, teacher_dim, bias=False) for tower in ("image", "text")})
     model.add_module(PROJECTION, heads.to(param.device, param.dtype))
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def feature_matching_loss(student_images: torch.Tensor, student_texts: torch.Tensor, teacher_images: torch.Tensor,
