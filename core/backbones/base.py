@@ -360,3 +360,10 @@ class WrappedModelTemperature:
     def logit_bias(self) -> nn.Parameter | None:
         return getattr(self.model, "logit_bias", None)
 
+
+def tower_blocks(model: Backbone, tower: str) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of each transformer block of ``tower``, in order."""
+    prefix = model.block_prefixes[tower]
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
+    found = [(int(m.group(1)), name, module) for name, module in model.named_modules() if (m := pattern.match(name))]
+    return [(name, module) for _, name, module in sorted(found, key=lambda item: item[0])]

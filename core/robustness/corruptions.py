@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from ..plugins import require_registered
+
 Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 CORRUPTIONS: dict[str, Corruption] = {}
 CORRUPTION_SETS: dict[str, tuple[str, ...]] = {}
@@ -48,8 +50,6 @@ def corruption_set(name: str) -> tuple[str, ...]:
     """The corruptions of set ``name`` (empty name = none); unknown names fail naming the closest."""
     if not name:
         return ()
-    from ..plugins import require_registered
-
     require_registered(name, CORRUPTION_SETS, f"robustness.corruptions {name!r} is not a registered corruption set")
     return CORRUPTION_SETS[name]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, tower_blocks
 from .blocks import BlockFamily, family_of
 from .config import TokenMergingConfig
 from .matching import pitome_margin, pitome_matching, tome_matching
@@ -165,8 +165,6 @@ def apply_token_merging(model: Backbone, cfg: TokenMergingConfig | None,
     ``schedule`` fixes r per block (ONNX export; a list as long as the tower's blocks). A ``cfg``
     of None or with ``r = 0`` and no ``flop_ratio`` removes merging and installs nothing.
     """
-    from ..methods.lora.presets import tower_blocks  # here: the methods import the feature cache, which imports us
-
     remove_token_merging(model)
     if cfg is None or not (cfg.active or schedule is not None):
         return model

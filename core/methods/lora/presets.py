@@ -7,12 +7,11 @@ preset is checked against the tower's first block before any adapter is placed.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...backbones.base import Backbone, TowerPreset
+from ...backbones.base import Backbone, TowerPreset, tower_blocks
 from .attention import SeparateProjectionAttention, join_attention, split_attention
 from .config import LoraConfig
 
@@ -30,14 +29,6 @@ class TargetPlan:
     modules: list[str]
     split: list[str] = field(default_factory=list)
     families: dict[str, str] = field(default_factory=dict)
-
-
-def tower_blocks(model: Backbone, tower: str) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of each transformer block of ``tower``, in order."""
-    prefix = model.block_prefixes[tower]
-    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
-    found = [(int(m.group(1)), name, module) for name, module in model.named_modules() if (m := pattern.match(name))]
-    return [(name, module) for _, name, module in sorted(found, key=lambda item: item[0])]
 
 
 def preset_fits(preset: TowerPreset, block: nn.Module) -> bool:
