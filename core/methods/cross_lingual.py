@@ -38,6 +38,7 @@ from .. import config as config_lib
 from ..backbones import ModelConfig, create_backbone
 from ..backbones.base import Backbone
 from ..data.dataset import derive_seed
+from ..data.coverage import tokenizer_coverage
 from ..data.sources import DataSourceConfig, load_records
 from ..distributed import world_info
 from ..encode import model_device
@@ -135,6 +136,7 @@ class TeacherLearning(AdaptationMethod):
             raise ValueError("method.teacher_data.path is empty: name the teacher-language (English) captions "
                              "of the training images (e.g. {format: jsonl, caption_key: captions.en})")
         records = training_records(loader)
+        report_coverage(model, {"data.train": [c for r in records for c in r.captions]})
         teacher_captions = captions_by_image(self.cfg.teacher_data, "method.teacher_data")
         missing = [r.image for r in records if image_key(r.image) not in teacher_captions]
         if missing:
@@ -204,6 +206,9 @@ class OneToK(FullFineTune):
         records = training_records(loader)
         languages = [captions_by_image(source, f"method.parallel_data.{i}")
                      for i, source in enumerate(self.cfg.parallel_data)]
+        report_coverage(model, {"data.train": [c for r in records for c in r.captions],
+                                **{f"method.parallel_data.{i} ({source.path})": [c for cs in by_image.values() for c in cs]
+                                   for i, (source, by_image) in enumerate(zip(self.cfg.parallel_data, languages))}})
         self.parallel = []
         for record in records:
             key = image_key(record.image)
@@ -234,3 +239,13 @@ class OneToK(FullFineTune):
         out = model(batch["images"], tokens)  # B images, B*K captions; under DDP one forward syncs gradients
         scale = unwrapped.logit_scale.exp()
         return self.loss(out["image_features"], out["text_features"].view(len(texts), count, -1), scale)
+
+
+def report_coverage(model: Backbone, captions: dict[str, list[str]]) -> None:
+    """Log the text tower's tokenizer coverage of each caption set and warn where it is poor (a
+    tokenizer without an unknown-token notion, such as open_clip's byte-level BPE, is skipped)."""
+    try:
+        tokenizer_coverage(model, captions)
+    except TypeError:  # no Hugging Face tokenizer: nothing becomes [UNK]
+        return
+

@@ -139,3 +139,21 @@ def test_one_to_k_refuses_a_loss_it_would_ignore(tmp_path: Path) -> None:
     cfg = smoke("one_to_k", data, tmp_path / "runs", steps=1, lr=1e-3, extra=("loss.name=siglip",))
     with pytest.raises(ValueError, match=r"one_to_k brings its own loss.*SigLipLoss"):
         train(cfg)
+
+
+def test_one_to_k_reports_tokenizer_coverage_and_warns_for_an_unread_language(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    data = write_parallel(tmp_path / "m30k", copies=1, english_only=0)
+    lines = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    for line in lines:
+        line["captions"]["zh"] = ["一只狗在绿色的草地上奔跑"]
+    data.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    cfg = smoke("one_to_k", data, tmp_path / "runs", steps=1, lr=1e-3,
+                extra=("model={kind: compact_base}", "method.parallel_data.2.caption_key=captions.zh"))
+    with caplog.at_level("INFO", logger="domainclip.data"):
+        train(cfg)
+    lines = [record.getMessage() for record in caplog.records if record.name == "domainclip.data"]
+    assert any(line.startswith("tokenizer coverage of data.train") for line in lines)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"
+                and record.name == "domainclip.data"]
+    assert len(warnings) == 1 and "method.parallel_data.2" in warnings[0] and "unknown to the tokenizer" in warnings[0]

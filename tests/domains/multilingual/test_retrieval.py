@@ -123,7 +123,7 @@ def test_tokenizer_coverage_warns_naming_the_language_share_and_remedy(caplog: p
     english_vocab = AutoTokenizer.from_pretrained(minilm.get_model_path())  # the compact base's tokenizer
     captions = {"en": ["a dog runs on green grass"], "de": ["ein hund läuft über grünes gras"],
                 "zh": ["一只狗在绿色的草地上奔跑"]}
-    with caplog.at_level("INFO", logger="domainclip.multilingual"):
+    with caplog.at_level("INFO", logger="domainclip.data"):
         report = tokenizer_coverage(english_vocab, captions)
     assert report["en"]["unknown_tokens"] == 0 and report["de"]["unknown_share"] <= 0.10
     assert report["zh"]["unknown_share"] > 0.10 and report["zh"]["tokens"] > 0
