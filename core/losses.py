@@ -232,25 +232,25 @@ class ClipLoss(nn.Module):
             row_offset, scale_to_global = 0, 1.0 / global_size
 
         not_negative = same_class_negatives(rows_labels, all_labels, row_offset) if self.label_aware else None
-        summed = _summed_infonce(rows_images @ all_texts.T, rows_texts @ all_images.T, logit_scale, logit_bias,
-                                 row_offset, not_negative)
+        # the scale multiplies the features before the product, as it always has: the same rounding
+        summed = _summed_infonce(logit_scale * rows_images @ all_texts.T, logit_scale * rows_texts @ all_images.T,
+                                 logit_bias, row_offset, not_negative)
         return summed * (scale_to_global / 2)
 
 
-def _summed_infonce(per_image: torch.Tensor, per_text: torch.Tensor, logit_scale: torch.Tensor | float,
+def _summed_infonce(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,
                     logit_bias: torch.Tensor | float | None, row_offset: int,
                     not_negative: torch.Tensor | None) -> torch.Tensor:
-    """Sum of both directions' cross entropies of similarity rows (row i's target: column offset + i).
+    """Sum of both directions' cross entropies of scaled similarity rows (row i's target: column offset + i).
 
     ``not_negative`` (label-aware) pairs leave the softmax denominators (logit -inf).
     """
-    logits_per_image, logits_per_text = logit_scale * per_image, logit_scale * per_text
     if logit_bias is not None:
         logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
     if not_negative is not None:
         logits_per_image = logits_per_image.masked_fill(not_negative, float("-inf"))
         logits_per_text = logits_per_text.masked_fill(not_negative, float("-inf"))
-    targets = row_offset + torch.arange(per_image.shape[0], device=per_image.device)
+    targets = row_offset + torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return F.cross_entropy(logits_per_image, targets, reduction="sum") + F.cross_entropy(
         logits_per_text, targets, reduction="sum")
 
@@ -555,7 +555,7 @@ class FilipLoss(nn.Module):
             per_text = per_text.T
             rows_labels, row_offset, scale_to_global = all_labels, 0, 1.0 / global_size
         not_negative = same_class_negatives(rows_labels, all_labels, row_offset) if self.label_aware else None
-        summed = _summed_infonce(per_image, per_text, logit_scale, logit_bias, row_offset, not_negative)
+        summed = _summed_infonce(logit_scale * per_image, logit_scale * per_text, logit_bias, row_offset, not_negative)
         return summed * (scale_to_global / 2)
 
 

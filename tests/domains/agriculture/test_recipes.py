@@ -17,7 +17,9 @@ METHODS = ["full", "lit", "lora", "coop", "cocoop", "maple", "projector", "linea
 
 
 def test_every_method_has_a_recipe() -> None:
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(METHODS)
+    stems = {p.stem for p in RECIPES.glob("*.yaml")}
+    # recipes of the later methods (distill, fare) are loaded and checked by test_shipped_recipes.py
+    assert stems == set(METHODS) | {"distill", "fare"}
 
 
 @pytest.mark.parametrize("method", METHODS)
