@@ -17,7 +17,7 @@ from domainclip.core.cards import (CARD_DOMAINS, CardDomain, base_hub_id, recipe
                                    write_card)
 import dataclasses
 
-from domainclip.core.data.sources import RecordSet, load_csv, register_format
+from domainclip.core.data.sources import FORMAT_LOADERS, RecordSet, load_csv, register_format
 from domainclip.core.export import load_adapter
 from domainclip.core.publish import LOCAL_PATH_WITHHELD, machine_paths, publish_run
 from domainclip.core.run_config import RunConfig
@@ -136,7 +136,6 @@ def test_medical_augmentation_gives_the_medical_card_unless_domain_says_otherwis
     assert recipe_domain(config_lib.load(RunConfig, result.run_dir / "config.yaml")) == "generic"
 
 
-@register_format("toy_leaves")
 def _toy_leaves(cfg) -> RecordSet:
     return load_csv(dataclasses.replace(cfg, format="csv"))
 
@@ -148,6 +147,7 @@ def test_a_toy_domain_registered_outside_core_gets_its_card(local_base_run, tmp_
                         "${training_data}\n${input}\n${limitations}\n${toy_required}\n${reproducibility}\n")
     register_card_domain(CardDomain("toy", template, package=__name__, required_slots=("population",),
                                     tags=("toy-leaves",), metadata={"toy": True}))
+    register_format("toy_leaves")(_toy_leaves)  # registered here, so the kit's format list stays as shipped
     try:
         with pytest.raises(ValueError, match=r"missing slots \['population'\], unknown slots \['toy_required'\]"):
             write_card(result.run_dir, tmp_path / "bad", domain="toy")
@@ -168,6 +168,7 @@ def test_a_toy_domain_registered_outside_core_gets_its_card(local_base_run, tmp_
         assert header["datasets"] == ["toy_leaves"] and "toy" in header["tags"]
     finally:
         del CARD_DOMAINS["toy"]
+        del FORMAT_LOADERS["toy_leaves"]
 
 
 def test_pipeline_tag_only_on_an_export_that_transformers_pipeline_loads(local_base_run, tmp_path: Path) -> None:
