@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,3 +103,6 @@ class Siglip2Backbone(HFClipBackbone):
     @classmethod
     def config_from_folder(cls, folder: Path) -> ModelConfig | None:
         return ModelConfig(kind="siglip2", name=str(folder)) if hf_model_type(folder) == "siglip2" else None
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**super().config_dict(), "kind": "siglip2"}
