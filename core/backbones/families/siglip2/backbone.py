@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -103,6 +102,3 @@ class Siglip2Backbone(HFClipBackbone):
     @classmethod
     def config_from_folder(cls, folder: Path) -> ModelConfig | None:
         return ModelConfig(kind="siglip2", name=str(folder)) if hf_model_type(folder) == "siglip2" else None
-
-    def config_dict(self) -> dict[str, Any]:
-        return {**super().config_dict(), "kind": "siglip2"}
