@@ -3,7 +3,7 @@
 SigLIP 2 reads images as a sequence of flattened patches with their grid shape (NaFlex). The kit
 resizes every image to one square size (``preprocess.image_size`` = patch size x the side of the
 largest square grid ``max_num_patches`` allows), so each batch is cut into the same
-``side x side`` grid here and every patch is real (the pixel mask is all ones). The text tower is
+``side x side`` grid here and every patch is real (no pixel mask is needed). The text tower is
 SigLIP's: max-length padding, no attention mask, the last position pooled through ``head``.
 """
 from __future__ import annotations
@@ -23,18 +23,17 @@ from ..hf_clip.export import RESAMPLE, write_hf
 from .prompts import Siglip2VisionEncoder
 
 
-def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, C, H, W) images -> SigLIP 2 inputs: patches (B, h*w, P*P*C) in its processor's order, the
-    all-ones pixel mask (B, h*w) and the grid shapes (B, 2)."""
+def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) images -> SigLIP 2 inputs: patches (B, h*w, P*P*C) in its processor's order and
+    the grid shapes (B, 2)."""
     batch, channels, height, width = images.shape
     if height % patch_size or width % patch_size:
         raise ValueError(f"SigLIP 2: image size {height}x{width} is not a multiple of the patch size {patch_size}")
     rows, cols = height // patch_size, width // patch_size
     patches = images.reshape(batch, channels, rows, patch_size, cols, patch_size).permute(0, 2, 4, 3, 5, 1)
     patches = patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
-    mask = torch.ones(batch, rows * cols, dtype=torch.long, device=images.device)
     shapes = torch.tensor([[rows, cols]], dtype=torch.long, device=images.device).expand(batch, 2)
-    return patches, mask, shapes
+    return patches, shapes
 
 
 @register_backbone("siglip2")
@@ -68,9 +67,11 @@ class Siglip2Backbone(HFClipBackbone):
         self.block_prefixes = {"image": "model.vision_model.encoder.layers.", "text": "model.text_model.encoder.layers."}
 
     def vision_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Keyword arguments of the vision model for a batch of preprocessed images."""
-        patches, mask, shapes = patchify(images, self.patch_size)
-        return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+        """Keyword arguments of the vision model for a batch of preprocessed images. Every patch is
+        real, so no pixel mask is passed: an all-ones mask would only pin the pooling head to the
+        patch count, which token merging reduces."""
+        patches, shapes = patchify(images, self.patch_size)
+        return {"pixel_values": patches, "pixel_attention_mask": None, "spatial_shapes": shapes}
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(**self.vision_inputs(images)).pooler_output
@@ -78,7 +79,7 @@ class Siglip2Backbone(HFClipBackbone):
     def encode_image_tokens(self, images: torch.Tensor) -> TokenFeatures:
         inputs = self.vision_inputs(images)
         hidden = self.model.vision_model(**inputs).last_hidden_state  # after post_layernorm
-        pooled = self.model.vision_model.head(hidden, inputs["pixel_attention_mask"])
+        pooled = self.model.vision_model.head(hidden)
         return TokenFeatures(hidden, all_tokens_mask(hidden), pooled, "head")
 
     def prompt_vision_encoder(self, method: str) -> Siglip2VisionEncoder:
