@@ -18,6 +18,12 @@ achieved fraction of peak.
     python bench/train_throughput.py --rounds 3 --json results.json
     python bench/train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --skip-peak
 
+Our two contenders are the kit with bf16 autocast (``domainclip``, the default) and with
+``train.bf16_weights: true`` (``domainclip_bf16_weights``: bf16 matrices, fp32 master weights;
+bit-identical results, tests/core/test_master_weights.py). The throughput ratio against
+open_clip_train is split into work not done (the trimmed text padding: nominal over executed
+FLOPs per sample) and faster work (the rest: executed FLOP/s over open_clip_train's).
+
 The 1-minute load average is recorded around every trainer run; above half the core count (1.0
 on 2 cores) the figures are printed but not written, and the exit status is 3.
 
@@ -46,7 +52,10 @@ from measure import LoadLog, ProcessRun, finish, matmul_peak_flops, run_measured
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BAD_RSICD_IMAGES = ("viaduct_99.jpg",)  # truncated in the source release (see shared/data/README.md)
 CSV_IMAGE_KEY, CSV_CAPTION_KEY = "filepath", "title"
-TRAINERS = ("domainclip", "open_clip_train")
+TRAINERS = ("domainclip", "domainclip_bf16_weights", "open_clip_train")
+OURS = ("domainclip", "domainclip_bf16_weights")
+# what each of our contenders adds to the recipe (``train.bf16_weights``: core/train/master_weights.py)
+VARIANT_OVERRIDES = {"domainclip": [], "domainclip_bf16_weights": ["train.bf16_weights=true"]}
 
 # Optimiser settings given to both trainers (domainclip's recipe defaults, spelled out so a
 # change of either trainer's defaults cannot make the comparison unequal).
@@ -232,8 +241,9 @@ def run_trainer(trainer: str, round_index: int, settings: BenchSettings, manifes
     name = f"{trainer}_r{round_index}"
     out_dir = work / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if trainer == "domainclip":
-        command, run_dir = domainclip_command(settings, manifest, out_dir, name, extra_overrides)
+    if trainer in OURS:
+        command, run_dir = domainclip_command(settings, manifest, out_dir, name,
+                                              extra_overrides + VARIANT_OVERRIDES[trainer])
     else:
         command, run_dir = open_clip_train_command(settings, manifest, out_dir, name)
     load_before = os.getloadavg()
@@ -241,7 +251,7 @@ def run_trainer(trainer: str, round_index: int, settings: BenchSettings, manifes
     load_after = os.getloadavg()
     if process.returncode != 0:
         raise RuntimeError(f"{trainer} failed (exit {process.returncode}); last output:\n{process.output_tail()}")
-    if trainer == "domainclip":
+    if trainer in OURS:
         ends = domainclip_step_ends(run_dir, settings.batch_size)
         own = json.loads((run_dir / "train_summary.json").read_text()).get("samples_per_second")
     else:
@@ -255,9 +265,9 @@ def run_trainer(trainer: str, round_index: int, settings: BenchSettings, manifes
     return run
 
 
-def trainer_order(round_index: int) -> tuple[str, ...]:
-    """Alternate who goes first each round (A B, B A, ...) so a linear drift favours neither."""
-    return TRAINERS if round_index % 2 == 0 else TRAINERS[::-1]
+def trainer_order(round_index: int, trainers: tuple[str, ...] = TRAINERS) -> tuple[str, ...]:
+    """Alternate the order each round (A B C, C B A, ...) so a linear drift favours none."""
+    return trainers if round_index % 2 == 0 else trainers[::-1]
 
 
 def summarise(runs: list[TrainerRun]) -> dict[str, dict[str, float]]:
@@ -265,6 +275,8 @@ def summarise(runs: list[TrainerRun]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for trainer in TRAINERS:
         mine = [run for run in runs if run.trainer == trainer]
+        if not mine:
+            continue
         rates = [run.samples_per_s for run in mine]
         mean = statistics.fmean(rates)
         out[trainer] = {
@@ -300,7 +312,7 @@ def _cpu_model() -> str:
 def achieved_flops(trainer: str, samples_per_s: float, flops: dict[str, Any]) -> tuple[float, float]:
     """(nominal, executed) FLOP/s: nominal counts the full-context text tower for both trainers."""
     nominal = samples_per_s * flops["nominal_flops_per_sample"]
-    executed = samples_per_s * flops["executed_flops_per_sample"] if trainer == "domainclip" else nominal
+    executed = samples_per_s * flops["executed_flops_per_sample"] if trainer in OURS else nominal
     return nominal, executed
 
 
@@ -324,15 +336,26 @@ def format_table(runs: list[TrainerRun], summary: dict[str, dict[str, float]], r
                      f"{values['peak_tree_rss_mib']:.0f} | {values['peak_tree_pss_mib']:.0f} | "
                      f"{values['peak_process_rss_mib']:.0f} | {nominal / 1e12:.3f} | "
                      f"{nominal / peak['flops_per_s']:.1%} | {executed / 1e12:.3f} | {executed / peak['flops_per_s']:.1%} |")
-    ours, theirs = summary["domainclip"], summary["open_clip_train"]
-    ratio = ours["samples_per_s_mean"] / theirs["samples_per_s_mean"]
-    lines += ["",
-              f"- throughput ratio domainclip / open_clip_train: {ratio:.3f} (per round: "
-              f"{', '.join(f'{r:.3f}' for r in ratios)})",
-              f"- peak memory ratio domainclip / open_clip_train: tree PSS "
-              f"{ours['peak_tree_pss_mib'] / theirs['peak_tree_pss_mib']:.3f}, tree RSS "
-              f"{ours['peak_tree_rss_mib'] / theirs['peak_tree_rss_mib']:.3f}, largest process "
-              f"{ours['peak_process_rss_mib'] / theirs['peak_process_rss_mib']:.3f}",
+    theirs = summary["open_clip_train"]
+    lines.append("")
+    work_not_done = flops["nominal_flops_per_sample"] / flops["executed_flops_per_sample"]
+    for trainer in (t for t in OURS if t in summary):
+        ours = summary[trainer]
+        ratio = ours["samples_per_s_mean"] / theirs["samples_per_s_mean"]
+        lines += [f"- throughput ratio {trainer} / open_clip_train: {ratio:.3f} (per round: "
+                  f"{', '.join(f'{r:.3f}' for r in ratios[trainer])}); of it, work not done (trimmed text "
+                  f"padding: nominal / executed FLOPs per sample) {work_not_done:.3f}x and faster work (executed "
+                  f"FLOP/s against open_clip_train's) {ratio / work_not_done:.3f}x",
+                  f"- peak memory ratio {trainer} / open_clip_train: tree PSS "
+                  f"{ours['peak_tree_pss_mib'] / theirs['peak_tree_pss_mib']:.3f}, tree RSS "
+                  f"{ours['peak_tree_rss_mib'] / theirs['peak_tree_rss_mib']:.3f}, largest process "
+                  f"{ours['peak_process_rss_mib'] / theirs['peak_process_rss_mib']:.3f}"]
+    if set(OURS) <= set(summary):
+        lines.append(f"- bf16 weights / bf16 autocast (domainclip): "
+                     f"{summary['domainclip_bf16_weights']['samples_per_s_mean'] / summary['domainclip']['samples_per_s_mean']:.3f}"
+                     f" throughput, {summary['domainclip_bf16_weights']['peak_tree_pss_mib'] / summary['domainclip']['peak_tree_pss_mib']:.3f}"
+                     f" peak tree PSS")
+    lines += [
               f"- training FLOPs per sample (forward + backward, FlopCounterMode): nominal "
               f"{flops['nominal_flops_per_sample'] / 1e9:.2f} GFLOP (full {flops['context_length']}-token text context), executed by "
               f"domainclip {flops['executed_flops_per_sample'] / 1e9:.2f} GFLOP (text lengths of the measured "
@@ -354,11 +377,12 @@ def measured_caption_batches(manifest: CsvManifest, settings: BenchSettings) -> 
             for step in range(settings.warmup_steps, settings.steps)]
 
 
-def per_round_ratios(runs: list[TrainerRun]) -> list[float]:
-    """domainclip / open_clip_train throughput within each round."""
+def per_round_ratios(runs: list[TrainerRun]) -> dict[str, list[float]]:
+    """Each of our contenders' throughput over open_clip_train's within each round."""
     rounds = sorted({run.round for run in runs})
     rate = {(run.trainer, run.round): run.samples_per_s for run in runs}
-    return [rate[("domainclip", r)] / rate[("open_clip_train", r)] for r in rounds]
+    return {trainer: [rate[(trainer, r)] / rate[("open_clip_train", r)] for r in rounds]
+            for trainer in OURS if (trainer, rounds[0]) in rate}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -373,6 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="", help="keep runs and logs here (default: a temporary folder, deleted)")
     parser.add_argument("--json", default="", help="write all numbers to this JSON file")
     parser.add_argument("--only", choices=TRAINERS, default=None, help="run one trainer only (no ratio); for profiling")
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
+                        help="contenders (open_clip_train is always one unless --only)")
     parser.add_argument("--skip-peak", action="store_true", help="skip the matmul-peak and FLOP measurements")
     parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for domainclip runs (e.g. train.compile=true)")
@@ -400,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[TrainerRun] = []
         load = LoadLog()
         for round_index in range(args.rounds):
-            for trainer in trainer_order(round_index):
+            contenders = tuple(t for t in TRAINERS if t in args.trainers or t == "open_clip_train")
+            for trainer in trainer_order(round_index, contenders):
                 if args.only and trainer != args.only:
                     continue
                 with load.around(trainer, round_index):
@@ -417,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             result["summary"] = summarise(runs)
             ratios = per_round_ratios(runs)
             result["per_round_ratio"] = ratios
-            result["ratio"] = result["summary"]["domainclip"]["samples_per_s_mean"] / \
-                result["summary"]["open_clip_train"]["samples_per_s_mean"]
+            result["ratio"] = {trainer: result["summary"][trainer]["samples_per_s_mean"]
+                               / result["summary"]["open_clip_train"]["samples_per_s_mean"]
+                               for trainer in OURS if trainer in result["summary"]}
         if not args.skip_peak:
             result["matmul_peak"] = matmul_peak_flops("bfloat16", device=settings.device)
             result["training_flops"] = training_flops(settings.model, measured_caption_batches(manifest, settings))

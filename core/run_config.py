@@ -69,6 +69,10 @@ class TrainConfig:
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
         grad_clip: clip the global gradient norm to this value (0 = off).
         precision: ``no`` (fp32), ``bf16`` (CPU and GPU) or ``fp16`` (GPU, with a loss scaler).
+        bf16_weights: with ``precision: bf16``, hold the matrices (Linear, convolution and
+            projection weights) in bf16 and step fp32 master copies of them in the optimizer,
+            instead of casting fp32 weights at every call; norms, embeddings and the loss stay
+            fp32 and checkpoints are fp32 (``core/train/master_weights.py``).
         grad_accum: micro-batches per optimizer step.
         grad_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         seed: seeds model init, data order, caption sampling and augmentation.
@@ -96,6 +100,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     precision: str = "bf16"
+    bf16_weights: bool = False
     grad_accum: int = 1
     grad_checkpointing: bool = False
     seed: int = 0
@@ -112,6 +117,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.bf16_weights and self.precision != "bf16":
+            raise ValueError(f"train.bf16_weights: true needs train.precision: bf16 (got {self.precision!r}): the "
+                             f"norms and the loss still run under bf16 autocast")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if not self.lr > 0:

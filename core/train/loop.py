@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +41,7 @@ from ..run_config import RunConfig
 from ..token_merging import apply_token_merging
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .evaluation import add_retention, run_eval_tasks
+from .master_weights import MasterWeights
 from .frozen import TextFeatureCache, frozen_towers, set_frozen_towers_eval, uses_text_cache
 from .optim import build_optimizer, cosine_with_warmup
 from .run_folder import RunFolder
@@ -261,7 +263,10 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     unreadable = method.prepare_data(model, data.loader)
     if method.reads_cached_features and not data.streaming:
         data.dataset.load_images = False  # the method reads cached features; decoding would be wasted
-    optimizer = build_optimizer(method.param_groups(model, cfg.train.lr, cfg.train.weight_decay), cfg.train)
+    # a token-level loss needs the text tokens, not only the cached pooled features
+    cache_text = cfg.train.cache_text_features and uses_text_cache(model, method) and not token_loss
+    optimizer, masters, stepped = _optimizer(cfg, run, model, method, cache_text)
+    full_precision = masters.full_precision if masters is not None else nullcontext
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     run.log(f"method={cfg.method.name} trainable parameters={method.trainable_parameter_count(model):,} "
             f"steps={total_steps} global batch={cfg.data.batch_size * accelerator.num_processes} "
@@ -275,7 +280,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     bad = BadInputReport(total=data.size)
     resume_from = resolve_resume(cfg.train.resume, run.checkpoints)
     if resume_from is not None:
-        state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
+        with full_precision():
+            state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
         run.say(f"resumed from step {state.global_step} ({resume_from})")
     if cfg.train.warmup_steps >= total_steps:
         run.say(f"warning: train.warmup_steps={cfg.train.warmup_steps} is at or past the {total_steps} total steps, "
@@ -290,8 +296,6 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
 
     unwrapped: Backbone = accelerator.unwrap_model(model)
     towers = frozen_towers(unwrapped)
-    # a token-level loss needs the text tokens, not only the cached pooled features
-    cache_text = cfg.train.cache_text_features and uses_text_cache(unwrapped, method) and not token_loss
     text_cache = TextFeatureCache(unwrapped) if cache_text else None
     if towers:
         run.log(f"frozen towers (eval mode): {towers}; cached text features: {text_cache is not None}")
@@ -301,8 +305,9 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
         set_frozen_towers_eval(unwrapped, towers)
 
     def checkpoint() -> None:
-        save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler, bad,
-                                 keep=cfg.train.keep_checkpoints)
+        with full_precision():
+            save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler,
+                                     bad, keep=cfg.train.keep_checkpoints)
 
     progress = run.progress_bar(total_steps, state.global_step, enabled=cfg.train.progress)
     started, samples = time.perf_counter(), 0
@@ -319,11 +324,15 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             with accelerator.accumulate(model):
                 loss = method.compute_loss(model, batch, loss_fn)
                 accelerator.backward(loss)
+                if masters is not None and accelerator.sync_gradients:
+                    masters.collect_grads()  # micro-batches accumulate in the bf16 gradients, as DDP reduces them
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                    accelerator.clip_grad_norm_(stepped, cfg.train.grad_clip)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
+                    if masters is not None:
+                        masters.push()
                 optimizer.zero_grad(set_to_none=True)
             samples += len(batch["indices"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -346,7 +355,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and not finished:
                 checkpoint()
             if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not finished:
-                run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
+                with full_precision():
+                    run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
                 train_mode()
             if finished:
                 break
@@ -355,7 +365,26 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             state.batches_in_epoch = 0
     progress.close()
     checkpoint()
+    if masters is not None:
+        masters.release()
     return unwrapped, state, bad, samples
+
+
+def _optimizer(cfg: RunConfig, run: RunFolder, model: Backbone, method: AdaptationMethod, cache_text: bool,
+               ) -> tuple[torch.optim.Optimizer, MasterWeights | None, list[torch.Tensor]]:
+    """AdamW over the method's groups; with ``train.bf16_weights`` over the fp32 masters of the
+    matrices, which are then held in bf16 (before ``prepare``: DDP buckets gradients by dtype).
+    Returns the optimizer, the masters (or None) and the tensors it steps (for clipping)."""
+    param_groups = method.param_groups(model, cfg.train.lr, cfg.train.weight_decay)
+    masters = None
+    if cfg.train.bf16_weights:
+        # a cached text tower runs only to fill the cache, in fp32 as under autocast
+        keep = set(model.tower_parameter_names("text")) if cache_text else set()
+        masters = MasterWeights(model, keep_fp32=keep)
+        param_groups = masters.param_groups(param_groups)
+        run.log(f"bf16 weights: {len(masters.names)} matrices in bf16, stepped through fp32 masters")
+    optimizer = build_optimizer(param_groups, cfg.train)
+    return optimizer, masters, [p for group in param_groups for p in group["params"]]
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

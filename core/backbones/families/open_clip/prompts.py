@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ...base import Backbone
 from ...prompting import (PromptLayout, PromptTextEncoder, PromptTokenizer, PromptVisionEncoder, append_prompts,
                           deep_splice, replace_last_prompts, splice)
+from .text_trim import stream_dtype
 
 
 def run_open_clip_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -58,7 +59,7 @@ class OpenClipTextEncoder(PromptTextEncoder):
     def encode(self, layout: PromptLayout, ctx: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         self._check_depth(deep_prompts)
         clip = self.clip
-        cast_dtype = clip.transformer.get_cast_dtype()
+        cast_dtype = stream_dtype(clip)
         x = clip.token_embedding(layout.ids).to(cast_dtype)
         x = splice(x, layout.ctx_positions, ctx)
         x = x + clip.positional_embedding.to(cast_dtype)

@@ -48,6 +48,13 @@ def pooled_text_length(clip_model: torch.nn.Module, text: torch.Tensor) -> int:
     return int(positions.max()) + 1
 
 
+def stream_dtype(clip_model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the text tower's residual stream: its token embedding's. open_clip's own
+    ``get_cast_dtype`` reads a block's weight, which ``train.bf16_weights`` holds in bf16 while
+    embeddings and norms stay fp32 (as under autocast); a model cast whole agrees with either."""
+    return clip_model.token_embedding.weight.dtype
+
+
 def text_tokens_trimmed(clip_model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
     """Final-norm text tokens (N, L, W) of the first ``pooled_text_length`` positions (all positions
     when trimming is not exact for this model); positions past a row's end-of-text are padding."""
@@ -56,7 +63,7 @@ def text_tokens_trimmed(clip_model: torch.nn.Module, text: torch.Tensor) -> torc
     else:
         length = text.shape[1]
     text = text[:, :length]
-    cast_dtype = clip_model.transformer.get_cast_dtype()
+    cast_dtype = stream_dtype(clip_model)
     x = clip_model.token_embedding(text).to(cast_dtype)
     x = x + clip_model.positional_embedding[:length].to(cast_dtype)
     mask = clip_model.attn_mask[:length, :length] if clip_model.attn_mask is not None else None
@@ -86,15 +93,13 @@ def encode_text_trimmed(clip_model: torch.nn.Module, text: torch.Tensor, normali
     (token embedding, positional embedding, causal transformer, final norm, pooling,
     projection), with the positional embedding and causal mask cut to the kept length. Falls
     back to the model's own ``encode_text`` when trimming is not exact for it
-    (:func:`text_padding_trim_supported`) or would keep every position.
+    (:func:`text_padding_trim_supported`).
     """
     if text.dim() != 2 or not text_padding_trim_supported(clip_model):
         return clip_model.encode_text(text, normalize=normalize)
-    length = pooled_text_length(clip_model, text)
-    if length >= text.shape[1]:
-        return clip_model.encode_text(text, normalize=normalize)
+    length = min(pooled_text_length(clip_model, text), text.shape[1])
     text = text[:, :length]
-    cast_dtype = clip_model.transformer.get_cast_dtype()
+    cast_dtype = stream_dtype(clip_model)
     x = clip_model.token_embedding(text).to(cast_dtype)
     x = x + clip_model.positional_embedding[:length].to(cast_dtype)
     x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:length, :length])

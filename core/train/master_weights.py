@@ -1,0 +1,116 @@
+"""bf16 weights with fp32 master copies: ``train.bf16_weights``.
+
+Under bf16 autocast every matrix is cast from fp32 to bf16 at every call, forward and backward,
+and its gradient arrives in fp32. Holding the matrices in bf16 removes those casts; the optimizer
+keeps stepping fp32 *master* copies, so small updates are not lost to bf16 rounding.
+
+Which parameters: the matrices that autocast would cast anyway (weights of ``nn.Linear`` and
+convolutions, ``nn.MultiheadAttention``'s packed input projection, open_clip's 2-D ``proj`` /
+``text_projection``). Embedding tables, positional embeddings, norms, biases and the logit scale
+stay fp32: they are not consumed by a bf16 matmul, and keeping them fp32 keeps the residual stream
+and the normalisations in fp32 as autocast does. A frozen text tower whose features are cached
+stays fp32 too: it runs only to fill the cache, outside autocast, as in an autocast run. The forward still runs under autocast (norms,
+softmax and the loss in fp32), so the computed result is autocast's: the bf16 copy of a matrix
+equals what autocast would have cast it to.
+
+Gradients reach the bf16 matrices and are moved into fp32 master gradients after every backward
+(micro-batches of an accumulation accumulate in fp32); clipping and the optimizer act on the fp32
+masters, and the new masters are rounded into the bf16 copies after each step. Checkpoints, the
+saved model and evaluation see the fp32 masters (:meth:`MasterWeights.full_precision`), so a run
+resumes exactly and its weights are saved in fp32 like any other run.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+PROJECTION_NAMES = ("proj", "text_projection")
+
+
+def bf16_matrices(model: nn.Module, keep_fp32: Collection[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """The parameters held in bf16 (see the module docstring), each once, by qualified name;
+    ``keep_fp32`` names parameters left alone (a cached, frozen text tower)."""
+    chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            matmul_weight = (
+                (isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and leaf == "weight")
+                or (isinstance(module, nn.MultiheadAttention) and leaf == "in_proj_weight")
+                or (param.ndim == 2 and leaf in PROJECTION_NAMES))
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if matmul_weight and param.dtype == torch.float32 and name not in keep_fp32:
+                chosen.setdefault(id(param), (name, param))
+    return list(chosen.values())
+
+
+class MasterWeights:
+    """The bf16 working copies of a model's matrices and their fp32 masters.
+
+    Build it before the optimizer and before ``accelerator.prepare`` (DDP buckets gradients by the
+    parameters' dtype), then build the optimizer on :meth:`param_groups`.
+    """
+
+    def __init__(self, model: nn.Module, keep_fp32: Collection[str] = ()):
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.names: list[str] = []
+        self._master_of: dict[int, torch.Tensor] = {}
+        for name, param in bf16_matrices(model, keep_fp32):
+            master = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            param.data = param.data.to(torch.bfloat16)
+            self.pairs.append((param, master))
+            self.names.append(name)
+            self._master_of[id(param)] = master
+        if not self.pairs:
+            raise ValueError("train.bf16_weights: the model has no Linear / convolution / projection matrix to hold "
+                             "in bf16")
+        self._full_precision = False
+
+    def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``groups`` with every bf16 matrix replaced by its fp32 master."""
+        return [{**group, "params": [self._master_of.get(id(p), p) for p in group["params"]]} for group in groups]
+
+    def collect_grads(self) -> None:
+        """Move the bf16 gradients into the fp32 master gradients (accumulating in fp32)."""
+        for param, master in self.pairs:
+            if param.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = param.grad.float()
+            else:
+                master.grad.add_(param.grad)
+            param.grad = None
+
+    def push(self) -> None:
+        """Round the fp32 masters into the bf16 working copies (after an optimizer step)."""
+        with torch.no_grad():
+            for param, master in self.pairs:
+                if param.requires_grad:
+                    param.data.copy_(master)
+
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """The model's matrices are the fp32 masters inside the block (checkpoints, loading one,
+        evaluation); what is loaded into them there is kept, and the bf16 copies follow after."""
+        if self._full_precision:
+            yield
+            return
+        self._full_precision = True
+        for param, master in self.pairs:
+            param.data = master.data
+        try:
+            yield
+        finally:
+            for param, master in self.pairs:
+                param.data = master.data.to(torch.bfloat16)
+            self._full_precision = False
+
+    def release(self) -> None:
+        """End of training: the model keeps the fp32 masters for good."""
+        for param, master in self.pairs:
+            param.data = master.data
+        self.pairs = []
+        self._master_of = {}
