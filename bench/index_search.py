@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import load_1min, write_if_quiet  # noqa: E402
+from measure import LoadLog, finish  # noqa: E402
 
 
 def synthetic_embeddings(count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def latencies(index, queries: np.ndarray, k: int) -> dict:
     return {"p50_ms": round(float(np.percentile(times_ms, 50)), 3), "p99_ms": round(float(np.percentile(times_ms, 99)), 3)}
 
 
-def part_vectors(args: argparse.Namespace, loads: dict) -> dict:
+def part_vectors(args: argparse.Namespace, load: LoadLog) -> dict:
     from domainclip.core.index import faiss_index
 
     data = synthetic_embeddings(args.vectors + args.queries, args.dim, args.clusters, seed=0)
@@ -78,12 +78,11 @@ def part_vectors(args: argparse.Namespace, loads: dict) -> dict:
     results = {"vectors": args.vectors, "dim": args.dim, "queries": len(queries)}
     answers = {}
     for kind in ("flat", "hnsw"):
-        loads[f"{kind}:before"] = load_1min()
-        index, build = build_measured(kind, base)
-        _, ids = faiss_index.search(index, queries, 10)
-        answers[kind] = ids
-        results[kind] = {**build, **latencies(index, queries, 10)}
-        loads[f"{kind}:after"] = load_1min()
+        with load.around(kind, 0):
+            index, build = build_measured(kind, base)
+            _, ids = faiss_index.search(index, queries, 10)
+            answers[kind] = ids
+            results[kind] = {**build, **latencies(index, queries, 10)}
         del index
     hits = [len(set(a) & set(e)) / 10 for a, e in zip(answers["hnsw"], answers["flat"])]
     results["hnsw_recall_at_10"] = round(float(np.mean(hits)), 4)
@@ -126,7 +125,7 @@ def plain_open_clip_loop(model, image_size: int, files: list[Path], batch_size: 
     return count
 
 
-def part_encode(args: argparse.Namespace, loads: dict) -> dict:
+def part_encode(args: argparse.Namespace, load: LoadLog) -> dict:
     from domainclip.core.index import Encoder, IndexOptions, build_index
 
     encoder = Encoder.load(args.model, device="cpu")
@@ -137,17 +136,16 @@ def part_encode(args: argparse.Namespace, loads: dict) -> dict:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:args.images]
         runs = {"index": [], "open_clip": []}
         for round_number, name in enumerate(("index", "open_clip", "open_clip", "index")):
-            loads[f"encode:{name}:{round_number}:before"] = load_1min()
-            started = time.perf_counter()
-            if name == "index":
-                summary = build_index(encoder, str(folder), Path(tmp) / f"index{round_number}",
-                                      IndexOptions(batch_size=args.batch_size, shard_size=args.batch_size * 64,
-                                                   workers=args.workers, progress=False, max_bad_fraction=1.0))
-                count = summary["count"]
-            else:
-                count = plain_open_clip_loop(peer_model, size, files, args.batch_size, args.workers)
-            runs[name].append(count / (time.perf_counter() - started))
-            loads[f"encode:{name}:{round_number}:after"] = load_1min()
+            with load.around(f"encode:{name}", round_number):
+                started = time.perf_counter()
+                if name == "index":
+                    summary = build_index(encoder, str(folder), Path(tmp) / f"index{round_number}",
+                                          IndexOptions(batch_size=args.batch_size, shard_size=args.batch_size * 64,
+                                                       workers=args.workers, progress=False, max_bad_fraction=1.0))
+                    count = summary["count"]
+                else:
+                    count = plain_open_clip_loop(peer_model, size, files, args.batch_size, args.workers)
+                runs[name].append(count / (time.perf_counter() - started))
     index_rate, peer_rate = float(np.mean(runs["index"])), float(np.mean(runs["open_clip"]))
     return {"model": args.model, "images": len(files), "batch_size": args.batch_size, "workers": args.workers,
             "index_images_per_s": round(index_rate, 2), "open_clip_images_per_s": round(peer_rate, 2),
@@ -168,12 +166,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default="", help="write the results here (only when the machine was quiet)")
     args = parser.parse_args()
-    loads: dict[str, float] = {}
-    results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "search": part_vectors(args, loads)}
+    load = LoadLog()
+    results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "search": part_vectors(args, load)}
     if args.images:
-        results["encode"] = part_encode(args, loads)
-    write_if_quiet(args.json, results, loads)
-    return 0
+        results["encode"] = part_encode(args, load)
+    return finish(results, load, args.json)
 
 
 if __name__ == "__main__":

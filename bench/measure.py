@@ -26,43 +26,105 @@ REFUSED_EXIT = 3
 
 
 def load_limit(cpus: int | None = None) -> float:
-    """Highest 1-minute load average at which a speed figure is taken: half the cores (1.0 on 2)."""
+    """Highest 1-minute load average at which a bench may start: half the cores (1.0 on 2)."""
     return 0.5 * (cpus or os.cpu_count() or 1)
+
+
+def foreign_limit(cpus: int | None = None) -> float:
+    """Most CPU (in cores) other processes may use while a contender is timed: a tenth of the
+    machine (0.2 cores on 2)."""
+    return 0.1 * (cpus or os.cpu_count() or 1)
+
+
+def machine_user_seconds() -> float:
+    """CPU seconds the whole machine has spent in user space since boot (``/proc/stat``: user +
+    nice). Kernel time is left out: the kernel's writeback, page compaction and interrupt work
+    that a bench's own checkpoints, file reads and allocations set off would count as foreign."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:3]]
+    return sum(values) / os.sysconf("SC_CLK_TCK")
+
+
+def own_user_seconds() -> float:
+    """User-space CPU seconds of this process, the children it reaped, and its live descendants
+    (server and trainer subprocesses, data workers) with the children they reaped."""
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.children_user
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.children_user
+    return total
 
 
 @dataclass
 class LoadSample:
-    """The 1-minute load average just before and just after one contender's timed run."""
+    """One contender's timed run: the 1-minute load average just before and after it, and the
+    CPU other processes used meanwhile (cores, averaged over the run)."""
 
     contender: str
     round: int
     before: float
     after: float
+    foreign_cores: float = 0.0
+    seconds: float = 0.0
 
 
 @dataclass
 class LoadLog:
-    """Load averages around every contender of a bench, and whether its figures may be recorded.
+    """The load around every contender of a bench, and whether its figures may be recorded.
 
-    Every speed bench wraps each timed contender run in :meth:`around`; :func:`finish` then
-    writes the result only when no sample exceeded ``limit`` (see :func:`load_limit`).
+    A contender that keeps both cores busy for 30 s raises the 1-minute load average to about 1.0
+    by itself, so the average *after* a contender cannot tell the bench's own work from another
+    job's. Two checks do: the machine must be quiet when the bench starts (the first
+    :meth:`around` waits up to ``settle_s`` for the load average to fall to ``limit``, and the
+    bench is refused if it does not), and while each contender is timed, the CPU used by other
+    processes (the machine's user-space time from ``/proc/stat`` minus this process tree's) must
+    stay under ``foreign`` cores. The load averages before and after every contender are
+    recorded with the result.
     """
 
     limit: float = field(default_factory=load_limit)
+    foreign: float = field(default_factory=foreign_limit)
+    settle_s: float = 300.0
     samples: list[LoadSample] = field(default_factory=list)
+    start_load: float | None = None
+
+    def settle(self) -> float:
+        """Wait (at most ``settle_s``) for the 1-minute load average to fall to ``limit``."""
+        deadline = time.monotonic() + self.settle_s
+        while os.getloadavg()[0] > self.limit and time.monotonic() < deadline:
+            time.sleep(5)
+        return round(os.getloadavg()[0], 2)
 
     @contextmanager
     def around(self, contender: str, round_index: int) -> Iterator[None]:
+        if self.start_load is None:
+            self.start_load = self.settle()
         before = os.getloadavg()[0]
+        busy, own, started = machine_user_seconds(), own_user_seconds(), time.monotonic()
         yield
-        self.samples.append(LoadSample(contender, round_index, round(before, 2), round(os.getloadavg()[0], 2)))
+        seconds = time.monotonic() - started
+        others = (machine_user_seconds() - busy) - (own_user_seconds() - own)
+        self.samples.append(LoadSample(contender, round_index, round(before, 2), round(os.getloadavg()[0], 2),
+                                       round(max(others, 0.0) / max(seconds, 1e-9), 3), round(seconds, 2)))
 
-    def too_high(self) -> list[LoadSample]:
-        return [s for s in self.samples if max(s.before, s.after) > self.limit]
+    def disturbed(self) -> list[str]:
+        """Why the figures are not a measurement (empty: they are)."""
+        reasons = []
+        if self.start_load is not None and self.start_load > self.limit:
+            reasons.append(f"the 1-minute load average was {self.start_load:.2f} when the bench started (limit "
+                           f"{self.limit:.1f} on this {os.cpu_count()}-core machine)")
+        reasons += [f"other processes used {s.foreign_cores:.2f} cores while {s.contender} (round {s.round}) ran "
+                    f"(limit {self.foreign:.2f})" for s in self.samples if s.foreign_cores > self.foreign]
+        return reasons
 
     def to_dict(self) -> dict[str, Any]:
-        highest = max((max(s.before, s.after) for s in self.samples), default=0.0)
-        return {"limit": self.limit, "cpus": os.cpu_count(), "highest": highest, "quiet": not self.too_high(),
+        return {"start_limit": self.limit, "foreign_cores_limit": self.foreign, "cpus": os.cpu_count(),
+                "load_at_start": self.start_load, "quiet": not self.disturbed(),
+                "highest_foreign_cores": max((s.foreign_cores for s in self.samples), default=0.0),
                 "samples": [asdict(s) for s in self.samples]}
 
 
@@ -74,21 +136,19 @@ def alternating(contenders: list[str], round_index: int) -> list[str]:
 def finish(result: dict[str, Any], load: LoadLog, json_path: str = "") -> int:
     """Attach the load log to ``result``, print it, and write ``json_path`` only on a quiet machine.
 
-    Returns 0, or :data:`REFUSED_EXIT` when a load sample exceeded the limit: the numbers printed
-    are then not a measurement, nothing is written, and the bench must be rerun later.
+    Returns 0, or :data:`REFUSED_EXIT` when :meth:`LoadLog.disturbed`: the numbers printed are
+    then not a measurement, nothing is written, and the bench must be rerun later.
     """
-    result["load_average_1min"] = load.to_dict()
+    result["load"] = load.to_dict()
     print(json.dumps(result, indent=2))
-    busy = load.too_high()
-    if busy:
-        worst = max(busy, key=lambda s: max(s.before, s.after))
-        print(f"REFUSED: the 1-minute load average reached {max(worst.before, worst.after):.2f} around "
-              f"{worst.contender} (round {worst.round}); the limit on this {os.cpu_count()}-core machine is "
-              f"{load.limit:.1f}. These figures are not a measurement and were not written; rerun on a quiet "
-              "machine.")
+    reasons = load.disturbed()
+    if reasons:
+        print("REFUSED: " + "; ".join(reasons) + ". These figures are not a measurement and were not written; "
+              "rerun on a quiet machine.")
         return REFUSED_EXIT
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {json_path}")
     return 0
 
 
@@ -324,27 +384,3 @@ def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-QUIET_LOAD = 1.0
-"""Speed results are written only when the 1-minute load average stayed at or below this."""
-
-
-def load_1min() -> float:
-    """The machine's 1-minute load average (other work competing for the cores)."""
-    return os.getloadavg()[0]
-
-
-def write_if_quiet(path: str | Path | None, results: dict[str, Any], loads: dict[str, float]) -> bool:
-    """Write ``results`` (with the ``loads`` recorded around each contender) as JSON to ``path``,
-    unless a load average exceeded ``QUIET_LOAD``: then print why and write nothing."""
-    import json
-
-    results = {**results, "load_average_1min": loads}
-    print(json.dumps(results, indent=2))
-    busy = {name: value for name, value in loads.items() if value > QUIET_LOAD}
-    if busy:
-        print(f"NOT WRITTEN: load average above {QUIET_LOAD} at {busy}; rerun on a quiet machine")
-        return False
-    if path:
-        Path(path).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written: {path}")
-    return True

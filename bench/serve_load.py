@@ -35,7 +35,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import TreeMemorySampler, load_1min, write_if_quiet  # noqa: E402
+from measure import LoadLog, TreeMemorySampler, finish  # noqa: E402
 
 LABELS = ["a photo of a cat", "a photo of a dog", "an aerial photo of a harbour", "a chest x-ray"]
 
@@ -149,18 +149,18 @@ async def run_clients(port: int, clients: int, seconds: float, max_requests: int
     return latencies, statuses, time.perf_counter() - started
 
 
-def measure(contender: str, model: str, args: argparse.Namespace, loads: dict) -> dict:
+def measure(contender: str, model: str, args: argparse.Namespace, load: LoadLog) -> dict:
     goods = [("good", json.dumps(good_payload(seed)).encode()) for seed in range(8)]
     port = free_port()
     process = start(contender, model, port)
     results = {}
     try:
         for clients in args.clients:
-            loads[f"{contender}:{clients}:before"] = load_1min()
-            sampler = TreeMemorySampler(process.pid).start()
-            latencies, statuses, wall = asyncio.run(run_clients(port, clients, args.seconds, args.max_requests, goods))
-            peak = sampler.stop()
-            loads[f"{contender}:{clients}:after"] = load_1min()
+            with load.around(f"{contender}:{clients} clients", 0):
+                sampler = TreeMemorySampler(process.pid).start()
+                latencies, statuses, wall = asyncio.run(run_clients(port, clients, args.seconds, args.max_requests,
+                                                                    goods))
+                peak = sampler.stop()
             ms = np.array(latencies) * 1000
             results[str(clients)] = {"requests": len(latencies), "requests_per_s": round(len(latencies) / wall, 2),
                                      "p50_ms": round(float(np.percentile(ms, 50)), 1),
@@ -199,15 +199,14 @@ def main() -> int:
     parser.add_argument("--contenders", nargs="+", default=["batched", "unbatched", "pipeline"])
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    loads: dict[str, float] = {}
+    load = LoadLog()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(tiny_hf_clip(Path(tmp) / "tiny_clip"))
         results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "model": args.model or "tiny random CLIP",
                    "cpus": psutil.cpu_count()}
         for contender in args.contenders:
-            results[contender] = measure(contender, model, args, loads)
-    write_if_quiet(args.json, results, loads)
-    return 0
+            results[contender] = measure(contender, model, args, load)
+    return finish(results, load, args.json)
 
 
 if __name__ == "__main__":

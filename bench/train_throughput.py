@@ -1,7 +1,8 @@
 """Training throughput and peak memory: ``domainclip train`` against ``open_clip_train``.
 
 Both trainers train the same model (open_clip ViT-B-32, random init) on the same CSV of RSICD
-images and captions, with the same batch size, precision (bf16 autocast), data workers,
+images and captions, with the same batch size, precision (``--precision``: bf16 autocast, or fp32
+on a CPU without bf16 instructions, where bf16 is emulated), data workers,
 optimiser settings (AdamW, lr, betas, eps, weight decay, gradient clipping) and the same number
 of steps, one after the other, alternating for several rounds in one run of this script so that
 slow drifts of the machine (other jobs, thermal state) hit both alike.
@@ -107,6 +108,7 @@ class BenchSettings:
     """What both trainers are given."""
 
     model: str = "ViT-B-32"
+    precision: str = "bf16"
     batch_size: int = 32
     workers: int = 2
     steps: int = 12
@@ -125,7 +127,7 @@ def domainclip_command(settings: BenchSettings, manifest: CsvManifest, out_dir: 
         "data": {"train": {"format": "csv", "path": str(manifest.path), "image_key": CSV_IMAGE_KEY,
                            "caption_key": CSV_CAPTION_KEY},
                  "batch_size": settings.batch_size, "num_workers": settings.workers},
-        "train": {"max_steps": settings.steps, "precision": "bf16", "log_every": 1, "tensorboard": False,
+        "train": {"max_steps": settings.steps, "precision": "bf16" if settings.precision == "bf16" else "no", "log_every": 1, "tensorboard": False,
                   "progress": False, "cpu": settings.device == "cpu", "resume": "never", "seed": settings.seed, "warmup_steps": 0,
                   "lr": OPTIMIZER["lr"], "weight_decay": OPTIMIZER["weight_decay"],
                   "betas": [OPTIMIZER["beta1"], OPTIMIZER["beta2"]], "eps": OPTIMIZER["eps"],
@@ -145,7 +147,7 @@ def open_clip_train_command(settings: BenchSettings, manifest: CsvManifest, out_
         "--train-data", str(manifest.path), "--dataset-type", "csv", "--csv-separator", ",",
         "--csv-img-key", CSV_IMAGE_KEY, "--csv-caption-key", CSV_CAPTION_KEY,
         "--train-num-samples", str(manifest.rows),
-        "--model", settings.model, "--batch-size", str(settings.batch_size), "--precision", "amp_bf16",
+        "--model", settings.model, "--batch-size", str(settings.batch_size), "--precision", "amp_bf16" if settings.precision == "bf16" else "fp32",
         "--workers", str(settings.workers), "--epochs", "1", "--device", settings.device, "--seed", str(settings.seed),
         "--lr", str(OPTIMIZER["lr"]), "--wd", str(OPTIMIZER["weight_decay"]), "--beta1", str(OPTIMIZER["beta1"]),
         "--beta2", str(OPTIMIZER["beta2"]), "--eps", str(OPTIMIZER["eps"]), "--warmup", "0",
@@ -327,7 +329,7 @@ def format_table(runs: list[TrainerRun], summary: dict[str, dict[str, float]], r
                      f"{run.peak_tree_pss_mib:.0f} | {run.peak_process_rss_mib:.0f} | {run.wall_s:.0f} | "
                      f"{'/'.join(f'{v:.1f}' for v in run.load_average)} |")
     lines += ["", "| trainer | mean samples/s | min | max | spread % | peak tree RSS MiB | peak tree PSS MiB | "
-                  "peak process RSS MiB | model TFLOP/s (nominal) | % of bf16 peak | executed TFLOP/s | % of bf16 peak |",
+                  "peak process RSS MiB | model TFLOP/s (nominal) | % of matmul peak | executed TFLOP/s | % of matmul peak |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for trainer, values in summary.items():
         nominal, executed = achieved_flops(trainer, values["samples_per_s_mean"], flops)
@@ -360,7 +362,7 @@ def format_table(runs: list[TrainerRun], summary: dict[str, dict[str, float]], r
               f"{flops['nominal_flops_per_sample'] / 1e9:.2f} GFLOP (full {flops['context_length']}-token text context), executed by "
               f"domainclip {flops['executed_flops_per_sample'] / 1e9:.2f} GFLOP (text lengths of the measured "
               f"batches: {flops['text_lengths']})",
-              f"- bf16 matmul peak: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s ({peak['threads']} threads, best of "
+              f"- {peak.get('dtype', '')} matmul peak: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s ({peak['threads']} threads, best of "
               f"{peak['repeats']} per size over sizes {list(peak['per_size_flops_per_s'])})"]
     return "\n".join(lines)
 
@@ -393,6 +395,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers (both trainers)")
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="both trainers (fp32 drops the bf16-weights contender)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both trainers)")
     parser.add_argument("--work-dir", default="", help="keep runs and logs here (default: a temporary folder, deleted)")
     parser.add_argument("--json", default="", help="write all numbers to this JSON file")
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
               f"set DOMAINCLIP_SHARED_DATA to the shared data folder", file=sys.stderr)
         return 0
     settings = BenchSettings(model=args.model, batch_size=args.batch_size, workers=args.workers,
-                             steps=args.steps, warmup_steps=args.warmup_steps, device=args.device)
+                             steps=args.steps, warmup_steps=args.warmup_steps, device=args.device,
+                             precision=args.precision)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="domainclip_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -426,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[TrainerRun] = []
         load = LoadLog()
         for round_index in range(args.rounds):
-            contenders = tuple(t for t in TRAINERS if t in args.trainers or t == "open_clip_train")
+            contenders = tuple(t for t in TRAINERS if (t in args.trainers or t == "open_clip_train")
+                               and not (t == "domainclip_bf16_weights" and args.precision != "bf16"))
             for trainer in trainer_order(round_index, contenders):
                 if args.only and trainer != args.only:
                     continue
@@ -448,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                                / result["summary"]["open_clip_train"]["samples_per_s_mean"]
                                for trainer in OURS if trainer in result["summary"]}
         if not args.skip_peak:
-            result["matmul_peak"] = matmul_peak_flops("bfloat16", device=settings.device)
+            result["matmul_peak"] = matmul_peak_flops("bfloat16" if settings.precision == "bf16" else "float32",
+                                                      device=settings.device)
             result["training_flops"] = training_flops(settings.model, measured_caption_batches(manifest, settings))
         if not args.only and not args.skip_peak:
             print(format_table(runs, result["summary"], result["per_round_ratio"], result["training_flops"],

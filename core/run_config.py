@@ -15,7 +15,7 @@ from .methods.full import FullConfig
 from .robustness.config import RobustnessConfig
 from .token_merging.config import TokenMergingConfig
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
@@ -68,8 +68,12 @@ class TrainConfig:
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
         grad_clip: clip the global gradient norm to this value (0 = off).
-        precision: ``no`` (fp32), ``bf16`` (CPU and GPU) or ``fp16`` (GPU, with a loss scaler).
-        bf16_weights: with ``precision: bf16``, hold the matrices (Linear, convolution and
+        precision: ``auto`` (bf16 autocast where the device computes bf16 fast: CUDA compute
+            capability >= 8.0, CPUs with AVX-512 BF16 or AMX; fp32 elsewhere, where bf16 is
+            emulated and training can be many times slower), ``no`` (fp32), ``bf16`` (CPU and GPU)
+            or ``fp16`` (GPU, with a loss scaler). The run log and ``train_summary.json`` say what
+            ``auto`` chose.
+        bf16_weights: when training in bf16 (``precision: bf16``, or ``auto`` choosing bf16), hold the matrices (Linear, convolution and
             projection weights) in bf16 and step fp32 master copies of them in the optimizer,
             instead of casting fp32 weights at every call; norms, embeddings and the loss stay
             fp32 and checkpoints are fp32 (``core/train/master_weights.py``).
@@ -99,7 +103,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    precision: str = "bf16"
+    precision: str = "auto"
     bf16_weights: bool = False
     grad_accum: int = 1
     grad_checkpointing: bool = False
@@ -117,9 +121,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.bf16_weights and self.precision != "bf16":
-            raise ValueError(f"train.bf16_weights: true needs train.precision: bf16 (got {self.precision!r}): the "
-                             f"norms and the loss still run under bf16 autocast")
+        if self.bf16_weights and self.precision not in ("bf16", "auto"):
+            raise ValueError(f"train.bf16_weights: true needs train.precision: bf16 or auto (got {self.precision!r}):"
+                             f" the norms and the loss still run under bf16 autocast")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if not self.lr > 0:

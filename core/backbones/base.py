@@ -222,6 +222,12 @@ class Backbone(nn.Module):
     tower_prefixes: dict[str, tuple[str, ...]] = {}
     block_prefixes: dict[str, str] = {}
 
+    @property
+    def token_merging_refusal(self) -> str | None:
+        """Why the image tower's tokens must not be merged (None: they may). A wrapper that puts
+        tokens of its own into the image sequence (MaPLe's vision prompts) says so here."""
+        return None
+
     def adopt_identity(self, inner: "Backbone", attribute: str) -> None:
         """Make a wrapper that holds ``inner`` as ``self.<attribute>`` look like it: same kind,
         preprocessing and tokenizer, tower and block prefixes re-rooted under ``attribute``."""

@@ -168,6 +168,9 @@ def apply_token_merging(model: Backbone, cfg: TokenMergingConfig | None,
     remove_token_merging(model)
     if cfg is None or not (cfg.active or schedule is not None):
         return model
+    refusal = model.token_merging_refusal
+    if refusal:
+        raise ValueError(f"token merging is not supported on this model: {refusal}")
     blocks = tower_blocks(model, "image")
     if not blocks:
         raise ValueError(f"token merging: the image tower of this {model.kind} backbone has no blocks named "

@@ -33,6 +33,7 @@ from ..data.webdataset import build_webdataset
 from ..eval import read_metrics
 from ..data.transforms import build_image_transform, build_train_transform
 from ..distributed import warn_launch_mismatch
+from ..encode import cpu_has_fast_bf16, resolve_precision
 from ..losses import build_loss
 from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
@@ -172,11 +173,13 @@ def fresh_accelerator(**kwargs: Any) -> Accelerator:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run a recipe: build, (resume,) train or fit, checkpoint, evaluate, write the run folder."""
-    if cfg.train.cpu or not torch.cuda.is_available():
+    on_cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if on_cpu:
         tune_cpu_allocator()
+    precision = training_precision(cfg.train.precision, on_cpu)
     accelerator = fresh_accelerator(
         cpu=cfg.train.cpu,
-        mixed_precision=cfg.train.precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard" if cfg.train.tensorboard else None,
         project_dir=str(Path(cfg.output_dir) / cfg.name / "logs"),
@@ -191,10 +194,24 @@ def train(cfg: RunConfig) -> TrainResult:
     finished_at = run.prepare(cfg)
     if finished_at is not None:
         return _finished_result(run.path, finished_at)
+    if cfg.train.precision == "auto":
+        run.log(f"train.precision=auto: {precision} on this {'CPU' if on_cpu else 'GPU'}")
+    elif precision == "bf16" and on_cpu and not cpu_has_fast_bf16():
+        run.say("warning: train.precision=bf16 on a CPU without AVX-512 BF16 / AMX: bf16 is emulated there and "
+                "training can be tens of times slower than fp32; use train.precision=auto (or no)",
+                level=logging.WARNING)
     try:
         return _train_in(cfg, accelerator, run, records)
     finally:
         run.release()
+
+
+def training_precision(precision: str, on_cpu: bool) -> str:
+    """Accelerate's ``mixed_precision`` for ``train.precision``: ``auto`` is ``bf16`` where the device
+    computes bf16 fast (``core/encode.py``'s rule) and ``no`` (fp32) elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if resolve_precision("auto", "cpu" if on_cpu else "cuda") == "bf16" else "no"
 
 
 def _finished_result(run_dir: Path, step: int) -> TrainResult:
@@ -213,6 +230,8 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
     base = create_backbone(cfg.model).to(accelerator.device)
     before = run_eval_tasks(cfg, base, accelerator, method=None, only_retention=True)
     model, method = build_model(cfg, task, base=base)
+    if cfg.token_merging.active and model.token_merging_refusal:  # before training, not at its evaluation
+        raise ValueError(f"token_merging: method {cfg.method.name!r} does not allow it: {model.token_merging_refusal}")
     if cfg.token_merging.train:
         apply_token_merging(model, cfg.token_merging)
     if cfg.train.grad_checkpointing:
@@ -241,6 +260,7 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
     throughput = samples / max(train_seconds, 1e-9)
     run.write_metrics(metrics, extra={"method": cfg.method.name, "trainable_parameters": trainable,
                                       "train_seconds": train_seconds, "samples_per_second": throughput,
+                                      "precision": accelerator.mixed_precision,
                                       "global_step": state.global_step})
     accelerator.end_training()
     return TrainResult(run.path, state.global_step, metrics, trainable, train_seconds, throughput)
@@ -265,7 +285,7 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
         data.dataset.load_images = False  # the method reads cached features; decoding would be wasted
     # a token-level loss needs the text tokens, not only the cached pooled features
     cache_text = cfg.train.cache_text_features and uses_text_cache(model, method) and not token_loss
-    optimizer, masters, stepped = _optimizer(cfg, run, model, method, cache_text)
+    optimizer, masters, stepped = _optimizer(cfg, run, model, method, cache_text, accelerator.mixed_precision)
     full_precision = masters.full_precision if masters is not None else nullcontext
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     run.log(f"method={cfg.method.name} trainable parameters={method.trainable_parameter_count(model):,} "
@@ -371,13 +391,16 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
 
 
 def _optimizer(cfg: RunConfig, run: RunFolder, model: Backbone, method: AdaptationMethod, cache_text: bool,
-               ) -> tuple[torch.optim.Optimizer, MasterWeights | None, list[torch.Tensor]]:
+               accelerator_precision: str) -> tuple[torch.optim.Optimizer, MasterWeights | None, list[torch.Tensor]]:
     """AdamW over the method's groups; with ``train.bf16_weights`` over the fp32 masters of the
     matrices, which are then held in bf16 (before ``prepare``: DDP buckets gradients by dtype).
     Returns the optimizer, the masters (or None) and the tensors it steps (for clipping)."""
     param_groups = method.param_groups(model, cfg.train.lr, cfg.train.weight_decay)
     masters = None
-    if cfg.train.bf16_weights:
+    if cfg.train.bf16_weights and accelerator_precision != "bf16":
+        run.log(f"train.bf16_weights ignored: training runs in {accelerator_precision!r} (train.precision="
+                f"{cfg.train.precision})")
+    elif cfg.train.bf16_weights:
         # a cached text tower runs only to fill the cache, in fp32 as under autocast
         keep = set(model.tower_parameter_names("text")) if cache_text else set()
         masters = MasterWeights(model, keep_fp32=keep)

@@ -55,7 +55,7 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
 
 
 def test_value_checks_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"train.precision must be one of \('no', 'bf16', 'fp16'\), got 'fp8'"):
+    with pytest.raises(ConfigError, match=r"train.precision must be one of \('auto', 'no', 'bf16', 'fp16'\), got 'fp8'"):
         config_lib.load(RunConfig, write(tmp_path, {"train": {"precision": "fp8"}}))
     with pytest.raises(ConfigError, match="data.max_bad_fraction must be in"):
         config_lib.load(RunConfig, write(tmp_path, {"data": {"max_bad_fraction": 2}}))

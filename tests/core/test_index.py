@@ -121,17 +121,19 @@ def test_killed_index_runs_resume_to_identical_files(tmp_path) -> None:
     assert [name for name in expected if got[name] != expected[name]] == []
 
 
-def test_add_extends_the_index_and_rerunning_without_add_is_refused(compact_encoder, tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_add_extends_the_index_and_rerunning_without_add_is_refused(kind: str, compact_encoder, tmp_path) -> None:
+    options = IndexOptions(**{**OPTIONS, "kind": kind})
     first = colour_data(tmp_path / "first", count=6)
     out = tmp_path / "index"
-    build_index(compact_encoder, str(first), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
+    build_index(compact_encoder, str(first), out, options, DATA_OPTIONS)
     extra = tmp_path / "extra" / "yellow"
     extra.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (40, 40), (230, 230, 10 + i)).save(extra / f"y{i}.png")
     with pytest.raises(FileExistsError, match="use --add"):
-        build_index(compact_encoder, str(extra.parent), out, IndexOptions(**OPTIONS))
-    summary = build_index(compact_encoder, str(extra.parent), out, IndexOptions(**OPTIONS), add=True)
+        build_index(compact_encoder, str(extra.parent), out, options)
+    summary = build_index(compact_encoder, str(extra.parent), out, options, add=True)
     assert (summary["count"], summary["bad"]) == (9, 1)
     manifest = read_manifest(out)
     assert [(s.first_shard, s.num_shards, s.complete) for s in manifest.sources] == [(0, 1, True), (1, 1, True)]
@@ -141,8 +143,8 @@ def test_add_extends_the_index_and_rerunning_without_add_is_refused(compact_enco
     shard = read_shard(out, 1)
     assert index.search_vectors(shard.embeddings[2], top_k=1)[0][0]["id"] == 8
     # running the same --add again finds the source done and changes nothing
-    again = build_index(compact_encoder, str(extra.parent), out, IndexOptions(**OPTIONS), add=True)
-    assert again["count"] == 9
+    again = build_index(compact_encoder, str(extra.parent), out, options, add=True)
+    assert again["count"] == 9 and again["kind"] == kind
 
 
 def test_float16_hnsw_index_and_webdataset_input(compact_encoder, tmp_path) -> None:

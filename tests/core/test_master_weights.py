@@ -90,5 +90,5 @@ def test_checkpoints_hold_the_fp32_masters_and_resume_exactly(colour_squares: Pa
 
 
 def test_bf16_weights_need_bf16_precision() -> None:
-    with pytest.raises(ConfigError, match=r"train.bf16_weights: true needs train.precision: bf16 \(got 'no'\)"):
+    with pytest.raises(ConfigError, match=r"train.bf16_weights: true needs train.precision: bf16 or auto \(got 'no'\)"):
         config_lib.from_dict(RunConfig, {"train": {"precision": "no", "bf16_weights": True}})

@@ -228,6 +228,35 @@ def test_adversarial_methods_train_resume_and_evaluate(colour_squares: Path, tmp
     assert json.loads((export / "domainclip_export.json").read_text())["method"] == method["name"]
 
 
+@pytest.mark.parametrize("family", ["hf_clip", "dual_encoder"])
+def test_adversarial_methods_train_every_family(family: str, colour_squares: Path, tmp_path: Path) -> None:
+    """FARE (LoRA) and TeCoA (full image tower) on the other families' towers: the image tower's
+    weights move, the text tower's do not, and the robustness task scores the result."""
+    from ..tiny_models import dual_config, save_tiny_hf
+
+    if family == "hf_clip":
+        model = {"kind": "hf", "name": str(save_tiny_hf(tmp_path / "hf", "clip"))}
+    else:
+        model = {k: v for k, v in vars(dual_config()).items() if v not in (None, "", {}, [])}
+    for method in ({"name": "fare", "eps": 4, "steps": 2, "tower_method": {"name": "lora", "towers": ["image"], "rank": 4}},
+                   {"name": "tecoa", "eps": 4, "steps": 2,
+                    "tower_method": {"name": "full", "lock_text": True, "train_logit_scale": False}}):
+        recipe = adversarial_recipe(colour_squares, tmp_path / "runs", method, f"{family}_{method['name']}")
+        recipe["train"]["max_steps"] = 2
+        recipe["model"] = model
+        run_dir = run(recipe)
+        weights = load_file(str(run_dir / "model" / "trainable.safetensors"))
+        backbone = create_backbone(config_lib.from_dict(ModelConfig, model))
+        image, text = set(backbone.tower_parameter_names("image")), set(backbone.tower_parameter_names("text"))
+        if method["name"] == "fare":
+            assert weights and all("lora_" in name for name in weights)
+            assert not any(name.replace(".lora_A.default", "").replace(".lora_B.default", "") in text for name in weights)
+        else:
+            assert set(weights) == image and not set(weights) & text
+        (record,) = json.loads((run_dir / "metrics.json").read_text())
+        assert {"acc1_clean", "acc1_pgd_eps1"} <= set(record["metrics"])
+
+
 def test_fare_loss_is_zero_at_the_start_without_attack(colour_squares: Path) -> None:
     cfg = config_lib.from_dict(RunConfig, {"method": {"name": "fare", "eps": 0,
                                                       "tower_method": {"name": "lora", "towers": ["image"]}}}).method

@@ -173,6 +173,27 @@ def test_evaluation_and_the_zero_shot_api_merge(colour_squares: Path, tmp_path: 
     assert merging_of(model) is None and not torch.equal(merged, plain)
 
 
+def test_maple_refuses_merging_before_training_and_cocoop_merges(colour_squares: Path, tmp_path: Path) -> None:
+    """MaPLe appends prompt tokens to the image sequence: merging is refused at the start of the
+    run (not after training, at its evaluation). CoCoOp's image tower is the plain one."""
+    from domainclip.core.train import load_trained, train
+
+    from ..conftest import tiny_recipe
+
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1)
+    recipe.update(method={"name": "maple", "n_ctx": 2, "depth": 2}, token_merging={"r": 2})
+    with pytest.raises(ValueError, match=r"token_merging: method 'maple' does not allow it: the image tower carries "
+                                         r"learned vision prompts \(MaPLe\)"):
+        train(config_lib.from_dict(RunConfig, recipe))
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
+    recipe.update(method={"name": "cocoop", "n_ctx": 2}, name="cocoop")
+    model, _, _ = load_trained(train(config_lib.from_dict(RunConfig, recipe)).run_dir)
+    apply_token_merging(model, TokenMergingConfig(r=2))
+    with torch.no_grad():
+        model.encode_image(torch.rand(2, 3, 32, 32))
+    assert merging_of(model).tokens == [17, 15, 13]
+
+
 def test_onnx_export_with_a_fixed_merge_schedule(tmp_path: Path, colour_squares: Path) -> None:
     pytest.importorskip("onnxruntime")
     from domainclip.core.zeroshot import OnnxZeroShotClassifier, export_onnx

@@ -25,32 +25,50 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_recipe(path: Path, manifest: Path, out: Path, name: str, batch_size: int) -> Path:
+def write_recipe(path: Path, manifest: Path, out: Path, name: str, batch_size: int, variant: str,
+                 teacher: Path | None = None) -> Path:
     recipe = tiny_recipe(manifest, out, max_steps=4, save_every=2, cpu=True)
     recipe["name"] = name
     recipe["data"]["batch_size"] = batch_size
     recipe["loss"] = {"name": "clip", "label_aware": True}
     recipe["eval"] = [{"name": "squares", "task": "zeroshot", "templates": ["a {} square"],
                        "data": {"format": "csv", "path": str(manifest), "label_key": "label"}}]
+    if variant == "filip_rerank":  # token features gathered with gradient; re-ranked retrieval gathered for metrics
+        recipe["loss"] = {"name": "filip", "clip_weight": 1.0, "filip_weight": 1.0, "chunk_size": 3}
+        recipe["eval"].append({"name": "squares_retrieval", "task": "retrieval", "rerank": {"name": "filip", "k": 5},
+                               "data": {"format": "csv", "path": str(manifest), "caption_separator": "|"}})
+    elif variant == "distill":  # the teacher's embeddings come from a feature cache both processes share
+        recipe["method"] = {"name": "distill", "teacher": {"run": str(teacher)}, "feature_weight": 2.0,
+                            "affinity_weight": 1.0, "cache_dir": str(out / f"cache_{name}")}
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-def test_two_processes_train_like_one(colour_squares: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["clip", "filip_rerank", "distill"])
+def test_two_processes_train_like_one(variant: str, colour_squares: Path, tmp_path: Path) -> None:
     if not ACCELERATE.exists():
         pytest.skip(f"no accelerate launcher at {ACCELERATE}")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.pop("DOMAINCLIP_FAULT", None)
+    teacher = None
+    if variant == "distill":
+        teacher_recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2)
+        teacher_recipe["name"] = "teacher"
+        (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher_recipe))
+        made = subprocess.run([sys.executable, "-m", "domainclip.core.cli", "train", str(tmp_path / "teacher.yaml")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stderr[-4000:]
+        teacher = tmp_path / "runs" / "teacher"
     # 2 processes x 4 images: Accelerate gives process 0 batches 0, 2, ... and process 1 batches 1, 3, ...
     # of the same order, so each global step holds exactly the 8 images of the 1-process batch.
-    two = write_recipe(tmp_path / "two.yaml", colour_squares, tmp_path / "runs", "two", batch_size=4)
+    two = write_recipe(tmp_path / "two.yaml", colour_squares, tmp_path / "runs", "two", 4, variant, teacher)
     launched = subprocess.run(
         [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
          "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train", str(two)],
         env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-4000:]
-    one = write_recipe(tmp_path / "one.yaml", colour_squares, tmp_path / "runs", "one", batch_size=8)
+    one = write_recipe(tmp_path / "one.yaml", colour_squares, tmp_path / "runs", "one", 8, variant, teacher)
     single = subprocess.run([sys.executable, "-m", "domainclip.core.cli", "train", str(one)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-4000:]
@@ -70,5 +88,12 @@ def test_two_processes_train_like_one(colour_squares: Path, tmp_path: Path) -> N
     assert state["num_processes"] == 2
     assert {p.name for p in (runs / "two" / "checkpoints" / "step_0000004").glob("rng_*.safetensors")} == \
         {"rng_0.safetensors", "rng_1.safetensors"}
-    metrics = [json.loads((runs / name / "metrics.json").read_text())[0]["metrics"]["acc1"] for name in ("one", "two")]
-    assert metrics[0] == pytest.approx(metrics[1])
+    metrics = [json.loads((runs / name / "metrics.json").read_text()) for name in ("one", "two")]
+    assert metrics[0][0]["metrics"]["acc1"] == pytest.approx(metrics[1][0]["metrics"]["acc1"])
+    if variant == "filip_rerank":
+        one_retrieval, two_retrieval = metrics[0][1]["metrics"], metrics[1][1]["metrics"]
+        assert one_retrieval["rerank"] == "filip@5" and one_retrieval["n_captions"] == 48
+        assert {k: v for k, v in two_retrieval.items() if k.startswith("reranked_")} == pytest.approx(
+            {k: v for k, v in one_retrieval.items() if k.startswith("reranked_")})
+    if variant == "distill":
+        assert len(list((runs / "cache_two").rglob("shard-*"))) >= 2  # one cache, written once, read by both

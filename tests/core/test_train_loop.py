@@ -195,3 +195,30 @@ def test_locked_text_tower_runs_in_eval_mode_and_its_features_are_cached_exactly
     assert not any(k.startswith("model.transformer.") for k in weights[True])  # saves only what it trains
     for key in weights[True]:
         assert torch.allclose(weights[True][key], weights[False][key], atol=1e-6), (key, (weights[True][key] - weights[False][key]).abs().max().item())
+
+
+def test_auto_precision_follows_the_device_and_bf16_on_a_slow_cpu_warns(colour_squares: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    from domainclip.core.train import loop
+
+    for fast, expected in ((False, "no"), (True, "bf16")):
+        monkeypatch.setattr(loop, "resolve_precision", lambda p, d, fast=fast: "bf16" if fast else "fp32")
+        assert loop.training_precision("auto", on_cpu=True) == expected
+    assert loop.training_precision("fp16", on_cpu=False) == "fp16"
+    monkeypatch.setattr(loop, "resolve_precision", lambda p, d: "fp32")  # a CPU without AVX-512 BF16 / AMX
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    result = run(tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1, precision="auto"))
+    summary = json.loads((result.run_dir / "train_summary.json").read_text())
+    assert summary["precision"] == "no" and "train.precision=auto: no on this CPU" in (
+        result.run_dir / "logs" / "train.log").read_text()
+    capsys.readouterr()
+    bf16 = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1, precision="bf16", bf16_weights=True)
+    bf16["name"] = "bf16"
+    folder = run(bf16).run_dir
+    assert "warning: train.precision=bf16 on a CPU without AVX-512 BF16 / AMX" in capsys.readouterr().err
+    assert json.loads((folder / "train_summary.json").read_text())["precision"] == "bf16"
+    auto_weights = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1, precision="auto", bf16_weights=True)
+    auto_weights["name"] = "auto_weights"
+    log = (run(auto_weights).run_dir / "logs" / "train.log").read_text()
+    assert "train.bf16_weights ignored: training runs in 'no' (train.precision=auto)" in log

@@ -114,6 +114,13 @@ class PromptedBackbone(Backbone):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
 
+    @property
+    def token_merging_refusal(self) -> str | None:
+        if self.vision_encoder is None:
+            return None  # CoOp / CoCoOp: the image tower is the plain one (CoCoOp conditions on its pooled feature)
+        return ("the image tower carries learned vision prompts (MaPLe), which are appended to the token sequence "
+                "and replaced block by block; merging would mix them with the patch tokens")
+
     def config_dict(self) -> dict[str, Any]:
         return self.backbone.config_dict()
 
