@@ -11,7 +11,7 @@ from typing import Any
 from domainclip.core.recipe_files import resolve_recipe
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_run_config, train
-from domainclip.core.train.evaluation import main_metric
+from domainclip.core.eval.headline import headline
 
 
 def shared_data_present() -> bool:
@@ -37,7 +37,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Train and evaluate; the headline metric and every metric of the first eval task."""
     result = train(cfg)
     first = result.metrics[0]
-    return {"main": main_metric(first), "metrics": first["metrics"], "run_dir": str(result.run_dir)}
+    return {"main": headline(first)[1], "metrics": first["metrics"], "run_dir": str(result.run_dir)}
 
 
 def mean_std(values: list[float]) -> str:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import load_average, mean_std, print_table, run, shared_data_present, sized_recipe  # noqa: E402
+from measure import LoadLog, alternating, finish  # noqa: E402
 
 from domainclip.core import config as config_lib  # noqa: E402
 from domainclip.core.backbones import ModelConfig, create_backbone  # noqa: E402
@@ -83,23 +84,26 @@ def speed(args: argparse.Namespace) -> int:
     size = models["teacher"].preprocess.image_size
     images = torch.randn(args.batch, 3, size, size, device=device)
     rates: dict[str, list[float]] = {name: [] for name in models}
+    load = LoadLog()
     with torch.no_grad():
         for round_index in range(args.rounds):
-            for name in (("teacher", "student") if round_index % 2 == 0 else ("student", "teacher")):
+            for name in alternating(["teacher", "student"], round_index):
                 models[name].encode_image(images)  # warm-up
                 if device == "cuda":
                     torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    models[name].encode_image(images)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                rates[name].append(args.batch * args.repeats / (time.perf_counter() - start))
+                with load.around(name, round_index):
+                    start = time.perf_counter()
+                    for _ in range(args.repeats):
+                        models[name].encode_image(images)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    rates[name].append(args.batch * args.repeats / (time.perf_counter() - start))
     print(f"device={device} batch={args.batch} image size={size} rounds={args.rounds} load average={load_average()}")
     print_table(["image tower", "images/s", "parameters"],
                 [[name, mean_std(rates[name]), f"{image_parameters(models[name]):,}"] for name in models])
-    print(f"student / teacher images/s: {mean_std([s / t for s, t in zip(rates['student'], rates['teacher'])])}")
-    return 0
+    ratios = [s / t for s, t in zip(rates["student"], rates["teacher"])]
+    print(f"student / teacher images/s: {mean_std(ratios)}")
+    return finish({"device": device, "batch": args.batch, "images_per_s": rates, "student_over_teacher": ratios}, load)
 
 
 def main(argv: list[str] | None = None) -> int:

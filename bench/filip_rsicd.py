@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import load_average, mean_std, print_table, run, shared_data_present, sized_recipe  # noqa: E402
+from measure import LoadLog, alternating, finish  # noqa: E402
 
 
 def accuracy(args: argparse.Namespace) -> int:
@@ -88,13 +89,14 @@ def one_timing(batch: int, chunk: int, repeats: int, device: str) -> dict[str, f
 def timing(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     results: dict[str, list[dict[str, float]]] = {"naive": [], "chunked": []}
+    load = LoadLog()
     for round_index in range(args.rounds):
-        order = ("naive", "chunked") if round_index % 2 == 0 else ("chunked", "naive")
-        for variant in order:
+        for variant in alternating(["naive", "chunked"], round_index):
             chunk = 0 if variant == "naive" else args.chunk
-            done = subprocess.run([sys.executable, __file__, "timing-one", "--batch", str(args.batch), "--chunk",
-                                   str(chunk), "--repeats", str(args.repeats), "--device", device],
-                                  capture_output=True, text=True, check=True)
+            with load.around(variant, round_index):
+                done = subprocess.run([sys.executable, __file__, "timing-one", "--batch", str(args.batch), "--chunk",
+                                       str(chunk), "--repeats", str(args.repeats), "--device", device],
+                                      capture_output=True, text=True, check=True)
             results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"device={device} batch={args.batch} chunk={args.chunk} rounds={args.rounds} load average={load_average()}")
     rows = []
@@ -104,7 +106,8 @@ def timing(args: argparse.Namespace) -> int:
     ratio_time = [n["seconds"] / c["seconds"] for n, c in zip(results["naive"], results["chunked"])]
     ratio_memory = [n["peak_mib"] / max(c["peak_mib"], 1e-9) for n, c in zip(results["naive"], results["chunked"])]
     print(f"naive / chunked: time {mean_std(ratio_time)}, peak memory {mean_std(ratio_memory)}")
-    return 0
+    return finish({"device": device, "batch": args.batch, "chunk": args.chunk, "runs": results,
+                   "naive_over_chunked_time": ratio_time, "naive_over_chunked_memory": ratio_memory}, load)
 
 
 def main(argv: list[str] | None = None) -> int:

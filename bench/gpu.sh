@@ -8,11 +8,14 @@
 #   (model FLOPs per image x images/s over the measured bf16 / fp32 matmul peak of the GPU);
 # - zero-shot: ZeroShotClassifier against transformers.pipeline at the same batch size, workers
 #   and precision (bf16);
-# - training: domainclip train against open_clip_train, ViT-B-16, batch 256, bf16, with the
-#   training FLOPs per sample and the GPU's bf16 matmul peak (MFU).
+# - training: domainclip train (bf16 autocast, and train.bf16_weights: bf16 matrices with fp32
+#   master weights) against open_clip_train, ViT-B-16, batch 256, bf16, with the training FLOPs
+#   per sample and the GPU's bf16 matmul peak (MFU); then the 200-step RSICD loss curves of bf16
+#   weights against autocast for full fine-tuning and LoRA (bf16_weights.py, plot in OUT).
 # The accuracy guard runs first (bf16 and fp16 against fp32 on the shared data).
 # Every bench prints its JSON; a bench that found the machine busy (load average above half the
-# cores) writes nothing and exits 3. Needs the shared data in ../shared/data.
+# cores at its start, or other processes' CPU above a tenth of the cores while a contender ran)
+# writes nothing and exits 3. Needs the shared data in ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT="${1:-gpu_results}"
@@ -32,4 +35,5 @@ run "$PY" zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256
   --rounds 3 --json "$OUT/zeroshot_throughput.json"
 run "$PY" train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --workers 8 --steps 30 \
   --warmup-steps 10 --rounds 2 --json "$OUT/train_throughput.json"
+run "$PY" bf16_weights.py --steps 200 --batch 256 --plot "$OUT/bf16_weights_rsicd.png" --json "$OUT/bf16_weights.json"
 exit $status
