@@ -9,13 +9,13 @@ convolutions, ``nn.MultiheadAttention``'s packed input projection, open_clip's 2
 ``text_projection``). Embedding tables, positional embeddings, norms, biases and the logit scale
 stay fp32: they are not consumed by a bf16 matmul, and keeping them fp32 keeps the residual stream
 and the normalisations in fp32 as autocast does. A frozen text tower whose features are cached
-stays fp32 too: it runs only to fill the cache, outside autocast, as in an autocast run. The forward still runs under autocast (norms,
-softmax and the loss in fp32), so the computed result is autocast's: the bf16 copy of a matrix
-equals what autocast would have cast it to.
+stays fp32 too: it runs only to fill the cache, outside autocast, as in an autocast run. The
+forward still runs under autocast (norms, softmax and the loss in fp32), so the computed result is
+autocast's: the bf16 copy of a matrix equals what autocast would have cast it to.
 
-Gradients reach the bf16 matrices and are moved into fp32 master gradients after every backward
-(micro-batches of an accumulation accumulate in fp32); clipping and the optimizer act on the fp32
-masters, and the new masters are rounded into the bf16 copies after each step. Checkpoints, the
+Gradients reach the bf16 matrices (the micro-batches of an accumulated step add up there, as DDP
+reduces them) and are moved into fp32 master gradients before each optimizer step; clipping and
+the optimizer act on the fp32 masters, and the new masters are rounded into the bf16 copies after each step. Checkpoints, the
 saved model and evaluation see the fp32 masters (:meth:`MasterWeights.full_precision`), so a run
 resumes exactly and its weights are saved in fp32 like any other run.
 """
@@ -74,15 +74,12 @@ class MasterWeights:
         return [{**group, "params": [self._master_of.get(id(p), p) for p in group["params"]]} for group in groups]
 
     def collect_grads(self) -> None:
-        """Move the bf16 gradients into the fp32 master gradients (accumulating in fp32)."""
+        """Move the bf16 gradients into the fp32 master gradients (once per optimizer step; the
+        optimizer's ``zero_grad(set_to_none=True)`` clears the masters' after it)."""
         for param, master in self.pairs:
-            if param.grad is None:
-                continue
-            if master.grad is None:
+            if param.grad is not None:
                 master.grad = param.grad.float()
-            else:
-                master.grad.add_(param.grad)
-            param.grad = None
+                param.grad = None
 
     def push(self) -> None:
         """Round the fp32 masters into the bf16 working copies (after an optimizer step)."""
