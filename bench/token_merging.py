@@ -12,14 +12,19 @@ Two parts:
   (shared data, else the bundled sample): zero-shot acc1 through the kit's evaluation for each
   algorithm and r, with the same images for every setting; images/s of that run is printed but is
   not a speed claim. ``--rsicd`` adds RSICD test retrieval (mean recall) when the shared data has it.
+  ``--run RUN`` evaluates a finished run's model on its own eval tasks instead of the compact base
+  (e.g. the compact base fine-tuned by ``agriculture/full``: the "at most one point" question needs
+  a model that has accuracy to lose).
 
     python bench/token_merging.py --part speed --rounds 5 --batch-size 32 --json tome_speed.json
     python bench/token_merging.py --part accuracy --r 0 2 4 8 --json tome_accuracy.json
+    python bench/token_merging.py --part accuracy --run runs/agriculture_full --r 0 2 4 8 --json tome_tuned.json
     python bench/token_merging.py --part speed --rounds 1 --batch-size 2 --r-b16 0 8 --r-b32 0 2   # smoke
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -95,36 +100,43 @@ def plantvillage_task(root: Path) -> dict[str, Any]:
 def accuracy(args: argparse.Namespace) -> int:
     from domainclip.core import config as config_lib
     from domainclip.core.backbones import create_backbone
+    from domainclip.core.eval.headline import headline
     from domainclip.core.run_config import RunConfig
+    from domainclip.core.token_merging.config import TokenMergingConfig
     from domainclip.core.train.evaluation import run_eval_tasks
+    from domainclip.core.train.run_loading import load_trained
 
-    root = shared_data_dir()
-    tasks = [{"name": "plantvillage_apple_test", "task": "zeroshot", "templates": TEMPLATES,
-              "data": plantvillage_task(root), "batch_size": args.batch_size}]
-    rsicd = root / "remote_sensing" / "rsicd"
-    if args.rsicd and rsicd.is_dir():
-        tasks.append({"name": "rsicd_test", "task": "retrieval", "batch_size": args.batch_size,
-                      "data": {"format": "rsicd", "path": str(rsicd), "split": "test"}})
+    if args.run:  # the run's own evaluation tasks and prompts, on its trained model
+        model, _, base_cfg = load_trained(args.run)
+    else:
+        root = shared_data_dir()
+        tasks = [{"name": "plantvillage_apple_test", "task": "zeroshot", "templates": TEMPLATES,
+                  "data": plantvillage_task(root), "batch_size": args.batch_size}]
+        rsicd = root / "remote_sensing" / "rsicd"
+        if args.rsicd and rsicd.is_dir():
+            tasks.append({"name": "rsicd_test", "task": "retrieval", "batch_size": args.batch_size,
+                          "data": {"format": "rsicd", "path": str(rsicd), "split": "test"}})
+        base_cfg = config_lib.from_dict(RunConfig, {"model": {"kind": "compact_base"}, "eval": tasks})
+        model = create_backbone(base_cfg.model)
+    model.eval()
+    base_cfg = dataclasses.replace(base_cfg, data=dataclasses.replace(base_cfg.data, num_workers=args.workers))
     rows = []
-    model = None
     for algorithm in args.algorithms:
         for r in args.r:
             if r == 0 and algorithm != args.algorithms[0]:
                 continue  # r = 0 is the same unmerged model for every algorithm
-            cfg = config_lib.from_dict(RunConfig, {"model": {"kind": "compact_base"}, "eval": tasks,
-                                                   "data": {"num_workers": args.workers},
-                                                   "token_merging": {"algorithm": algorithm, "r": r}})
-            model = model or create_backbone(cfg.model).eval()
+            merging = config_lib.from_dict(TokenMergingConfig, {"algorithm": algorithm, "r": r})
+            cfg = dataclasses.replace(base_cfg, token_merging=merging)
             started = time.perf_counter()
             records = run_eval_tasks(cfg, model)
             seconds = time.perf_counter() - started
             row = {"algorithm": algorithm if r else "none", "r": r, "eval_seconds": round(seconds, 2)}
             for record in records:
-                key = "acc1" if record["task"] == "zeroshot_classification" else "mean_recall"
-                row[f"{record['dataset']}_{key}"] = round(record["metrics"][key], 4)
+                key, value = headline(record)
+                row[f"{record['dataset']}_{key}"] = round(value, 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"part": "accuracy", "command": " ".join(sys.argv), "rows": rows,
+    result = {"part": "accuracy", "command": " ".join(sys.argv), "model": args.run or "compact_base", "rows": rows,
               "note": "eval_seconds includes decoding; it is not a speed claim (see --part speed)"}
     print(json.dumps(result, indent=2))
     if args.json:
@@ -145,6 +157,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rsicd", action="store_true", help="accuracy part: also RSICD retrieval (shared data)")
+    parser.add_argument("--run", default="", help="accuracy part: a finished run's model and its eval tasks")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     return speed(args) if args.part == "speed" else accuracy(args)

@@ -8,9 +8,9 @@ it with ``token_merging:``, the zero-shot API with ``token_merging=``. See docs/
 from .blocks import BLOCK_FAMILIES, BlockFamily, family_of, register_block_family
 from .config import ALGORITHMS, TokenMergingConfig
 from .matching import pitome_matching, tome_matching
-from .patch import (TowerMerging, apply_token_merging, merging_config, merging_of, prefix_tokens, remove_token_merging,
-                    token_merging, token_merging_key)
+from .patch import (TowerMerging, apply_token_merging, merging_config, merging_of, prefix_tokens, refuse_unmergeable,
+                    remove_token_merging, token_merging, token_merging_key)
 
 __all__ = ["ALGORITHMS", "BLOCK_FAMILIES", "BlockFamily", "TokenMergingConfig", "TowerMerging", "apply_token_merging",
-           "family_of", "merging_config", "merging_of", "pitome_matching", "prefix_tokens", "register_block_family",
-           "remove_token_merging", "tome_matching", "token_merging", "token_merging_key"]
+           "family_of", "merging_config", "merging_of", "pitome_matching", "prefix_tokens", "refuse_unmergeable",
+           "register_block_family", "remove_token_merging", "tome_matching", "token_merging", "token_merging_key"]

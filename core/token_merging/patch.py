@@ -158,6 +158,12 @@ def prefix_tokens(model: Backbone) -> int:
                    for name, _ in model.named_parameters()))
 
 
+def refuse_unmergeable(model: Backbone, subject: str = "this model") -> None:
+    """Raise when ``model`` cannot merge image tokens (MaPLe's prompted tower), naming ``subject``."""
+    if model.token_merging_refusal:
+        raise ValueError(f"token merging is not supported by {subject}: {model.token_merging_refusal}")
+
+
 def apply_token_merging(model: Backbone, cfg: TokenMergingConfig | None,
                         schedule: Sequence[int] | None = None) -> Backbone:
     """Install ``cfg`` in ``model``'s image tower (in place; replaces an earlier setting) and return it.
@@ -168,9 +174,7 @@ def apply_token_merging(model: Backbone, cfg: TokenMergingConfig | None,
     remove_token_merging(model)
     if cfg is None or not (cfg.active or schedule is not None):
         return model
-    refusal = model.token_merging_refusal
-    if refusal:
-        raise ValueError(f"token merging is not supported on this model: {refusal}")
+    refuse_unmergeable(model)
     blocks = tower_blocks(model, "image")
     if not blocks:
         raise ValueError(f"token merging: the image tower of this {model.kind} backbone has no blocks named "

@@ -39,7 +39,7 @@ from .speed import tune_cpu_allocator
 from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
-from ..token_merging import apply_token_merging
+from ..token_merging import apply_token_merging, refuse_unmergeable
 from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .evaluation import add_retention, run_eval_tasks
 from .master_weights import MasterWeights
@@ -230,8 +230,8 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
     base = create_backbone(cfg.model).to(accelerator.device)
     before = run_eval_tasks(cfg, base, accelerator, method=None, only_retention=True)
     model, method = build_model(cfg, task, base=base)
-    if cfg.token_merging.active and model.token_merging_refusal:  # before training, not at its evaluation
-        raise ValueError(f"token_merging: method {cfg.method.name!r} does not allow it: {model.token_merging_refusal}")
+    if cfg.token_merging.active:  # refused before training, not at the evaluation after it
+        refuse_unmergeable(model, f"method {cfg.method.name!r}")
     if cfg.token_merging.train:
         apply_token_merging(model, cfg.token_merging)
     if cfg.train.grad_checkpointing:

@@ -182,7 +182,7 @@ def test_maple_refuses_merging_before_training_and_cocoop_merges(colour_squares:
 
     recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1)
     recipe.update(method={"name": "maple", "n_ctx": 2, "depth": 2}, token_merging={"r": 2})
-    with pytest.raises(ValueError, match=r"token_merging: method 'maple' does not allow it: the image tower carries "
+    with pytest.raises(ValueError, match=r"token merging is not supported by method 'maple': the image tower carries "
                                          r"learned vision prompts \(MaPLe\)"):
         train(config_lib.from_dict(RunConfig, recipe))
     assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
