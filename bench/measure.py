@@ -310,7 +310,10 @@ def forward_flops(step: Callable[[], Any]) -> int:
 
 
 def _count_flops(step: Callable[[], torch.Tensor]) -> tuple[int, dict[str, int]]:
-    """FLOPs of ``step()`` (a forward returning a scalar) plus its backward, under bf16 autocast.
+    """FLOPs of ``step()`` (a forward returning a scalar) plus its backward.
+
+    Run in fp32: the count does not depend on the precision, and bf16 autocast is emulated, tens of
+    times slower, on a CPU without bf16 instructions (where this used to seem to hang).
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention
     (the usual "model FLOPs"; element-wise work is not counted). The CPU attention kernels have
@@ -324,9 +327,7 @@ def _count_flops(step: Callable[[], torch.Tensor]) -> tuple[int, dict[str, int]]
                      aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
     with counter:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            value = step()
-        value.backward()
+        step().backward()
     by_op = {str(op): int(count) for op, count in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), by_op
 
