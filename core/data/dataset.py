@@ -197,14 +197,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
         epoch = self.epoch
         if not self.load_images:
             caption = pick_caption(record.captions, self.train, self.seed, epoch, index)
-            return {"image": torch.zeros(0), "caption": caption, "label": record.label, "index": index}
+            return {"image": torch.zeros(0), "caption": caption, "source_caption": caption, "label": record.label,
+                    "index": index}
         try:
             image = getattr(self.transform, "open_image", open_rgb_image)(record.image)
         except BadImageError as error:
             return {"bad": (record.image, error.reason), "index": index}
-        caption = pick_caption(record.captions, self.train, self.seed, epoch, index)
-        tensor, caption = transform_pair(self.transform, image, caption, self.seed, epoch, index)
-        return {"image": tensor, "caption": caption, "label": record.label, "index": index}
+        source = pick_caption(record.captions, self.train, self.seed, epoch, index)
+        tensor, caption = transform_pair(self.transform, image, source, self.seed, epoch, index)
+        # ``source_caption``: the record's caption before an augmentation rewrote it (teachers
+        # that saw the un-augmented image are looked up by it)
+        return {"image": tensor, "caption": caption, "source_caption": source, "label": record.label, "index": index}
 
 
 def stack_labels(labels: list[Any]) -> torch.Tensor:
@@ -221,7 +224,8 @@ def stack_labels(labels: list[Any]) -> torch.Tensor:
 class Collator:
     """Items -> the batch dict of the shared layout; bad items go to ``batch["bad"]``.
 
-    The batch also carries ``captions`` (the good items' caption strings). When every item is
+    The batch also carries ``captions`` (the good items' caption strings) and ``source_captions``
+    (the same before an augmentation rewrote them, e.g. "on the left" after a flip). When every item is
     bad, ``images``/``labels``/``indices`` (and each token tensor) have zero rows; callers
     skip such a batch after counting its ``bad`` list.
 
@@ -248,6 +252,7 @@ class Collator:
             "labels": stack_labels([item["label"] for item in good]),
             "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
             "captions": captions,
+            "source_captions": [item.get("source_caption", item["caption"]) for item in good],
             "bad": [tuple(item["bad"]) for item in items if "bad" in item],
         }
         if self.tokenize is not None:

@@ -194,7 +194,9 @@ class Distill(FullFineTune):
         out = forward_for_loss(model, batch, loss_fn)
         loss = self.cfg.contrastive_weight * contrastive_loss(out, batch, loss_fn) if self.cfg.contrastive_weight else 0.0
         device = out["image_features"].device
-        teacher_images, teacher_texts = self.targets.lookup(batch["indices"], list(batch["captions"]), device)
+        # the teacher saw the un-augmented image, so its text target is the caption before any rewrite
+        captions = batch.get("source_captions", batch["captions"])
+        teacher_images, teacher_texts = self.targets.lookup(batch["indices"], list(captions), device)
         student_images, student_texts = out["image_features"], out["text_features"]
         projection = getattr(model.module if hasattr(model, "module") else model, PROJECTION, None)
         if projection is not None:

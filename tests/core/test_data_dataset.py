@@ -229,3 +229,23 @@ def test_collator_without_tokenizer_has_no_tokens_and_stacks_multilabel_targets(
 def test_collator_pickles_with_a_module_level_tokenizer() -> None:
     restored = pickle.loads(pickle.dumps(Collator(tokenize)))
     assert restored.tokenize(["abc"])["input_ids"].tolist() == [[3, 3, 3, 0]]
+
+
+class _FlipCaption:
+    """A caption-rewriting augmentation in miniature: 'left' becomes 'right'."""
+
+    takes_caption = True
+
+    def __call__(self, sample: dict) -> dict:
+        image = torch.zeros(3, 4, 4)
+        return {"image": image, "caption": sample["caption"].replace("left", "right")}
+
+
+def test_a_rewritten_caption_keeps_its_source_through_dataset_and_collator(noise_image: str) -> None:
+    """Teachers that saw the un-augmented image (distill) look their text target up by the source."""
+    dataset = ImageTextDataset([ImageTextRecord(noise_image, ["a tree on the left"])] * 2, _FlipCaption())
+    item = dataset[0]
+    assert item["caption"] == "a tree on the right" and item["source_caption"] == "a tree on the left"
+    batch = Collator()([dataset[0], dataset[1], {"bad": ("x.png", "unreadable"), "index": 2}])
+    assert batch["captions"] == ["a tree on the right"] * 2
+    assert batch["source_captions"] == ["a tree on the left"] * 2
