@@ -16,6 +16,10 @@ Precision (``precision`` everywhere in the kit): ``fp32``, ``bf16``, ``fp16`` or
 - anything else (older GPUs, CPUs without bf16 instructions, where bf16 is emulated and slower
   than fp32, Apple MPS) -> fp32.
 
+``$DOMAINCLIP_CPU_BF16`` (``0`` or ``1``) overrides the CPU's flags: ``0`` keeps ``auto`` at fp32
+on any CPU (numbers that match a machine without bf16 instructions; the test suite sets it), ``1``
+treats the CPU as bf16-capable.
+
 bf16 keeps fp32's range, so features of a CLIP tower agree with fp32 to a cosine of about 0.999;
 the accuracy guard (``tests/core/test_encode.py``, ``bench/precision_guard.py``) checks top-1
 agreement >= 99.5 % and metrics within 0.5 points. ``fp16`` is meant for GPUs.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,8 +46,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 """``/proc/cpuinfo`` flags of CPUs with native bf16 arithmetic (any one is enough)."""
+CPU_BF16_ENV = "DOMAINCLIP_CPU_BF16"
+"""``0`` / ``1``: override what the host CPU's flags say about bf16 (see the module docstring)."""
 
-__all__ = ["CPU_BF16_FLAGS", "DTYPES", "PRECISIONS", "FrozenEncoder", "check_precision", "cpu_has_fast_bf16",
+__all__ = ["CPU_BF16_ENV", "CPU_BF16_FLAGS", "DTYPES", "PRECISIONS", "FrozenEncoder", "check_precision", "cpu_has_fast_bf16",
            "eval_mode", "model_device", "model_float_dtype", "resolve_precision"]
 
 
@@ -61,9 +68,15 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether the CPU has native bf16 instructions (AVX-512 BF16 or AMX), from its cpuinfo flags.
 
     ``cpuinfo`` is the file to read (tests pass a fake one); an unreadable file (not Linux) means no.
+    For the host's own file, ``$DOMAINCLIP_CPU_BF16`` (``0`` / ``1``) overrides the flags.
     """
     path = Path(cpuinfo)
     if path == Path("/proc/cpuinfo"):
+        forced = os.environ.get(CPU_BF16_ENV)
+        if forced is not None:
+            if forced not in ("0", "1"):
+                raise ValueError(f"${CPU_BF16_ENV} must be 0 or 1, got {forced!r}")
+            return forced == "1"
         return _host_cpu_has_fast_bf16()
     return _flags_have_bf16(path)
 

@@ -13,6 +13,11 @@ from PIL import Image
 
 COLOURS = {"red": 0, "green": 1, "blue": 2}
 
+# `precision: auto` picks bf16 on CPUs with AVX-512 BF16 / AMX (core/encode.py). The tests compare
+# against fp32 references, so they run as on a CPU without bf16 instructions whatever the machine;
+# subprocesses (CLI, `accelerate launch`) inherit this. The bf16 paths are tested by explicit precision.
+os.environ["DOMAINCLIP_CPU_BF16"] = "0"
+
 
 def shared_data_root() -> Path:
     """``../shared/data`` beside the repository, or ``$DOMAINCLIP_SHARED_DATA``."""

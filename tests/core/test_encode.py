@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from domainclip.core import config as config_lib
+from domainclip.core import encode as encode_module
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.cli import main
 from domainclip.core.encode import (
@@ -55,6 +56,22 @@ def test_auto_without_cpuinfo_is_fp32_and_bad_names_are_errors(tmp_path: Path) -
     assert resolve_precision("auto", "cpu", tmp_path / "absent") == "fp32"
     with pytest.raises(ValueError, match=r"precision must be one of .*got 'bf61'; did you mean 'bf16'\?"):
         resolve_precision("bf61", "cpu")
+
+
+def test_the_environment_overrides_the_host_cpus_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(encode_module, "_host_cpu_has_fast_bf16", lambda: True)  # a CPU with AVX-512 BF16
+    monkeypatch.delenv("DOMAINCLIP_CPU_BF16", raising=False)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv("DOMAINCLIP_CPU_BF16", "0")
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # an explicit precision is still taken as given
+    assert resolve_precision("auto", "cpu", fake_cpuinfo(tmp_path, "avx512_bf16")) == "bf16"  # a given file wins
+    monkeypatch.setattr(encode_module, "_host_cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setenv("DOMAINCLIP_CPU_BF16", "1")
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv("DOMAINCLIP_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match=r"^\$DOMAINCLIP_CPU_BF16 must be 0 or 1, got 'yes'$"):
+        resolve_precision("auto", "cpu")
 
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp32")])
