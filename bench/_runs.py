@@ -21,8 +21,8 @@ def shared_data_present() -> bool:
 
 
 def sized_recipe(spec: str, out: Path, name: str, seed: int, steps: int, train_limit: int, eval_limit: int,
-                 batch_size: int, cpu: bool, extra: list[str] = ()) -> RunConfig:
-    """A shipped recipe at benchmark size: steps, seed, data limits, batch, output folder.
+                 batch_size: int, cpu: bool, extra: list[str] = (), workers: int = 0) -> RunConfig:
+    """A shipped recipe at benchmark size: steps, seed, data limits, batch, data workers, output folder.
 
     The warm-up is a tenth of the steps: the recipes' warm-up (200 steps, sized for full-length
     runs) would otherwise cover a short benchmark run whole, so the learning rate never peaks.
@@ -30,7 +30,7 @@ def sized_recipe(spec: str, out: Path, name: str, seed: int, steps: int, train_l
     overrides = [f"name={name}", f"output_dir={out}", f"train.max_steps={steps}", f"train.seed={seed}",
                  f"train.warmup_steps={max(1, steps // 10)}",
                  "train.progress=false", "train.tensorboard=false", "train.save_every=0", "train.resume=never",
-                 f"data.train.limit={train_limit}", f"data.batch_size={batch_size}", "data.num_workers=0"]
+                 f"data.train.limit={train_limit}", f"data.batch_size={batch_size}", f"data.num_workers={workers}"]
     if cpu:
         overrides += ["train.cpu=true", "train.precision='no'"]
     cfg = load_run_config(resolve_recipe(spec), [*overrides, *extra])

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, default=0)
     parser.add_argument("--eval-limit", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers (8 on a GPU machine)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = sized_recipe(f"remote_sensing/{method}", out, f"{method}_{mode}", args.seed, args.steps,
                                args.train_limit, args.eval_limit, args.batch, cpu=False,
                                extra=["train.precision=bf16", f"train.bf16_weights={flag}", "train.log_every=1",
-                                      "train.warmup_steps=20"])
+                                      "train.warmup_steps=20"], workers=args.workers)
             outcome = run(cfg)
             curve = losses(outcome["run_dir"])
             summary = json.loads((Path(outcome["run_dir"]) / "train_summary.json").read_text())

@@ -52,7 +52,7 @@ def accuracy(args: argparse.Namespace) -> int:
         return 0
     spec = TEACHER_RECIPES[args.domain]
     size = dict(steps=args.steps, train_limit=args.train_limit, eval_limit=args.eval_limit, batch_size=args.batch,
-                cpu=args.cpu)
+                cpu=args.cpu, workers=args.workers)
     teacher_cfg = sized_recipe(spec, args.out, "teacher", 0, **size)
     teacher_cfg = dataclasses.replace(teacher_cfg, eval=teacher_cfg.eval[:1])
     teacher = run(teacher_cfg)
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     acc.add_argument("--eval-limit", type=int, default=0)
     acc.add_argument("--batch", type=int, default=64)
     acc.add_argument("--cpu", action="store_true")
+    acc.add_argument("--workers", type=int, default=0, help="data-loader workers (8 on a GPU machine)")
     acc.add_argument("--out", type=Path, default=Path("runs/bench_distill"))
     spd = sub.add_parser("speed")
     spd.add_argument("--batch", type=int, default=64)

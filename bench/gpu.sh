@@ -11,7 +11,7 @@
 # - training: domainclip train (bf16 autocast, and train.bf16_weights: bf16 matrices with fp32
 #   master weights) against open_clip_train, ViT-B-16, batch 256, bf16, with the training FLOPs
 #   per sample and the GPU's bf16 matmul peak (MFU); then the 200-step RSICD loss curves of bf16
-#   weights against autocast for full fine-tuning and LoRA (bf16_weights.py, plot in OUT).
+#   weights against autocast for full fine-tuning and LoRA (bf16_weights.py, batch 128, plot in OUT).
 # The accuracy guard runs first (bf16 and fp16 against fp32 on the shared data).
 # Every bench prints its JSON; a bench that found the machine busy (load average above half the
 # cores at its start, or other processes' CPU above a tenth of the cores while a contender ran)
@@ -26,14 +26,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
   | tee -a "$OUT/gpu.txt"
 
 status=0
-run() { "$@" || { rc=$?; echo "exit $rc: $*"; status=$rc; }; }
+# STEP_TIMEOUT=SECONDS bounds each bench (a lent machine's time is short); unset: no bound
+run() {
+  local bound=(); [ -n "${STEP_TIMEOUT:-}" ] && bound=(timeout "$STEP_TIMEOUT")
+  echo "== $(date -u +%T) $*"
+  "${bound[@]}" "$@" || { rc=$?; echo "exit $rc: $*"; status=$rc; }
+}
 
-run "$PY" precision_guard.py --device cuda --precisions bf16,fp16 --json "$OUT/precision_guard.json"
-run "$PY" encode_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --images 4096 --workers 8 \
+export DOMAINCLIP_BENCH_SETTLE_S="${DOMAINCLIP_BENCH_SETTLE_S:-30}"  # a lent machine is quiet; never wait 5 min
+run "$PY" precision_guard.py --device cuda --precisions bf16,fp16 --workers 8 --json "$OUT/precision_guard.json"
+run "$PY" encode_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --images 2048 --workers 8 \
   --rounds 3 --fp16 --json "$OUT/encode_throughput.json"
 run "$PY" zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256 --images 2048 --workers 8 \
-  --rounds 3 --json "$OUT/zeroshot_throughput.json"
-run "$PY" train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --workers 8 --steps 30 \
-  --warmup-steps 10 --rounds 2 --json "$OUT/train_throughput.json"
-run "$PY" bf16_weights.py --steps 200 --batch 256 --plot "$OUT/bf16_weights_rsicd.png" --json "$OUT/bf16_weights.json"
+  --rounds 2 --json "$OUT/zeroshot_throughput.json"
+run "$PY" train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --workers 8 --steps 10 \
+  --warmup-steps 3 --rounds 2 --json "$OUT/train_throughput.json"
+run "$PY" bf16_weights.py --steps 200 --batch 128 --workers 8 --plot "$OUT/bf16_weights_rsicd.png" \
+  --json "$OUT/bf16_weights.json"
 exit $status

@@ -88,7 +88,7 @@ class LoadLog:
 
     limit: float = field(default_factory=load_limit)
     foreign: float = field(default_factory=foreign_limit)
-    settle_s: float = 300.0
+    settle_s: float = field(default_factory=lambda: float(os.environ.get("DOMAINCLIP_BENCH_SETTLE_S", "300")))
     samples: list[LoadSample] = field(default_factory=list)
     start_load: float | None = None
 

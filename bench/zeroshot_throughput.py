@@ -60,14 +60,14 @@ def shared_data_dir() -> Path:
 
 
 def test_images(count: int) -> list[str]:
-    """The first ``count`` PlantVillage apple test images (paths), or [] when the data is absent."""
+    """``count`` PlantVillage apple test images (paths, cycled), or [] when the data is absent."""
     root = shared_data_dir() / "agriculture" / "plantvillage_apple"
     manifest = root / "test.csv"
     if not manifest.is_file():
         return []
     with open(manifest, newline="") as handle:
         paths = [str(root / row["path"]) for row in csv.DictReader(handle)]
-    return paths[:count]
+    return [paths[i % len(paths)] for i in range(count)]  # cycled: the test split has 318
 
 
 def save_vit_b32_clip(folder: Path) -> Path:
