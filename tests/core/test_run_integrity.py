@@ -107,7 +107,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(colour_squares: Path, tmp_pa
 
 @pytest.mark.slow
 def test_two_processes_started_together_one_trains(colour_squares: Path, tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, tiny_recipe(colour_squares, tmp_path / "runs", max_steps=300, log_every=100))
+    recipe = write_recipe(tmp_path, tiny_recipe(colour_squares, tmp_path / "runs", max_steps=120, log_every=40))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "domainclip.core.cli", "train", str(recipe)]
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,7 +120,7 @@ def test_two_processes_started_together_one_trains(colour_squares: Path, tmp_pat
     assert f"is being written by another train process (pid {winner} on " in loser_err
     assert len(loser_err.strip().splitlines()) == 1
     lines = (tmp_path / "runs" / "tiny" / "logs" / "train_metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [100, 200, 300]
+    assert [json.loads(line)["step"] for line in lines] == [40, 80, 120]
 
 
 # --- logs after kills ------------------------------------------------------------------------------
