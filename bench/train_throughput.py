@@ -453,10 +453,13 @@ def main(argv: list[str] | None = None) -> int:
             result["ratio"] = {trainer: result["summary"][trainer]["samples_per_s_mean"]
                                / result["summary"]["open_clip_train"]["samples_per_s_mean"]
                                for trainer in OURS if trainer in result["summary"]}
+        if args.json and not args.only:  # the rounds are kept even if the FLOP count below is cut short
+            finish(dict(result), load, args.json, quiet_print=True)
         if not args.skip_peak:
             result["matmul_peak"] = matmul_peak_flops("bfloat16" if settings.precision == "bf16" else "float32",
                                                       device=settings.device)
-            result["training_flops"] = training_flops(settings.model, measured_caption_batches(manifest, settings))
+            result["training_flops"] = training_flops(settings.model, measured_caption_batches(manifest, settings),
+                                                      device=settings.device)
         if not args.only and not args.skip_peak:
             print(format_table(runs, result["summary"], result["per_round_ratio"], result["training_flops"],
                                result["matmul_peak"]))
