@@ -133,22 +133,21 @@ def alternating(contenders: list[str], round_index: int) -> list[str]:
     return list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
 
 
-def finish(result: dict[str, Any], load: LoadLog, json_path: str = "", quiet_print: bool = False) -> int:
+def finish(result: dict[str, Any], load: LoadLog, json_path: str = "", interim: bool = False) -> int:
     """Attach the load log to ``result``, print it, and write ``json_path`` only on a quiet machine.
 
     Returns 0, or :data:`REFUSED_EXIT` when :meth:`LoadLog.disturbed`: the numbers printed are
-    then not a measurement, nothing is written, and the bench must be rerun later.
-    ``quiet_print`` writes without printing the JSON (an interim result, completed later).
+    then not a measurement, nothing is written, and the bench must be rerun later. ``interim``:
+    a partial result that a later call completes; it is written (when quiet) but not printed.
     """
     result["load"] = load.to_dict()
-    if not quiet_print:
+    if not interim:
         print(json.dumps(result, indent=2))
     reasons = load.disturbed()
-    if reasons and quiet_print:
-        return REFUSED_EXIT
     if reasons:
-        print("REFUSED: " + "; ".join(reasons) + ". These figures are not a measurement and were not written; "
-              "rerun on a quiet machine.")
+        if not interim:
+            print("REFUSED: " + "; ".join(reasons) + ". These figures are not a measurement and were not written; "
+                  "rerun on a quiet machine.")
         return REFUSED_EXIT
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
@@ -345,8 +344,8 @@ def training_flops(model_name: str, caption_batches: list[list[str]], device: st
     same with the text tower's FLOPs replaced by those of domainclip's backbone on each of
     ``caption_batches`` (the batches a run measured), averaged; it differs from nominal only
     when the backbone skips work (``text_trim.encode_text_trimmed`` drops padding after the
-    end-of-text token, which cannot change the result). The passes run for real, on ``device``:
-    on a GPU that takes a second, where a CPU needs minutes for ViT-B/16 at batch 256.
+    end-of-text token, which cannot change the result). The passes run for real, on ``device``
+    (the bench's own: a CPU count of ViT-B/16 at batch 256 is slow beside a GPU run).
     """
     from domainclip.core.backbones.factory import ModelConfig, create_backbone
     from domainclip.core.losses import LossConfig, build_loss

@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                                / result["summary"]["open_clip_train"]["samples_per_s_mean"]
                                for trainer in OURS if trainer in result["summary"]}
         if args.json and not args.only:  # the rounds are kept even if the FLOP count below is cut short
-            finish(dict(result), load, args.json, quiet_print=True)
+            finish(dict(result), load, args.json, interim=True)
         if not args.skip_peak:
             result["matmul_peak"] = matmul_peak_flops("bfloat16" if settings.precision == "bf16" else "float32",
                                                       device=settings.device)

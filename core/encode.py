@@ -49,8 +49,8 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 CPU_BF16_ENV = "DOMAINCLIP_CPU_BF16"
 """``0`` / ``1``: override what the host CPU's flags say about bf16 (see the module docstring)."""
 
-__all__ = ["CPU_BF16_ENV", "CPU_BF16_FLAGS", "DTYPES", "PRECISIONS", "FrozenEncoder", "check_precision", "cpu_has_fast_bf16",
-           "eval_mode", "model_device", "model_float_dtype", "resolve_precision"]
+__all__ = ["CPU_BF16_ENV", "CPU_BF16_FLAGS", "DTYPES", "PRECISIONS", "FrozenEncoder", "check_precision",
+           "cpu_has_fast_bf16", "eval_mode", "model_device", "model_float_dtype", "resolve_precision"]
 
 
 def check_precision(precision: str, where: str = "precision") -> str:
