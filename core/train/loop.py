@@ -35,7 +35,7 @@ from ..data.transforms import build_image_transform, build_train_transform
 from ..distributed import warn_launch_mismatch
 from ..encode import cpu_has_fast_bf16, resolve_precision
 from ..losses import build_loss
-from .speed import tune_cpu_allocator
+from .speed import tune_cpu_allocator, tune_cuda_kernels
 from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
@@ -176,6 +176,8 @@ def train(cfg: RunConfig) -> TrainResult:
     on_cpu = cfg.train.cpu or not torch.cuda.is_available()
     if on_cpu:
         tune_cpu_allocator()
+    else:
+        tune_cuda_kernels()
     precision = training_precision(cfg.train.precision, on_cpu)
     accelerator = fresh_accelerator(
         cpu=cfg.train.cpu,
@@ -331,9 +333,10 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
 
     progress = run.progress_bar(total_steps, state.global_step, enabled=cfg.train.progress)
     started, samples = time.perf_counter(), 0
+    waits = DataWaits()
     train_mode()
     while state.global_step < total_steps:
-        for batch in data.epoch(state.epoch, state.batches_in_epoch):
+        for batch in waits.timed(data.epoch(state.epoch, state.batches_in_epoch)):
             state.batches_in_epoch += 1
             bad.add_batch(batch)
             bad.check(cfg.data.max_bad_fraction, total=data.size)
@@ -360,15 +363,16 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             with torch.no_grad():
                 unwrapped.logit_scale.clamp_(0, math.log(100))
             state.global_step += 1
-            throughput = samples / max(time.perf_counter() - started, 1e-9)
             log_now = state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps
-            # each process holds its share of the global loss; the mean over processes is the loss
-            global_loss = accelerator.reduce(loss.detach(), reduction="mean").item() if log_now else loss.item()
             progress.update(1)
-            progress.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{throughput:.1f}")
-            if log_now:
+            if log_now:  # reading the loss waits for the GPU: only where it is logged
+                throughput = samples / max(time.perf_counter() - started, 1e-9)
+                # each process holds its share of the global loss; the mean over processes is the loss
+                global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                progress.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{throughput:.1f}")
                 values = {"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
-                          "train/logit_scale": unwrapped.logit_scale.exp().item(), "train/samples_per_s": throughput}
+                          "train/logit_scale": unwrapped.logit_scale.exp().item(), "train/samples_per_s": throughput,
+                          "train/data_wait_s": waits.since_last_read()}
                 accelerator.log(values, step=state.global_step)
                 run.log_metrics(state.global_step, values)
             finished = state.global_step >= total_steps
@@ -384,10 +388,38 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
+    run.log(f"waited {waits.total:.1f} s for data in {time.perf_counter() - started:.1f} s of training")
     checkpoint()
     if masters is not None:
         masters.release()
     return unwrapped, state, bad, samples
+
+
+class DataWaits:
+    """Seconds the loop spent waiting for the data loader's next batch.
+
+    Logged as ``train/data_wait_s`` (the wait since the previous log line): a share of the step
+    time near 1 means the data workers, not the model, set the pace (add ``data.num_workers``).
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._read = 0.0
+
+    def timed(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.total += time.perf_counter() - asked
+            yield batch
+
+    def since_last_read(self) -> float:
+        waited, self._read = self.total - self._read, self.total
+        return waited
 
 
 def _optimizer(cfg: RunConfig, run: RunFolder, model: Backbone, method: AdaptationMethod, cache_text: bool,

@@ -11,9 +11,12 @@ summation order inside a kernel), never by what is computed.
   process removes that; the peak footprint is unchanged (the same memory is reused).
 * :func:`adamw_kwargs` -- torch's fused AdamW updates every parameter in one kernel instead of
   a dozen element-wise passes per tensor (about 8x faster on CPU for a 150M-parameter model).
+* :func:`tune_cuda_kernels` -- on a GPU, cuDNN times its convolution algorithms once per input
+  shape and keeps the fastest (``torch.backends.cudnn.benchmark``; open_clip_train does the
+  same). A training step's shapes repeat, so the timing is paid once.
 * the open_clip text tower runs on the batch's longest caption instead of the full 77-token
-  context (``encode_text_trimmed`` in ``core/backbones/families/open_clip/text_trim.py``, next
-  to the backbone it speeds up).
+  context, rounded up to a multiple of 8 on a GPU (``encode_text_trimmed`` in
+  ``core/backbones/families/open_clip/text_trim.py``, next to the backbone it speeds up).
 """
 from __future__ import annotations
 
@@ -76,3 +79,9 @@ def adamw_kwargs(params: Iterable[Any]) -> dict[str, Any]:
         return {}
     fusable = all(t.device.type in supported and t.is_floating_point() and not t.is_sparse for t in tensors)
     return {"fused": True} if fusable else {}
+
+
+def tune_cuda_kernels() -> None:
+    """Let cuDNN pick the fastest convolution algorithm for each input shape (the patch embedding
+    of a ViT, a ResNet's every layer); results differ from the default choice only by rounding."""
+    torch.backends.cudnn.benchmark = True

@@ -87,6 +87,38 @@ def test_bad_images_are_skipped_counted_and_listed(colour_squares: Path, tmp_pat
         run(recipe)
 
 
+def test_data_waits_are_timed_per_log_line() -> None:
+    import time
+
+    from domainclip.core.train.loop import DataWaits
+
+    def slow(count: int, seconds: float):
+        for item in range(count):
+            time.sleep(seconds)
+            yield item
+
+    waits = DataWaits()
+    assert list(waits.timed(slow(3, 0.05))) == [0, 1, 2]
+    first = waits.since_last_read()
+    assert 0.15 <= first == waits.total < 1.0
+    assert waits.since_last_read() == 0.0  # nothing waited since the last read
+    for _ in waits.timed(slow(1, 0.05)):
+        time.sleep(0.1)  # the loop's own work is not a wait
+    second = waits.since_last_read()
+    assert 0.05 <= second < 0.1 and waits.total == pytest.approx(first + second)
+
+
+def test_logged_data_waits_add_up_to_the_logged_total(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=4, log_every=2)
+    result = run(recipe)
+    waits = [row["train/data_wait_s"] for row in logged(result.run_dir)]
+    assert len(waits) == 2 and all(wait >= 0 for wait in waits)
+    line = next(line for line in (result.run_dir / "logs" / "train.log").read_text().splitlines()
+                if "for data in" in line)
+    total = float(line.split("waited ")[1].split(" s")[0])
+    assert total == pytest.approx(sum(waits), abs=0.06)  # the log rounds to 0.1 s
+
+
 def test_cosine_schedule_with_warmup() -> None:
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2.0)
