@@ -28,6 +28,7 @@ def test_trimmed_text_tower_matches_full_context_features_and_gradients(tiny_cli
     assert text_trim.text_padding_trim_supported(clip)
     kept = text_trim.pooled_text_length(clip, tokens)
     assert kept == int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]
+    assert text_trim.kept_text_length(clip, tokens) == kept  # on a CPU: exactly what is needed
 
     full = clip.encode_text(tokens)
     full.square().sum().backward()
@@ -45,6 +46,22 @@ def test_trimmed_text_tower_matches_full_context_features_and_gradients(tiny_cli
         torch.testing.assert_close(trimmed_grads[name], grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
     # positional rows past the kept length get no gradient in either path
     assert full_grads["positional_embedding"][kept:].abs().max() == 0
+
+
+def test_trimmed_lengths_come_in_multiples_of_eight():
+    """On a GPU (``multiple`` as for CUDA tokens), captions of every length from 1 to 80 words give
+    at most ceil(77 / 8) shapes, each a multiple of 8 or the whole context, never shorter than the
+    longest caption's end-of-text."""
+    backbone = create_backbone(ModelConfig(kind="open_clip", name="ViT-B-32"))
+    clip = backbone.model
+    lengths = set()
+    for words in range(1, 81):
+        tokens = backbone.tokenize(["leaf " * words])["input_ids"]
+        needed = text_trim.pooled_text_length(clip, tokens)
+        kept = text_trim.kept_text_length(clip, tokens, multiple=text_trim.TEXT_LENGTH_MULTIPLE)
+        assert kept >= needed and (kept % 8 == 0 or kept == tokens.shape[1])
+        lengths.add(kept)
+    assert lengths == {8, 16, 24, 32, 40, 48, 56, 64, 72, 77}
 
 
 def test_backbone_text_features_use_the_trimmed_path(tiny_clip):
@@ -87,3 +104,14 @@ def test_fused_adamw_is_used_on_cpu_and_steps_like_the_reference():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is glibc-only")
 def test_cpu_allocator_tuning_applies_on_glibc():
     assert speed.tune_cpu_allocator() is True
+
+
+def test_trim_support_is_kept_per_model_until_its_mask_changes(tiny_clip):
+    clip = tiny_clip.model
+    assert text_trim.text_padding_trim_supported(clip)
+    assert text_trim._TRIM_SUPPORT[clip][1] is True
+    with torch.no_grad():
+        clip.attn_mask.zero_()  # changed in place: the kept answer must not be reused
+    assert not text_trim.text_padding_trim_supported(clip)
+    other = tiny_open_clip().model
+    assert text_trim.text_padding_trim_supported(other)  # one model's answer is not another's

@@ -9,10 +9,15 @@ caption, so this brings open_clip towers to par).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import text_global_pool
+
+
+_TRIM_SUPPORT: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, bool]]" = weakref.WeakKeyDictionary()
 
 
 def text_padding_trim_supported(clip_model: torch.nn.Module) -> bool:
@@ -21,7 +26,22 @@ def text_padding_trim_supported(clip_model: torch.nn.Module) -> bool:
     True for an open_clip ``CLIP`` (not a subclass overriding ``encode_text``) whose text tower
     uses a causal mask and ``argmax`` (end-of-text = highest token id) or ``eos`` pooling: then
     each pooled feature depends only on tokens up to its end-of-text position.
+
+    The answer is kept per model until its mask or pooling changes: checking the mask reads it
+    back from the device, which would make every training step wait for the GPU.
     """
+    mask = getattr(clip_model, "attn_mask", None)
+    key = (getattr(clip_model, "text_pool_type", None), getattr(clip_model, "text_eos_id", None),
+           None if mask is None else (mask.data_ptr(), mask._version, mask.shape, mask.device))
+    known = _TRIM_SUPPORT.get(clip_model)
+    if known is not None and known[0] == key:
+        return known[1]
+    supported = _trim_supported(clip_model)
+    _TRIM_SUPPORT[clip_model] = (key, supported)
+    return supported
+
+
+def _trim_supported(clip_model: torch.nn.Module) -> bool:
     if not isinstance(clip_model, CLIP) or type(clip_model).encode_text is not CLIP.encode_text:
         return False
     if clip_model.text_pool_type not in ("argmax", "eos"):
@@ -48,6 +68,23 @@ def pooled_text_length(clip_model: torch.nn.Module, text: torch.Tensor) -> int:
     return int(positions.max()) + 1
 
 
+TEXT_LENGTH_MULTIPLE = 8
+"""On a GPU the kept length is rounded up to a multiple of this: a few distinct shapes instead of one per
+longest caption. Each new shape costs a new kernel plan (cuDNN's attention builds a graph per
+shape: about 10 ms of CPU time per layer and call on an H200, more than the layer's GPU time),
+and multiples of 8 suit tensor cores."""
+
+
+def kept_text_length(clip_model: torch.nn.Module, text: torch.Tensor, multiple: int | None = None) -> int:
+    """How many leading positions the trimmed tower runs: :func:`pooled_text_length` rounded up to
+    ``multiple`` (default: :data:`TEXT_LENGTH_MULTIPLE` for tokens on a GPU, 1 on a CPU, whose
+    kernels need no per-shape plan), at most the whole context."""
+    if multiple is None:
+        multiple = TEXT_LENGTH_MULTIPLE if text.is_cuda else 1
+    needed = pooled_text_length(clip_model, text)
+    return min(-(-needed // multiple) * multiple, text.shape[1])
+
+
 def stream_dtype(clip_model: torch.nn.Module) -> torch.dtype:
     """The dtype of the text tower's residual stream: its token embedding's. open_clip's own
     ``get_cast_dtype`` reads a block's weight, which ``train.bf16_weights`` holds in bf16 while
@@ -56,10 +93,10 @@ def stream_dtype(clip_model: torch.nn.Module) -> torch.dtype:
 
 
 def text_tokens_trimmed(clip_model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
-    """Final-norm text tokens (N, L, W) of the first ``pooled_text_length`` positions (all positions
+    """Final-norm text tokens (N, L, W) of the first ``kept_text_length`` positions (all positions
     when trimming is not exact for this model); positions past a row's end-of-text are padding."""
     if text_padding_trim_supported(clip_model):
-        length = min(pooled_text_length(clip_model, text), text.shape[1])
+        length = kept_text_length(clip_model, text)
     else:
         length = text.shape[1]
     text = text[:, :length]
@@ -87,7 +124,7 @@ def eos_positions(clip_model: torch.nn.Module, text: torch.Tensor) -> torch.Tens
 
 
 def encode_text_trimmed(clip_model: torch.nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """``clip_model.encode_text(text)`` computed on the first ``pooled_text_length`` tokens only.
+    """``clip_model.encode_text(text)`` computed on the first ``kept_text_length`` tokens only.
 
     Same modules, same operations and same pooled positions as open_clip's ``CLIP.encode_text``
     (token embedding, positional embedding, causal transformer, final norm, pooling,
@@ -97,7 +134,7 @@ def encode_text_trimmed(clip_model: torch.nn.Module, text: torch.Tensor, normali
     """
     if text.dim() != 2 or not text_padding_trim_supported(clip_model):
         return clip_model.encode_text(text, normalize=normalize)
-    length = min(pooled_text_length(clip_model, text), text.shape[1])
+    length = kept_text_length(clip_model, text)
     text = text[:, :length]
     cast_dtype = stream_dtype(clip_model)
     x = clip_model.token_embedding(text).to(cast_dtype)
