@@ -176,7 +176,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
         ignored = [flag for flag, value in (("--templates", args.templates), ("--export-onnx", args.export_onnx),
                                             ("--device", args.device), ("--precision", args.precision),
-                                            ("--token-merging", args.token_merging)) if value]
+                                            ("--token-merging", args.token_merging),
+                                            ("--decode-on-device", args.decode_on_device)) if value]
         if ignored:
             raise ValueError(f"classify: {', '.join(ignored)} cannot apply to an .onnx model (its prompts are baked "
                              f"in at export, and so is its merge schedule; it runs on onnxruntime's CPU provider)")
@@ -189,7 +190,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         classifier = ZeroShotClassifier.from_pretrained(args.model, device=args.device or None,
                                                         batch_size=args.batch_size, workers=args.workers,
                                                         precision=args.precision or "auto",
-                                                        token_merging=args.token_merging or None)
+                                                        token_merging=args.token_merging or None,
+                                                        decode_on_device=args.decode_on_device)
         if args.export_onnx:
             path = export_onnx(classifier, labels, args.export_onnx, templates=args.templates)
             print(json.dumps({"onnx": str(path), "labels": labels}), file=sys.stderr)
@@ -294,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="dtype of the frozen weights (default auto: bf16 where the device computes it "
                                "fast, else fp32; see docs/zeroshot.md)")
     classify.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: GPU if there is one)")
+    classify.add_argument("--decode-on-device", action="store_true",
+                          help="decode JPEG files on --device (nvJPEG on a GPU) instead of with PIL in the threads; "
+                               "pixels can differ from PIL's by a few levels")
     classify.add_argument("--export-onnx", default="", metavar="PATH",
                           help="also write the image tower + classifier for these labels as ONNX")
     classify.add_argument("--token-merging", default="", metavar="ALGO:R",

@@ -141,12 +141,16 @@ class ZeroShotClassifier:
         token_merging: merge image tokens (ToMe / PiToMe): a ``TokenMergingConfig`` or its
             command-line form (``"tome:8"``, ``"pitome:flops=0.6"``, ``"tome:0"`` = off); None keeps
             the model's own setting (a run's recipe ``token_merging``, else none).
+        decode_on_device: decode JPEG files on ``device`` (nvJPEG on a GPU) and resize them
+            there; the threads only read files (see ``ImagePreparer``). Off by default: a GPU
+            decoder's pixels differ from PIL's by a few levels.
     """
 
     def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
                  logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
                  batch_size: int = 32, workers: int = 2, source: str = "", method: str = "",
-                 precision: str = "auto", token_merging: TokenMergingConfig | str | None = None):
+                 precision: str = "auto", token_merging: TokenMergingConfig | str | None = None,
+                 decode_on_device: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if token_merging is not None:
@@ -158,7 +162,7 @@ class ZeroShotClassifier:
         self.templates = list(templates) if templates else ["a photo of a {}."]
         self.logits_factory = logits_factory
         self.batch_size = batch_size
-        self.images = ImagePreparer(model.preprocess, workers)
+        self.images = ImagePreparer(model.preprocess, workers, decode_on=self.device if decode_on_device else None)
         self.source, self.method = source, method
         self.last_timing = EncodeTiming()
         self._heads: dict[tuple, nn.Module] = {}
@@ -167,17 +171,18 @@ class ZeroShotClassifier:
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
                         batch_size: int = 32, workers: int = 2, pretrained: str = "",
                         revision: str = "", precision: str = "auto",
-                        token_merging: TokenMergingConfig | str | None = None) -> "ZeroShotClassifier":
+                        token_merging: TokenMergingConfig | str | None = None,
+                        decode_on_device: bool = False) -> "ZeroShotClassifier":
         """Load a run folder, a model folder (open_clip / Hugging Face / compact base), an open_clip
         architecture or ``hf-hub:`` id, a Hugging Face id, or ``compact_base``.
 
         ``pretrained``: weights tag or file for an open_clip architecture name; ``revision``: git
         revision of a Hugging Face hub id; ``precision``: ``auto`` / ``fp32`` / ``bf16`` / ``fp16``
-        (see ``core/encode.py``); ``token_merging``: see the class.
+        (see ``core/encode.py``); ``token_merging``, ``decode_on_device``: see the class.
         """
         loaded = load_model(path_or_id, pretrained=pretrained, revision=revision)
         return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers, precision=precision,
-                               token_merging=token_merging)
+                               token_merging=token_merging, decode_on_device=decode_on_device)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "ZeroShotClassifier":

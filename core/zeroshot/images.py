@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,17 +99,30 @@ class ImagePreparer:
     release the GIL in the heavy parts), up to ``prefetch`` batches ahead of the batch being
     consumed, so decoding overlaps the forward pass of the previous batch; 0 decodes in the
     calling thread, between forward passes.
+
+    ``decode_on`` (a device, e.g. ``"cuda"``) decodes JPEG files there instead, a batch at a time
+    (``torchvision.io.decode_jpeg``: nvJPEG on a GPU), and resizes, crops and normalises them
+    there with the same transform: the threads only read the files. Other inputs (PNG, PIL
+    images, tensors, multispectral readers) take the threads' path. A GPU decoder's pixels can
+    differ from libjpeg-turbo's (PIL's) by a few levels, so features differ slightly from the
+    default path's (docs/zeroshot.md gives the measured difference); ``None`` (the default)
+    decodes everything with PIL.
     """
 
-    def __init__(self, preprocess: PreprocessConfig, workers: int = 0, prefetch: int = 2):
+    def __init__(self, preprocess: PreprocessConfig, workers: int = 0, prefetch: int = 2,
+                 decode_on: str | torch.device | None = None):
         if workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = decode in the calling thread), got {workers}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 batch, got {prefetch}")
+        if decode_on is not None and preprocess.reader:
+            raise ValueError(f"decode_on={decode_on!r} decodes JPEG files, but this preprocessing opens its files with "
+                             f"the reader {preprocess.reader!r}; leave decode_on unset")
         self.preprocess = preprocess
         self.transform: Callable[[Image.Image], torch.Tensor] = build_image_transform(preprocess, train=False)
         self.workers = workers
         self.prefetch = prefetch
+        self.decode_on = torch.device(decode_on) if decode_on is not None else None
         self._lock = threading.Lock()
 
     def prepare(self, item: ImageInput, position: int) -> torch.Tensor:
@@ -136,9 +150,13 @@ class ImagePreparer:
         except BadImageError as error:
             raise ValueError(f"image {os.fspath(item)!r}: {error.reason}") from None
 
-    def _timed_prepare(self, item: ImageInput, position: int, timing: EncodeTiming) -> torch.Tensor:
+    def _timed_prepare(self, item: ImageInput, position: int, timing: EncodeTiming) -> torch.Tensor | JpegBytes:
         started = time.perf_counter()
         try:
+            if self.decode_on is not None and isinstance(item, (str, os.PathLike)):
+                data = Path(item).read_bytes()
+                if data[:3] == JPEG_MAGIC:
+                    return JpegBytes(item, position, torch.frombuffer(bytearray(data), dtype=torch.uint8))
             return self.prepare(item, position)
         finally:
             elapsed = time.perf_counter() - started
@@ -158,8 +176,8 @@ class ImagePreparer:
         if self.workers == 0:
             for start in starts:
                 started = time.perf_counter()
-                batch = torch.stack([self._timed_prepare(item, position, timing)
-                                     for position, item in enumerate(items[start:start + batch_size], start)])
+                batch = self._stack([self._timed_prepare(item, position, timing)
+                                     for position, item in enumerate(items[start:start + batch_size], start)], timing)
                 timing.wait_s += time.perf_counter() - started
                 yield batch
             return
@@ -182,9 +200,61 @@ class ImagePreparer:
                 tensors = [future.result() for future in futures]
                 timing.wait_s += time.perf_counter() - started
                 submit_next()
-                yield torch.stack(tensors)
+                yield self._stack(tensors, timing)
         finally:
             for futures in pending:
                 for future in futures:
                     future.cancel()
             pool.shutdown(wait=True)
+
+    def _stack(self, prepared: list[torch.Tensor | JpegBytes], timing: EncodeTiming) -> torch.Tensor:
+        """One batch: the threads' tensors as they are, JPEG files decoded on ``decode_on``."""
+        jpegs = [(slot, item) for slot, item in enumerate(prepared) if isinstance(item, JpegBytes)]
+        if not jpegs:
+            return torch.stack(prepared)
+        started = time.perf_counter()
+        decoded = self._decode_on_device([item for _, item in jpegs])
+        out = [item.to(self.decode_on) if isinstance(item, torch.Tensor) else None for item in prepared]
+        for (slot, _), tensor in zip(jpegs, decoded):
+            out[slot] = tensor
+        batch = torch.stack(out)
+        if batch.is_cuda:
+            torch.cuda.synchronize(batch.device)  # the decode time is the kernels', not their launch
+        timing.decode_s += time.perf_counter() - started
+        return batch
+
+    def _decode_on_device(self, jpegs: list[JpegBytes]) -> list[torch.Tensor]:
+        """JPEG bytes -> preprocessed float tensors on ``decode_on``; images of one size share the
+        transform's calls. A batch the device decoder rejects is decoded with PIL, item by item, so
+        a broken file gets the default path's error naming it."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 announces that TorchCodec will take over its image decoders;
+                # they work unchanged until then (the note is repeated at every call)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pixels = decode_jpeg([item.data for item in jpegs], mode=ImageReadMode.RGB, device=self.decode_on)
+        except RuntimeError:
+            return [self.prepare(item.source, item.position).to(self.decode_on) for item in jpegs]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(pixels):
+            by_shape.setdefault(tuple(image.shape), []).append(index)
+        out: list[torch.Tensor | None] = [None] * len(pixels)
+        for indices in by_shape.values():
+            prepared = self.transform(torch.stack([pixels[index] for index in indices]))
+            for index, tensor in zip(indices, prepared.unbind(0)):
+                out[index] = tensor
+        return out
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass
+class JpegBytes:
+    """A JPEG file read by a thread, to be decoded with its batch on the device."""
+
+    source: ImageInput
+    position: int
+    data: torch.Tensor  # the file's bytes, uint8

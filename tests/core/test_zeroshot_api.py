@@ -340,3 +340,63 @@ def test_cli_exports_onnx_and_classifies_with_it(tmp_path: Path, colour_squares:
     assert "['purple'] are not among them" in capsys.readouterr().err
     assert main(["classify", "--model", str(onnx_path), "--labels", "red,green,blue", "--templates", "a {}", *paths]) == 2
     assert "--templates cannot apply to an .onnx model" in capsys.readouterr().err
+
+
+# --- decoding on the device ---------------------------------------------------------------------
+SAMPLE_LEAVES = Path(__file__).resolve().parents[2] / "recipes" / "sample_data" / "plantvillage_apple"
+
+
+def sample_leaf_paths(count: int) -> list[str]:
+    with open(SAMPLE_LEAVES / "test.csv", newline="") as handle:
+        return [str(SAMPLE_LEAVES / row["path"]) for row in csv.DictReader(handle)][:count]
+
+
+def test_device_decoding_matches_pil_within_a_few_levels() -> None:
+    """decode_on="cpu" runs the device path (torchvision.io.decode_jpeg + the same transform on
+    tensors) where CI can: real 256 px leaves resized to 224 agree with PIL's pixels to about two
+    levels of 255, and the batches keep the input order."""
+    preprocess = create_backbone(ModelConfig(kind="open_clip", name="ViT-B-32")).preprocess
+    paths = sample_leaf_paths(12)
+    reference = torch.cat(list(ImagePreparer(preprocess, workers=2).batches(paths, 5)))
+    decoded = torch.cat(list(ImagePreparer(preprocess, workers=2, decode_on="cpu").batches(paths, 5)))
+    assert decoded.shape == reference.shape == (12, 3, 224, 224)
+    level = 1 / 255 / min(preprocess.std)  # one grey level in normalised units
+    difference = (decoded - reference).abs()
+    assert difference.max() <= 3 * level
+    assert difference.mean() <= 0.01 * level
+    one_by_one = torch.cat(list(ImagePreparer(preprocess, decode_on="cpu").batches(paths[::-1], 1)))
+    assert torch.equal(one_by_one.flip(0), decoded)
+
+
+def test_device_decoding_leaves_other_inputs_on_the_default_path(colour_squares: Path, tmp_path: Path) -> None:
+    backbone = tiny_backbone()
+    jpegs = square_paths(colour_squares, 3)
+    png = tmp_path / "square.png"
+    Image.open(jpegs[1]).convert("RGB").save(png)
+    pil = Image.open(jpegs[2])
+    raw = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+    items = [jpegs[0], str(png), pil, raw]
+    default = torch.cat(list(ImagePreparer(backbone.preprocess).batches(items, 4)))
+    on_device = torch.cat(list(ImagePreparer(backbone.preprocess, workers=2, decode_on="cpu").batches(items, 4)))
+    assert torch.equal(on_device[1:], default[1:])  # PNG, PIL and tensor: PIL's pixels, bit for bit
+    assert (on_device[0] - default[0]).abs().max() <= 3 / 255 / min(backbone.preprocess.std)
+
+    classifier = ZeroShotClassifier(backbone, device="cpu", batch_size=4, decode_on_device=True)
+    assert classifier.images.decode_on == torch.device("cpu")
+    plain = ZeroShotClassifier(backbone, device="cpu", batch_size=4).predict_proba(jpegs, LABELS)
+    assert torch.allclose(classifier.predict_proba(jpegs, LABELS), plain, atol=1e-3)
+
+
+def test_device_decoding_names_a_broken_file_and_refuses_readers(tmp_path: Path, colour_squares: Path) -> None:
+    backbone = tiny_backbone()
+    good = square_paths(colour_squares, 1)[0]
+    broken = tmp_path / "cut.jpg"
+    broken.write_bytes(Path(good).read_bytes()[:40])  # a JPEG header, then nothing
+    preparer = ImagePreparer(backbone.preprocess, workers=2, decode_on="cpu")
+    with pytest.raises(ValueError, match=r"cut\.jpg.*cannot read image"):
+        list(preparer.batches([good, str(broken)], 2))
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="decode_on='cpu' decodes JPEG files, but this preprocessing opens its files "
+                                         "with the reader"):
+        ImagePreparer(replace(backbone.preprocess, reader={"name": "geotiff"}), decode_on="cpu")
