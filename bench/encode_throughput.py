@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
     classifiers = {name: ZeroShotClassifier(model, device=device, batch_size=args.batch_size, workers=args.workers,
                                             precision=name.split("_")[0] if name != "bf16_autocast" else "fp32")
                    for name in model_fns if name != "bf16_autocast"}
+    device_decoded = {}
+    if args.decode_on_device:  # JPEGs decoded, resized and normalised on the device (nvJPEG on a GPU)
+        device_decoded["bf16_weights_device_decode"] = ZeroShotClassifier(
+            model, device=device, batch_size=args.batch_size, workers=args.workers, precision="bf16",
+            decode_on_device=True)
 
     def model_only(name: str) -> torch.Tensor:
         out = torch.cat([model_fns[name](batch) for batch in batches])
@@ -100,13 +105,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
         model_fns[name](batches[0])
         if name in classifiers:
             classifiers[name].encode_images(paths[:args.batch_size])
+    for classifier in device_decoded.values():
+        classifier.encode_images(paths[:args.batch_size])
     synchronize(device)
 
     load = LoadLog()
     seconds: dict[str, dict[str, list[float]]] = {"model": {n: [] for n in model_fns},
-                                                  "end_to_end": {n: [] for n in classifiers}}
+                                                  "end_to_end": {n: [] for n in [*classifiers, *device_decoded]}}
     features: dict[str, torch.Tensor] = {}
-    timing: dict[str, list[dict[str, float]]] = {n: [] for n in classifiers}
+    timing: dict[str, list[dict[str, float]]] = {n: [] for n in [*classifiers, *device_decoded]}
+    decoded_features: dict[str, torch.Tensor] = {}
     for round_index in range(args.rounds):
         for name in alternating(list(model_fns), round_index):
             with load.around(f"model:{name}", round_index):
@@ -122,6 +130,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
             print(f"round {round_index} {name}: model {len(paths) / seconds['model'][name][-1]:.1f} images/s"
                   + (f", end to end {len(paths) / seconds['end_to_end'][name][-1]:.1f}" if name in classifiers else ""),
                   flush=True)
+        for name, classifier in device_decoded.items():
+            with load.around(f"end_to_end:{name}", round_index):
+                started = time.perf_counter()
+                decoded_features[name] = classifier.encode_images(paths).cpu()
+                seconds["end_to_end"][name].append(time.perf_counter() - started)
+            timing[name].append(classifier.last_timing.to_dict())
+            print(f"round {round_index} {name}: end to end {len(paths) / seconds['end_to_end'][name][-1]:.1f} "
+                  f"images/s", flush=True)
 
     rates = {mode: {n: len(paths) / statistics.median(v) for n, v in per.items()} for mode, per in seconds.items()}
     flops_per_image = forward_flops(lambda: model.encode_image(batches[0][:1])) if not args.skip_peak else 0
@@ -137,6 +153,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
         "images_per_second": rates,
         "ratio_vs_fp32": {mode: {n: r / per["fp32"] for n, r in per.items()} for mode, per in rates.items()},
         "min_cosine_vs_fp32": {n: float((f * reference).sum(-1).min()) for n, f in features.items()},
+        # the device decoder's pixels differ from PIL's: its features against fp32 on PIL's pixels
+        "min_cosine_device_decode_vs_fp32": {n: float((f * reference).sum(-1).min())
+                                             for n, f in decoded_features.items()},
         "end_to_end_timing_median": {n: {k: statistics.median(t[k] for t in ts) for k in ts[0]}
                                      for n, ts in timing.items()},
         "flops_per_image": flops_per_image, "matmul_peak_flops_per_s": peaks, "mfu_model_only": mfu,
@@ -157,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="decode threads of the end-to-end contenders")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fp16", action="store_true", help="also time fp16 weights (GPUs)")
+    parser.add_argument("--decode-on-device", action="store_true",
+                        help="also time bf16 weights end to end with JPEGs decoded on --device (nvJPEG on a GPU)")
     parser.add_argument("--skip-peak", action="store_true", help="skip the FLOP count and matmul peak (no MFU)")
     parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
     args = parser.parse_args(argv)

@@ -174,6 +174,22 @@ def domainclip_step_ends(run_dir: Path, batch_size: int) -> list[float]:
     return ends
 
 
+def domainclip_data_waits(run_dir: Path) -> list[float]:
+    """Seconds each step waited for its batch (``train/data_wait_s``, logged every step here)."""
+    path = run_dir / "logs" / "train_metrics.jsonl"
+    return [json.loads(line)["train/data_wait_s"] for line in path.read_text().splitlines()]
+
+
+OPEN_CLIP_DATA_TIME = re.compile(r"Train Epoch: \d+ \[.*?Data \(t\): ([\d.]+)")
+
+
+def open_clip_data_waits(log_path: Path) -> list[float]:
+    """open_clip_train's "Data (t)" of each step (its average since the previous log line, which
+    with ``--log-every-n-steps 1`` is that step's wait for its batch)."""
+    return [float(match.group(1)) for line in log_path.read_text().splitlines()
+            if (match := OPEN_CLIP_DATA_TIME.search(line))]
+
+
 OPEN_CLIP_STEP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): [\d.]+, ([\d.]+)/s,")
 
 
@@ -211,6 +227,8 @@ class TrainerRun:
     peak_process_rss_mib: float
     max_processes: int
     own_reported_samples_per_s: float | None = None
+    data_wait_s: list[float] = field(default_factory=list)  # per step: waiting for the batch
+    data_wait_share: float = 0.0  # of the steady steps' time (after the warm-up steps)
     load_average: list[float] = field(default_factory=list)  # 1-minute load average before / after
 
 
@@ -256,14 +274,19 @@ def run_trainer(trainer: str, round_index: int, settings: BenchSettings, manifes
     if trainer in OURS:
         ends = domainclip_step_ends(run_dir, settings.batch_size)
         own = json.loads((run_dir / "train_summary.json").read_text()).get("samples_per_second")
+        waits = domainclip_data_waits(run_dir)
     else:
         ends = open_clip_step_ends(run_dir / "out.log", settings.batch_size)
         own = None
+        waits = open_clip_data_waits(run_dir / "out.log")
     if len(ends) != settings.steps:
         raise RuntimeError(f"{trainer}: expected {settings.steps} logged steps, found {len(ends)} ({run_dir})")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs of optimizer state per run
     run = summarise_run(trainer, round_index, process, ends, settings, own)
     run.load_average = [round(load_before[0], 2), round(load_after[0], 2)]
+    run.data_wait_s = [round(wait, 4) for wait in waits]
+    steady = run.step_seconds[settings.warmup_steps:]
+    run.data_wait_share = sum(waits[settings.warmup_steps:]) / sum(steady) if len(waits) == len(ends) else float("nan")
     return run
 
 
@@ -441,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
                 print(f"round {round_index} {trainer}: {run.samples_per_s:.2f} samples/s, peak tree RSS "
                       f"{run.peak_tree_rss_mib:.0f} MiB, PSS {run.peak_tree_pss_mib:.0f} MiB, "
-                      f"step s {run.step_seconds}, load {run.load_average}", flush=True)
+                      f"step s {run.step_seconds}, data wait s {run.data_wait_s} "
+                      f"(share {run.data_wait_share:.2f}), load {run.load_average}", flush=True)
         result: dict[str, Any] = {"machine": machine_description(), "settings": asdict(settings),
                                   "optimizer": OPTIMIZER, "csv_rows": manifest.rows, "csv_skipped": manifest.skipped,
                                   "ours_overrides": args.ours_override, "runs": [asdict(run) for run in runs],

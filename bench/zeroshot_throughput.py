@@ -12,6 +12,10 @@ four labels and the pipeline's own prompt ("This is a photo of {}.") go to:
   ``num_workers=--workers`` (the same batch size and decode parallelism as the kit);
 * ``ZeroShotClassifier.from_pretrained(FOLDER, precision=P)`` (torch, batches of ``--batch-size``,
   ``--workers`` decode threads overlapping the forward pass);
+* with ``--decode-on-device``, also ``ZeroShotClassifier(..., decode_on_device=True)``
+  (``zeroshot_torch_device_decode``): JPEG decoding, resizing and normalising on ``--device``
+  (nvJPEG on a GPU); the threads only read the files. Its answers are compared with the default
+  (PIL) path's;
 * ``OnnxZeroShotClassifier`` on the file ``export_onnx`` writes for the four labels (onnxruntime,
   fp32: only when ``--precision fp32``).
 
@@ -116,6 +120,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
                 pipe(paths, candidate_labels=LABELS, batch_size=args.batch_size, num_workers=args.workers)),
             "zeroshot_torch": lambda: (ours.clear_cache(), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
         }
+        if args.decode_on_device:
+            on_device = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
+                                                           workers=args.workers, precision=args.precision,
+                                                           decode_on_device=True)
+            contenders["zeroshot_torch_device_decode"] = lambda: (
+                on_device.clear_cache(), on_device.predict_proba(paths, LABELS, [TEMPLATE]))[1]
         export_seconds = None
         if args.precision == "fp32":
             export_seconds, onnx_path = timed(lambda: export_onnx(ours, LABELS, Path(tmp) / "clip.onnx", [TEMPLATE]))
@@ -153,6 +163,15 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
                     "torch": torch.__version__},
         "command": " ".join(["python", *sys.argv]),
     }
+    if "zeroshot_torch_device_decode" in rates:
+        decoded = probabilities["zeroshot_torch_device_decode"]
+        result.update({
+            "ratio_device_decode_vs_pipeline": rates["zeroshot_torch_device_decode"] / rates["transformers_pipeline"],
+            "ratio_device_decode_vs_torch": rates["zeroshot_torch_device_decode"] / rates["zeroshot_torch"],
+            "device_decode_time_shares": on_device.last_timing.to_dict(),
+            "max_abs_diff_device_decode_vs_torch": float((decoded - reference).abs().max()),
+            "top1_agreement_device_decode_vs_torch": float((decoded.argmax(-1) == reference.argmax(-1)).float().mean()),
+        })
     if "zeroshot_onnx" in rates:
         result.update({"ratio_onnx_vs_torch": rates["zeroshot_onnx"] / rates["zeroshot_torch"],
                        "ratio_onnx_vs_pipeline": rates["zeroshot_onnx"] / rates["transformers_pipeline"],
@@ -170,6 +189,8 @@ def main() -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="weights' dtype, every contender (ONNX only at fp32)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-on-device", action="store_true",
+                        help="also time ZeroShotClassifier decoding JPEGs on --device (nvJPEG on a GPU)")
     parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
     args = parser.parse_args()
     if not test_images(1):
