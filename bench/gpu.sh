@@ -7,7 +7,8 @@
 #   fp32 / bf16 autocast / bf16 weights / fp16 weights, images/s, ratios, min cosine to fp32, MFU
 #   (model FLOPs per image x images/s over the measured bf16 / fp32 matmul peak of the GPU);
 # - zero-shot: ZeroShotClassifier against transformers.pipeline at the same batch size, workers
-#   and precision (bf16);
+#   and precision (bf16), also with the JPEGs decoded on the GPU (decode_on_device, nvJPEG; the
+#   encoding bench times that path end to end too);
 # - training: domainclip train (bf16 autocast, and train.bf16_weights: bf16 matrices with fp32
 #   master weights) against open_clip_train, ViT-B-16, batch 256, bf16, with the training FLOPs
 #   per sample and the GPU's bf16 matmul peak (MFU); then the 200-step RSICD loss curves of bf16
@@ -36,9 +37,9 @@ run() {
 export DOMAINCLIP_BENCH_SETTLE_S="${DOMAINCLIP_BENCH_SETTLE_S:-30}"  # a lent machine is quiet; never wait 5 min
 run "$PY" precision_guard.py --device cuda --precisions bf16,fp16 --workers 8 --json "$OUT/precision_guard.json"
 run "$PY" encode_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --images 2048 --workers 8 \
-  --rounds 3 --fp16 --json "$OUT/encode_throughput.json"
+  --rounds 3 --fp16 --decode-on-device --json "$OUT/encode_throughput.json"
 run "$PY" zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256 --images 2048 --workers 8 \
-  --rounds 2 --json "$OUT/zeroshot_throughput.json"
+  --rounds 2 --decode-on-device --json "$OUT/zeroshot_throughput.json"
 run "$PY" train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --workers 8 --steps 10 \
   --warmup-steps 3 --rounds 2 --json "$OUT/train_throughput.json"
 run "$PY" bf16_weights.py --steps 200 --batch 128 --workers 8 --plot "$OUT/bf16_weights_rsicd.png" \
