@@ -28,7 +28,7 @@ class DataConfig:
             class labels are ignored (captions only).
         batch_size: images per process per step (the global batch is this times the number of
             processes; gradient accumulation does NOT add negatives, see docs/training.md).
-        num_workers: data-loader worker processes per training process.
+        num_workers: data-loader worker processes per training process (kept from one epoch to the next).
         max_bad_fraction: stop with an error once more than this fraction of the training items
             were unreadable (they are skipped, counted and listed in ``bad_inputs.json``).
         crop_scale: area range of the random resized crop used for training augmentation;

@@ -109,6 +109,9 @@ def build_train_loader(cfg: RunConfig, model: Backbone, records: RecordSet, shuf
         collate_fn=Collator(model.text_tokenizer),
         drop_last=shuffle,
         pin_memory=torch.cuda.is_available(),
+        # workers stay up between epochs (they read the epoch from shared memory, SharedEpoch):
+        # re-forking them at each epoch's start stalled CPU runs for 11-14 s (docs/benchmarks.md)
+        persistent_workers=cfg.data.num_workers > 0,
         # the loader's own generator keeps worker seeding from consuming the global RNG
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
