@@ -112,6 +112,7 @@ class BenchSettings:
     batch_size: int = 32
     workers: int = 2
     steps: int = 12
+    epochs: int = 1  # the steps are spread over this many passes over the CSV
     warmup_steps: int = 4
     seed: int = 0
     device: str = "cpu"
@@ -148,7 +149,9 @@ def open_clip_train_command(settings: BenchSettings, manifest: CsvManifest, out_
         "--csv-img-key", CSV_IMAGE_KEY, "--csv-caption-key", CSV_CAPTION_KEY,
         "--train-num-samples", str(manifest.rows),
         "--model", settings.model, "--batch-size", str(settings.batch_size), "--precision", "amp_bf16" if settings.precision == "bf16" else "fp32",
-        "--workers", str(settings.workers), "--epochs", "1", "--device", settings.device, "--seed", str(settings.seed),
+        "--workers", str(settings.workers), "--epochs", str(settings.epochs),
+        # one checkpoint, after the last epoch, as the kit writes one after its last step
+        "--save-frequency", str(settings.epochs), "--device", settings.device, "--seed", str(settings.seed),
         "--lr", str(OPTIMIZER["lr"]), "--wd", str(OPTIMIZER["weight_decay"]), "--beta1", str(OPTIMIZER["beta1"]),
         "--beta2", str(OPTIMIZER["beta2"]), "--eps", str(OPTIMIZER["eps"]), "--warmup", "0",
         "--grad-clip-norm", str(OPTIMIZER["grad_clip"]),
@@ -190,7 +193,7 @@ def open_clip_data_waits(log_path: Path) -> list[float]:
             if (match := OPEN_CLIP_DATA_TIME.search(line))]
 
 
-OPEN_CLIP_STEP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): [\d.]+, ([\d.]+)/s,")
+OPEN_CLIP_STEP_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/\d+ .*?Batch \(t\): [\d.]+, ([\d.]+)/s,")
 
 
 def open_clip_step_ends(log_path: Path, batch_size: int) -> list[float]:
@@ -201,12 +204,16 @@ def open_clip_step_ends(log_path: Path, batch_size: int) -> list[float]:
     """
     ends: list[float] = []
     total = 0.0
+    epoch, in_epoch = None, 0
     for line in log_path.read_text().splitlines():
         match = OPEN_CLIP_STEP_LINE.search(line)
         if not match:
             continue
-        samples_done, samples_per_s = int(match.group(1)), float(match.group(2))
-        if samples_done != (len(ends) + 1) * batch_size:
+        if int(match.group(1)) != epoch:  # each epoch counts its samples from 0
+            epoch, in_epoch = int(match.group(1)), 0
+        samples_done, samples_per_s = int(match.group(2)), float(match.group(3))
+        in_epoch += 1
+        if samples_done != in_epoch * batch_size:
             raise ValueError(f"{log_path}: step lines out of order at {line!r}")
         total += batch_size / samples_per_s
         ends.append(total)
@@ -414,6 +421,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (each runs both trainers once)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="spread the steps over this many epochs of a CSV of steps/epochs batches (a longer "
+                             "run than the images at hand allow in one epoch)")
     parser.add_argument("--warmup-steps", type=int, default=4, help="first steps excluded from throughput")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers (both trainers)")
@@ -432,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps <= args.warmup_steps:
         parser.error("need --rounds >= 1 and --steps > --warmup-steps")
+    if args.epochs < 1 or args.steps % args.epochs:
+        parser.error(f"--steps {args.steps} must be a multiple of --epochs {args.epochs}")
     return args
 
 
@@ -443,13 +455,13 @@ def main(argv: list[str] | None = None) -> int:
               f"set DOMAINCLIP_SHARED_DATA to the shared data folder", file=sys.stderr)
         return 0
     settings = BenchSettings(model=args.model, batch_size=args.batch_size, workers=args.workers,
-                             steps=args.steps, warmup_steps=args.warmup_steps, device=args.device,
+                             steps=args.steps, warmup_steps=args.warmup_steps, device=args.device, epochs=args.epochs,
                              precision=args.precision)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="domainclip_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        manifest = write_rsicd_csv(rsicd, work / "rsicd_train.csv", settings.steps * settings.batch_size)
+        manifest = write_rsicd_csv(rsicd, work / "rsicd_train.csv", settings.steps // settings.epochs * settings.batch_size)
         print(f"CSV: {manifest.path} ({manifest.rows} rows; skipped {manifest.skipped})", flush=True)
         runs: list[TrainerRun] = []
         load = LoadLog()
