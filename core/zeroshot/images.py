@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -145,18 +146,28 @@ class ImagePreparer:
                 return self.transform(to_rgb(item))
             except BadImageError as error:
                 raise ValueError(f"image #{position}: {error.reason}") from None
+        return self._prepare_file(item)
+
+    def _prepare_file(self, path: str | os.PathLike, contents: bytearray | None = None) -> torch.Tensor:
+        """A file -> tensor; ``contents``: its bytes when a thread already read them (``path``
+        still names it in errors)."""
         try:  # a multispectral preprocessing opens its files with its own reader
-            return self.transform(getattr(self.transform, "open_image", open_rgb_image)(item))
+            opener = getattr(self.transform, "open_image", open_rgb_image)
+            return self.transform(opener(path if contents is None else io.BytesIO(contents)))
         except BadImageError as error:
-            raise ValueError(f"image {os.fspath(item)!r}: {error.reason}") from None
+            raise ValueError(f"image {os.fspath(path)!r}: {error.reason}") from None
 
     def _timed_prepare(self, item: ImageInput, position: int, timing: EncodeTiming) -> torch.Tensor | JpegBytes:
         started = time.perf_counter()
         try:
             if self.decode_on is not None and isinstance(item, (str, os.PathLike)):
-                data = Path(item).read_bytes()
-                if data[:3] == JPEG_MAGIC:
-                    return JpegBytes(item, position, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                try:
+                    contents = bytearray(Path(item).read_bytes())
+                except OSError as error:
+                    raise ValueError(f"image {os.fspath(item)!r}: cannot read file: {error}") from None
+                if contents[:3] == JPEG_MAGIC:
+                    return JpegBytes(item, contents)
+                return self._prepare_file(item, contents)  # read once, decoded by PIL
             return self.prepare(item, position)
         finally:
             elapsed = time.perf_counter() - started
@@ -234,9 +245,10 @@ class ImagePreparer:
                 # torchvision 0.29 announces that TorchCodec will take over its image decoders;
                 # they work unchanged until then (the note is repeated at every call)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                pixels = decode_jpeg([item.data for item in jpegs], mode=ImageReadMode.RGB, device=self.decode_on)
+                pixels = decode_jpeg([torch.frombuffer(item.contents, dtype=torch.uint8) for item in jpegs],
+                                     mode=ImageReadMode.RGB, device=self.decode_on)
         except RuntimeError:
-            return [self.prepare(item.source, item.position).to(self.decode_on) for item in jpegs]
+            return [self._prepare_file(item.path, item.contents).to(self.decode_on) for item in jpegs]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, image in enumerate(pixels):
             by_shape.setdefault(tuple(image.shape), []).append(index)
@@ -255,6 +267,5 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 class JpegBytes:
     """A JPEG file read by a thread, to be decoded with its batch on the device."""
 
-    source: ImageInput
-    position: int
-    data: torch.Tensor  # the file's bytes, uint8
+    path: str | os.PathLike
+    contents: bytearray  # writable: torch.frombuffer shares it without a copy
