@@ -61,11 +61,7 @@ def _is_causal_mask(mask: torch.Tensor | None, length: int) -> bool:
 
 def pooled_text_length(clip_model: torch.nn.Module, text: torch.Tensor) -> int:
     """Leading token positions the pooled features of this batch depend on (max pooled index + 1)."""
-    if clip_model.text_pool_type == "eos":
-        positions = (text == clip_model.text_eos_id).int().argmax(dim=-1)
-    else:
-        positions = text.argmax(dim=-1)
-    return int(positions.max()) + 1
+    return int(eos_positions(clip_model, text).max()) + 1
 
 
 TEXT_LENGTH_MULTIPLE = 8
