@@ -105,7 +105,7 @@ def test_data_waits_are_timed_per_log_line() -> None:
     for _ in waits.timed(slow(1, 0.05)):
         time.sleep(0.1)  # the loop's own work is not a wait
     second = waits.since_last_read()
-    assert 0.05 <= second < 0.1 and waits.total == pytest.approx(first + second)
+    assert 0.05 <= second < 0.15 and waits.total == pytest.approx(first + second)  # 0.15+ if the 0.1 s counted
 
 
 def test_logged_data_waits_add_up_to_the_logged_total(colour_squares: Path, tmp_path: Path) -> None:
