@@ -187,8 +187,9 @@ OPEN_CLIP_DATA_TIME = re.compile(r"Train Epoch: \d+ \[.*?Data \(t\): ([\d.]+)")
 
 
 def open_clip_data_waits(log_path: Path) -> list[float]:
-    """open_clip_train's "Data (t)" of each step (its average since the previous log line, which
-    with ``--log-every-n-steps 1`` is that step's wait for its batch)."""
+    """open_clip_train's "Data (t)" of each step (its average since the previous log line: with
+    ``--log-every-n-steps 1`` one step's). Not a pure data wait: open_clip_train starts that clock
+    before the logging's ``loss.item()``, which waits for the GPU to finish the step before."""
     return [float(match.group(1)) for line in log_path.read_text().splitlines()
             if (match := OPEN_CLIP_DATA_TIME.search(line))]
 
