@@ -36,6 +36,7 @@ from ..distributed import warn_launch_mismatch
 from ..encode import cpu_has_fast_bf16, resolve_precision
 from ..losses import build_loss
 from .speed import tune_cpu_allocator, tune_cuda_kernels
+from .worker_memory import release_trainer_tensors_in_workers
 from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
@@ -308,6 +309,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
         with full_precision():
             state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
         run.say(f"resumed from step {state.global_step} ({resume_from})")
+    if release_trainer_tensors_in_workers(data.loader, model, optimizer):
+        run.log("data workers (forked) drop their inherited copy of the weights and optimizer state")
     if cfg.train.warmup_steps >= total_steps:
         run.say(f"warning: train.warmup_steps={cfg.train.warmup_steps} is at or past the {total_steps} total steps, "
                 f"so the learning rate never reaches train.lr={cfg.train.lr}; lower train.warmup_steps",
