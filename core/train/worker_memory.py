@@ -117,6 +117,8 @@ class ReleaseInheritedTensors:
         if os.getppid() == self.parent_pid and id(self) == self.address_in_parent:
             gc.freeze()
             self.released_bytes = self.release(host_tensor_ranges(self.tensors()))
+            log.info("data worker %d dropped %.1f MiB of inherited weights and optimizer state",
+                     worker_id, self.released_bytes / 2**20)
         if self.then is not None:
             self.then(worker_id)
 
@@ -141,12 +143,22 @@ def start_method(loader: DataLoader) -> str:
     return context if isinstance(context, str) else context.get_start_method()
 
 
-def release_trainer_tensors_in_workers(loader: DataLoader, model: torch.nn.Module, optimizer: Any) -> bool:
+def base_loader(loader: Any) -> DataLoader:
+    """The torch ``DataLoader`` that starts the workers: Accelerate's prepared loader wraps one
+    (``base_dataloader``) and reads its ``worker_init_fn`` from there, not from the wrapper."""
+    while isinstance(vars(loader).get("base_dataloader"), DataLoader):
+        loader = vars(loader)["base_dataloader"]
+    return loader
+
+
+def release_trainer_tensors_in_workers(loader: Any, model: torch.nn.Module, optimizer: Any) -> bool:
     """Make ``loader``'s forked workers drop their copy of ``model``'s and ``optimizer``'s tensors.
 
-    Call before the loader's first iteration. Returns False (and changes nothing) when the loader
-    has no workers or does not fork them.
+    Call before the loader's first iteration; ``loader`` may be a torch ``DataLoader`` or the one
+    ``Accelerator.prepare`` returned. Returns False (and changes nothing) when the loader has no
+    workers or does not fork them.
     """
+    loader = base_loader(loader)
     if loader.num_workers == 0 or start_method(loader) != "fork":
         return False
     loader.worker_init_fn = ReleaseInheritedTensors(trainer_tensors(model, optimizer), then=loader.worker_init_fn)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from tests.conftest import tiny_recipe
@@ -15,7 +17,7 @@ from tests.conftest import tiny_recipe
 from domainclip.core import config as config_lib
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train.loop import train
-from domainclip.core.train.worker_memory import (ReleaseInheritedTensors, host_tensor_ranges, page_interior,
+from domainclip.core.train.worker_memory import (ReleaseInheritedTensors, base_loader, host_tensor_ranges, page_interior,
                                                  release_trainer_tensors_in_workers, trainer_tensors)
 
 PAGE = mmap.PAGESIZE
@@ -105,4 +107,23 @@ def test_a_training_run_releases_in_its_workers(colour_squares: Path, tmp_path: 
     recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2)
     recipe["data"]["num_workers"] = 1
     result = train(config_lib.load(RunConfig, None, (), base=recipe))
-    assert "data workers (forked) drop their inherited copy" in (result.run_dir / "logs" / "train.log").read_text()
+    log_text = (result.run_dir / "logs" / "train.log").read_text()
+    assert "data workers (forked) drop their inherited copy" in log_text
+    dropped = re.findall(r"data worker 0 dropped ([0-9.]+) MiB", log_text)
+    assert len(dropped) == 1 and float(dropped[0]) > 0, log_text  # the worker did release, once
+
+
+def test_the_release_reaches_the_loader_inside_accelerates_wrapper(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def own_init(worker_id: int) -> None:  # runs in the worker: leaves a file the test can see
+        (tmp_path / f"worker_{worker_id}").write_text(str(os.getpid()))
+
+    prepared = Accelerator(cpu=True).prepare(DataLoader(list(range(8)), num_workers=1,
+                                                        multiprocessing_context="fork", worker_init_fn=own_init))
+    assert release_trainer_tensors_in_workers(prepared, model, optimizer)
+    released = base_loader(prepared).worker_init_fn
+    assert isinstance(released, ReleaseInheritedTensors) and released.then is own_init
+    assert sorted(int(x) for batch in prepared for x in batch) == list(range(8))
+    assert int((tmp_path / "worker_0").read_text()) != os.getpid()  # the chained init ran, in the worker
