@@ -35,6 +35,7 @@ from ..data.transforms import build_image_transform, build_train_transform
 from ..distributed import warn_launch_mismatch
 from ..encode import cpu_has_fast_bf16, resolve_precision
 from ..losses import build_loss
+from .cpu_kernels import cpu_training_kernels
 from .speed import tune_cpu_allocator, tune_cuda_kernels
 from .worker_memory import release_trainer_tensors_in_workers
 from ..data.records import ImageTextRecord, RecordSet
@@ -337,6 +338,11 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler,
                                      bad, keep=cfg.train.keep_checkpoints)
 
+    # activation checkpointing recomputes the forward outside a TorchFunctionMode: kernels would differ
+    cpu_kernels = accelerator.device.type == "cpu" and not cfg.train.grad_checkpointing
+    run.log("CPU kernels: math attention for short sequences with gradients, patch embeddings as matrix products"
+            if cpu_kernels else "CPU kernels: torch's defaults" + (" (train.grad_checkpointing)" if
+                                                                     accelerator.device.type == "cpu" else ""))
     progress = run.progress_bar(total_steps, state.global_step, enabled=cfg.train.progress)
     started, samples = time.perf_counter(), 0
     waits = DataWaits()
@@ -351,8 +357,9 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             if text_cache is not None:
                 batch["text_features"] = text_cache(batch["captions"], accelerator.device)
             with accelerator.accumulate(model):
-                loss = method.compute_loss(model, batch, loss_fn)
-                accelerator.backward(loss)
+                with cpu_training_kernels(cpu_kernels):
+                    loss = method.compute_loss(model, batch, loss_fn)
+                    accelerator.backward(loss)
                 if masters is not None and accelerator.sync_gradients:
                     masters.collect_grads()  # micro-batches accumulate in the bf16 gradients, as DDP reduces them
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:

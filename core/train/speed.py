@@ -17,6 +17,8 @@ summation order inside a kernel), never by what is computed.
 * the open_clip text tower runs on the batch's longest caption instead of the full 77-token
   context, rounded up to a multiple of 8 on a GPU (``encode_text_trimmed`` in
   ``core/backbones/families/open_clip/text_trim.py``, next to the backbone it speeds up).
+* on CPU, short attention with gradients runs torch's math kernel and the patch embedding runs
+  as one matrix product (``core/train/cpu_kernels.py``).
 """
 from __future__ import annotations
 
