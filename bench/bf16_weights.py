@@ -1,14 +1,21 @@
-"""bf16 weights with fp32 masters against bf16 autocast: loss curves and final metrics on RSICD.
+"""Training settings that must not change the result: loss curves and final metrics on RSICD.
 
 For ``remote_sensing/full`` and ``remote_sensing/lora`` (the compact base), trains ``--steps``
-steps with ``train.precision: bf16`` twice, once as bf16 autocast (fp32 weights, the default) and
-once with ``train.bf16_weights: true`` (core/train/master_weights.py), same seed and batches;
-logs the loss of every step, overlays the curves in ``--plot`` and prints the final loss, the
+steps with ``train.precision: bf16`` twice, same seed and batches, with the two settings of
+``--compare``:
+
+* ``bf16_weights`` (default): bf16 autocast (fp32 weights) against ``train.bf16_weights: true``
+  (bf16 matrices, fp32 masters; core/train/master_weights.py);
+* ``cpu_kernels``: on the CPU, torch's default kernels (``train.cpu_kernels: false``) against
+  the kit's CPU training kernels (core/train/cpu_kernels.py).
+
+Logs the loss of every step, overlays the curves in ``--plot`` and prints the final loss, the
 headline metric of RSICD test retrieval (mean recall) and the largest per-step loss difference.
-The speed of the two settings is measured side by side by ``bench/train_throughput.py``; the
-samples/s printed here come from runs one after the other and are indicative only.
+Speed is measured side by side by ``bench/train_throughput.py``; the samples/s printed here come
+from runs one after the other and are indicative only.
 
     python bench/bf16_weights.py --steps 200 --batch 32 --plot docs/img/bf16_weights_rsicd.png
+    python bench/bf16_weights.py --compare cpu_kernels --steps 200 --batch 32 --workers 2 --plot docs/img/cpu_kernels_rsicd.png
     python bench/bf16_weights.py --steps 4 --batch 8 --train-limit 64 --eval-limit 32   # smoke
 """
 from __future__ import annotations
@@ -23,7 +30,12 @@ from typing import Any
 from _runs import load_average, print_table, run, shared_data_present, sized_recipe
 
 METHODS = ("full", "lora")
-MODES = {"autocast": "false", "bf16_weights": "true"}
+# per comparison: (reference setting, compared setting), each a name and its recipe overrides
+COMPARISONS = {
+    "bf16_weights": {"autocast": ["train.bf16_weights=false"], "bf16_weights": ["train.bf16_weights=true"]},
+    "cpu_kernels": {"default_kernels": ["train.cpu_kernels=false", "train.cpu=true"],
+                    "cpu_kernels": ["train.cpu_kernels=true", "train.cpu=true"]},
+}
 
 
 def losses(run_dir: str) -> list[float]:
@@ -32,6 +44,7 @@ def losses(run_dir: str) -> list[float]:
 
 
 def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """One panel per method, the two settings' curves overlaid (reference solid, compared dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +52,7 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
     for ax, (method, by_mode) in zip(axes[0], curves.items()):
-        for mode, style in zip(MODES, ("-", "--")):
+        for mode, style in zip(by_mode, ("-", "--")):
             ax.plot(range(1, len(by_mode[mode]) + 1), by_mode[mode], style, label=mode, linewidth=1.2)
         ax.set_title(f"remote_sensing/{method}")
         ax.set_xlabel("step")
@@ -52,6 +65,7 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="bf16_weights")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -64,15 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     if not shared_data_present():
         print("SKIPPED: the shared data (remote_sensing/rsicd) is absent")
         return 0
-    out = Path(tempfile.mkdtemp(prefix="domainclip_bf16w_"))
+    modes = COMPARISONS[args.compare]
+    reference_mode = next(iter(modes))
+    out = Path(tempfile.mkdtemp(prefix=f"domainclip_{args.compare}_"))
     results: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[float]]] = {}
     print(f"load average before: {load_average()}", flush=True)
     for method in METHODS:
-        for mode, flag in MODES.items():
+        for mode, overrides in modes.items():
             cfg = sized_recipe(f"remote_sensing/{method}", out, f"{method}_{mode}", args.seed, args.steps,
                                args.train_limit, args.eval_limit, args.batch, cpu=False,
-                               extra=["train.precision=bf16", f"train.bf16_weights={flag}", "train.log_every=1",
+                               extra=["train.precision=bf16", *overrides, "train.log_every=1",
                                       "train.warmup_steps=20"], workers=args.workers)
             outcome = run(cfg)
             curve = losses(outcome["run_dir"])
@@ -84,17 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summary['samples_per_second']:.2f} samples/s, load {load_average()}", flush=True)
     rows = []
     for row in results:
-        reference = curves[row["method"]]["autocast"]
+        reference = curves[row["method"]][reference_mode]
         row["max_abs_loss_difference"] = max(abs(a - b) for a, b in zip(row["losses"], reference))
         rows.append([row["method"], row["mode"], f"{row['final_loss']:.4f}", f"{row['mean_recall']:.4f}",
                      f"{row['max_abs_loss_difference']:.2e}", f"{row['samples_per_s']:.2f}"])
-    print_table(["method", "weights", "final loss", "RSICD mean recall", "max abs loss diff vs autocast",
+    print_table(["method", "setting", "final loss", "RSICD mean recall", f"max abs loss diff vs {reference_mode}",
                  "samples/s (indicative)"], rows)
     if args.plot:
         plot(curves, args.plot)
         print(f"plot: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "steps": args.steps,
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "compare": args.compare, "steps": args.steps,
                                                "batch": args.batch, "results": results}, indent=1))
     return 0
 

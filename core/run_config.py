@@ -79,6 +79,9 @@ class TrainConfig:
             fp32 and checkpoints are fp32 (``core/train/master_weights.py``).
         grad_accum: micro-batches per optimizer step.
         grad_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        cpu_kernels: on CPU, run short attention that needs gradients and ViT patch embeddings
+            through faster kernels that compute the same thing (``core/train/cpu_kernels.py``);
+            ignored on a GPU and with ``grad_checkpointing``. ``false``: torch's defaults.
         seed: seeds model init, data order, caption sampling and augmentation.
         log_every: log loss, learning rate and throughput every N steps.
         save_every: write a checkpoint every N steps (0 = only at the end).
@@ -107,6 +110,7 @@ class TrainConfig:
     bf16_weights: bool = False
     grad_accum: int = 1
     grad_checkpointing: bool = False
+    cpu_kernels: bool = True
     seed: int = 0
     log_every: int = 10
     save_every: int = 0

@@ -338,11 +338,12 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             save_training_checkpoint(run.checkpoints, state, accelerator, model, method, optimizer, scheduler,
                                      bad, keep=cfg.train.keep_checkpoints)
 
-    # activation checkpointing recomputes the forward outside a TorchFunctionMode: kernels would differ
-    cpu_kernels = accelerator.device.type == "cpu" and not cfg.train.grad_checkpointing
-    run.log("CPU kernels: math attention for short sequences with gradients, patch embeddings as matrix products"
-            if cpu_kernels else "CPU kernels: torch's defaults" + (" (train.grad_checkpointing)" if
-                                                                     accelerator.device.type == "cpu" else ""))
+    cpu_kernels = accelerator.device.type == "cpu" and cfg.train.cpu_kernels and not cfg.train.grad_checkpointing
+    if accelerator.device.type == "cpu":
+        # activation checkpointing recomputes the forward outside the kernels' TorchFunctionMode
+        run.log("CPU kernels: short attention with gradients, patch embeddings as matrix products" if cpu_kernels
+                else "CPU kernels: torch's defaults (" + ("train.grad_checkpointing)" if cfg.train.grad_checkpointing
+                                                          else "train.cpu_kernels=false)"))
     progress = run.progress_bar(total_steps, state.global_step, enabled=cfg.train.progress)
     started, samples = time.perf_counter(), 0
     waits = DataWaits()

@@ -2,6 +2,7 @@
 and are chosen exactly where intended: short differentiable attention, patchifying convolutions."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -197,17 +198,28 @@ def test_inference_and_long_sequences_keep_the_default_kernels() -> None:
         assert FLASH not in ops_run(lambda: F.scaled_dot_product_attention(*short).sum().backward())
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_cpu_training_uses_the_kernels_except_with_activation_checkpointing(colour_squares: Path, tmp_path: Path,
-                                                                          checkpointing: bool) -> None:
-    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2, grad_checkpointing=checkpointing)
+@pytest.mark.parametrize("setting,logged", [
+    ({}, "CPU kernels: short attention with gradients, patch embeddings as matrix products"),
+    ({"grad_checkpointing": True}, "CPU kernels: torch's defaults (train.grad_checkpointing)"),
+    ({"cpu_kernels": False}, "CPU kernels: torch's defaults (train.cpu_kernels=false)")])
+def test_cpu_training_uses_the_kernels_unless_checkpointing_or_switched_off(colour_squares: Path, tmp_path: Path,
+                                                                           setting: dict, logged: str) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2, **setting)
     result = train(config_lib.load(RunConfig, None, (), base=recipe))
-    log_text = (result.run_dir / "logs" / "train.log").read_text()
-    if checkpointing:  # torch recomputes checkpointed blocks without the mode: the defaults throughout
-        assert "CPU kernels: torch's defaults (train.grad_checkpointing)" in log_text
-    else:
-        assert "CPU kernels: math attention for short sequences with gradients" in log_text
+    assert logged in (result.run_dir / "logs" / "train.log").read_text()
     assert result.global_step == 2
+
+
+def test_the_kernels_change_no_training_result_beyond_rounding(colour_squares: Path, tmp_path: Path) -> None:
+    runs = {}
+    for kernels in (True, False):
+        recipe = tiny_recipe(colour_squares, tmp_path / f"runs_{kernels}", max_steps=4, cpu_kernels=kernels)
+        run_dir = train(config_lib.load(RunConfig, None, (), base=recipe)).run_dir
+        runs[kernels] = [json.loads(line)["train/loss"]
+                         for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    assert len(runs[True]) == 4
+    for routed, default in zip(runs[True], runs[False]):
+        assert abs(routed - default) <= 1e-4 * abs(default), runs
 
 
 def test_hugging_face_and_timm_towers_get_the_same_step(tmp_path: Path) -> None:
