@@ -422,6 +422,8 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
     summary = json.loads((run_dir / "train_summary.json").read_text())
     evaluation = _evaluation(metrics)
+    guard_file = run_dir / "precision_guard.json"
+    guard = _precision_guard(json.loads(guard_file.read_text())) if guard_file.is_file() else {}
     population = config_lib.to_dict(card.population)
     domain = card_domain(card.domain or recipe_domain(cfg))
     meta = {
@@ -444,6 +446,7 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
         "training": {k: summary.get(k) for k in ("global_step", "train_seconds", "trainable_parameters")},
         "evaluation": evaluation,
         "retention": [{"dataset": e["dataset"], **e["retention"]} for e in evaluation if "retention" in e],
+        "precision_guard": guard,
         "intended_use": card.intended_use,
         "limitations": card.limitations,
         "tags": [*domain.tags, *card.tags],
@@ -453,6 +456,14 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
     meta, hits = scrub(meta, keep=("config_hash", "versions", "preprocess"))
     meta["redacted_values"] = hits
     return meta
+
+
+def _precision_guard(report: dict[str, Any]) -> dict[str, Any]:
+    """Per precision: passed, and each task's top-1 agreement with fp32 (``domainclip precision-guard``)."""
+    return {precision: {"passed": all(entry[precision]["passed"] for entry in report["results"].values()),
+                        "top1_agreement": {name: entry[precision]["top1_agreement"]
+                                           for name, entry in report["results"].items()}}
+            for precision in report["precisions"]}
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -531,6 +542,10 @@ def _evaluation_text(meta: dict[str, Any]) -> str:
         change = entry.get("retention")
         delta = f"{change['metric']} {change['before']:.3f} → {change['after']:.3f}" if change else ""
         lines.append(f"| {entry['dataset']} | {entry['task']} | {values.get('n_images', values.get('n_samples', ''))} | {shown} | {delta} |")
+    for precision, guard in meta.get("precision_guard", {}).items():
+        agreements = ", ".join(f"{name} {100 * value:.2f} %" for name, value in guard["top1_agreement"].items())
+        lines += ["", f"Precision guard ({precision} weights against fp32, `domainclip precision-guard`): "
+                      f"{'passed' if guard['passed'] else 'failed'}; top-1 agreement {agreements}."]
     return "\n".join(lines)
 
 
@@ -590,6 +605,12 @@ def derived_limitations(meta: dict[str, Any]) -> list[str]:
     for d in meta["training_data"]:
         if d["shots"]:
             out.append(f"Trained on {d['shots']} examples per class of {d['name']} (few-shot): expect high variance.")
+    for precision, guard in meta.get("precision_guard", {}).items():
+        if not guard["passed"]:
+            worst = min(guard["top1_agreement"].items(), key=lambda kv: kv[1])
+            out.append(f"With the weights held in {precision}, {100 * (1 - worst[1]):.1f} % of the top-1 decisions "
+                       f"on {worst[0]} differ from fp32 (`domainclip precision-guard`); where decisions must match "
+                       f"fp32, encode with precision fp32.")
     for r in meta["retention"]:
         if r.get("change") is not None and r["change"] < 0:
             out.append(f"On {r['dataset']} the {r['metric']} fell from {r['before']:.3f} (base model) to "

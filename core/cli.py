@@ -3,6 +3,7 @@
     domainclip train RECIPE [KEY=VALUE ...]     train; writes runs/NAME
     domainclip eval RECIPE|RUN [KEY=VALUE ...]  evaluate a base model (recipe) or a finished run
     domainclip show RUN                         a run's recipe, method, steps, metrics and weights
+    domainclip precision-guard RECIPE|RUN       do bf16 / fp16 weights change its decisions? (vs fp32)
     domainclip config RECIPE [KEY=VALUE ...]    print the resolved recipe
     domainclip quickstart [KEY=VALUE ...]       offline demo on the bundled sample
     domainclip compare SPEC [KEY=VALUE ...]     methods side by side (k-shot or base-to-novel)
@@ -54,30 +55,54 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import write_metrics
+def _eval_target(target_arg: str, overrides: list[str], run_file: str, base_file: str):
+    """(model, method, config, default output file) of a run folder or a recipe's base model."""
     from .run_config import RunConfig
     from .train import build_model, load_trained
-    from .train.evaluation import run_eval_tasks
 
-    target = Path(args.target)
-    method = None
+    target = Path(target_arg)
     if target.is_dir():
         model, method, cfg = load_trained(target)
-        if args.overrides:
-            cfg = config_lib.load(RunConfig, None, args.overrides, base=config_lib.to_dict(cfg))
-        out = Path(args.out) if args.out else target / "metrics_eval.json"
+        if overrides:
+            cfg = config_lib.load(RunConfig, None, overrides, base=config_lib.to_dict(cfg))
+        out = target / run_file
     else:
-        cfg = config_lib.load(RunConfig, resolve_recipe(args.target), args.overrides)
-        model, _ = build_model(cfg)
-        out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "metrics_base.json"
+        cfg = config_lib.load(RunConfig, resolve_recipe(target_arg), overrides)
+        model, method = build_model(cfg)[0], None
+        out = Path(cfg.output_dir) / cfg.name / base_file
     if not cfg.eval:
-        raise SystemExit(f"{args.target}: the recipe has no eval tasks (add an 'eval:' list)")
+        raise SystemExit(f"{target_arg}: the recipe has no eval tasks (add an 'eval:' list)")
+    return model, method, cfg, out
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import write_metrics
+    from .train.evaluation import run_eval_tasks
+
+    model, method, cfg, out = _eval_target(args.target, args.overrides, "metrics_eval.json", "metrics_base.json")
+    out = Path(args.out) if args.out else out
     results = run_eval_tasks(cfg, model, method=method)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_metrics(out, results)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _cmd_precision_guard(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_text
+    from .eval.precision_guard import format_guard, run_precision_guard
+
+    model, method, cfg, out = _eval_target(args.target, args.overrides, "precision_guard.json",
+                                           "precision_guard_base.json")
+    out = Path(args.out) if args.out else out
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    report = run_precision_guard(cfg.eval, model, precisions, num_workers=cfg.data.num_workers, method=method)
+    report["target"] = args.target
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(format_guard(report))
+    print(f"written: {out}")
+    return 0 if report["passed"] else 1
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -237,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="", help="metrics JSON to write")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar (none shows when stderr is no terminal)")
     evaluate.set_defaults(func=_cmd_eval)
+    guard = sub.add_parser("precision-guard", help="do bf16 / fp16 weights change the top-1 decisions of a recipe's "
+                           "base model or a run on its eval tasks? (exit status 1 when they do)")
+    guard.add_argument("target", help="recipe (base model) or run folder (trained model)")
+    guard.add_argument("overrides", nargs="*")
+    guard.add_argument("--precisions", default="bf16", help="comma-separated, each compared with fp32 (bf16, fp16)")
+    guard.add_argument("--out", default="", help="report JSON to write (default: RUN/precision_guard.json)")
+    guard.set_defaults(func=_cmd_precision_guard)
     show = sub.add_parser("config", help="print the resolved recipe")
     show.add_argument("recipe", nargs="?", default="")
     show.add_argument("overrides", nargs="*")
