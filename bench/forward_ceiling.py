@@ -4,7 +4,7 @@ Issue #16 asks ``ZeroShotClassifier`` for 2x ``transformers.pipeline`` at the sa
 precision. Both run the same Hugging Face CLIP model, so the kit can win only by what it overlaps
 (decoding) and by running the *same* forward pass faster. This bench measures the second part on
 the zero-shot bench's ViT-B/32-sized vision tower (``zeroshot_throughput.save_vit_b32_clip``'s
-configuration, random init), model-only (pre-made pixel tensors), one precision for all:
+configuration, random init) on the CPU (oneDNN), model-only (pre-made pixel tensors), one precision for all:
 
 * ``eager``: the module as the kit and the pipeline both run it;
 * ``prepacked``: every ``F.linear`` routed to oneDNN with its weight reordered into oneDNN's
