@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..encode import FrozenEncoder, check_precision
+from ..train.evaluation import eval_loader
 from .metrics import classification_metrics, retrieval_metrics
 from .retrieval import captions_from_records
 from .zeroshot import build_zeroshot_classifier, encode_loader_images, encode_texts
@@ -65,8 +66,6 @@ def task_decisions(task: Any, model: torch.nn.Module, precision: str, num_worker
     Zero-shot tasks are scored as evaluation scores them: by the method's own classifier where it
     has one for these classes, else by the prompt ensemble (class weights in fp32).
     """
-    from ..train.evaluation import eval_loader
-
     if task.task not in GUARDED_TASKS:
         raise ValueError(f"eval task {task.name!r}: the precision guard covers tasks {GUARDED_TASKS}, "
                          f"not {task.task!r}")
