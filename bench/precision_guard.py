@@ -37,8 +37,8 @@ TASKS = (("agriculture/lora", "plantvillage_apple_test"), ("remote_sensing/lora"
          ("remote_sensing/lora", "rsicd_test_scenes"), ("medical/cxr_pneumonia_lora", "chest_xray_pneumonia_test"))
 
 
-def eval_tasks(limit: int) -> list[tuple[str, Any]]:
-    """(recipe, task) of each guard task; ``limit`` caps the records."""
+def eval_tasks(limit: int) -> list[Any]:
+    """The eval task config of each guard task; ``limit`` caps the records."""
     from domainclip.core import config as config_lib
     from domainclip.core.recipe_files import resolve_recipe
     from domainclip.core.run_config import RunConfig
@@ -48,7 +48,7 @@ def eval_tasks(limit: int) -> list[tuple[str, Any]]:
         cfg = config_lib.load(RunConfig, resolve_recipe(recipe), [])
         task = next(t for t in cfg.eval if t.name == name)
         task.data.limit = limit
-        found.append((recipe, task))
+        found.append(task)
     return found
 
 
@@ -67,15 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     model = create_backbone(ModelConfig(kind="compact_base")).to(args.device).eval()
     load_before = os.getloadavg()[0]
     present, absent = [], {}
-    for recipe, task in eval_tasks(args.limit):
+    for task in eval_tasks(args.limit):
         if Path(task.data.path).exists():
             present.append(task)
         else:
             absent[task.name] = f"{task.data.path} is absent"
             print(f"{task.name}: SKIPPED ({task.data.path} is absent)", flush=True)
     if not present:
-        print("no shared data set is present: nothing to guard", file=sys.stderr)
-        return 1
+        print("SKIPPED: no shared data set is present")
+        return 0
     report = run_precision_guard(present, model, args.precisions.split(","), num_workers=args.workers)
     report["skipped"].update(absent)
     summary = {"model": "compact_base", "device": args.device, "limit": args.limit, **report,

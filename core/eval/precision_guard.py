@@ -2,14 +2,14 @@
 
 For each zero-shot and retrieval task of a recipe, the guard encodes the same data with the weights
 in fp32 and in each asked precision (through the kit's one encode path, ``core/encode.py``) and
-compares, item by item, the top-1 decisions (per image for zero-shot; for retrieval each caption's
+compares, item by item, the top-1 decisions (per labelled image for zero-shot; for retrieval each caption's
 top-1 image and each image's top-1 caption) and every metric. A precision passes when at least
 :data:`MIN_AGREEMENT` of the decisions agree with fp32 and every compared metric moves by at most
 :data:`MAX_POINTS` points.
 
 It also reports the fp32 *margin* (top-1 score minus runner-up) of every decision that changed: a
 lower precision reorders near ties first, so a large margin among the changed decisions points to
-a real numerical problem, while changes confined to margins of 1e-3 say the model had no clear
+a real numerical problem, while changes confined to margins far below the median say the model had no clear
 answer there in fp32 either.
 
 ``domainclip precision-guard TARGET`` runs it on a recipe's base model or a finished run
@@ -22,11 +22,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..encode import FrozenEncoder, check_precision
-from ..train.evaluation import eval_loader
+from ..encode import check_precision
+from ..train.evaluation import eval_loader, zeroshot_classifier
 from .metrics import classification_metrics, retrieval_metrics
-from .retrieval import captions_from_records
-from .zeroshot import build_zeroshot_classifier, encode_loader_images, encode_texts
+from .retrieval import captions_from_records, retrieval_features
+from .zeroshot import zeroshot_logits
 
 MIN_AGREEMENT = 0.995
 """Share of top-1 decisions that must agree with fp32."""
@@ -48,7 +48,9 @@ class Decisions:
     top1: torch.Tensor
     """(N,) chosen class / image / caption of each decision."""
     margins: torch.Tensor
-    """(N,) score of the choice minus the runner-up's (0 where there is no runner-up)."""
+    """(N,) score of the choice minus the runner-up's (0 where there is no runner-up), in the units
+    of the scores that decide: cosine similarity for retrieval, class logits for zero-shot (100 x
+    cosine for the prompt ensemble)."""
     metrics: dict[str, Any]
 
 
@@ -63,40 +65,30 @@ def task_decisions(task: Any, model: torch.nn.Module, precision: str, num_worker
                    method: Any = None) -> Decisions:
     """Decisions and metrics of one ``zeroshot`` or ``retrieval`` eval task, weights held in ``precision``.
 
-    Zero-shot tasks are scored as evaluation scores them: by the method's own classifier where it
-    has one for these classes, else by the prompt ensemble (class weights in fp32).
+    Scored from what evaluation scores (:func:`zeroshot_logits`, :func:`retrieval_features`), with
+    the classifier evaluation picks (:func:`zeroshot_classifier`: the method's own where it has one).
     """
     if task.task not in GUARDED_TASKS:
         raise ValueError(f"eval task {task.name!r}: the precision guard covers tasks {GUARDED_TASKS}, "
                          f"not {task.task!r}")
     records, loader = eval_loader(task, model, num_workers)
-    encoder = FrozenEncoder(model, precision)
-    encoded = encode_loader_images(encoder, loader, need_labels=task.task == "zeroshot")
-    rows = encoded.indices if encoded.indices is not None else torch.arange(encoded.features.shape[0])
     if task.task == "zeroshot":
         if not records.class_names:
             raise ValueError(f"eval task {task.name!r}: zeroshot needs labelled data")
         class_names = list(records.class_names)
-        templates = list(task.templates or task.data.templates)
-        logits_fn = (method.logits_fn(model, class_names, templates)
-                     if method is not None and method.covers_classes(class_names) else None)
-        if logits_fn is None:
-            weights = build_zeroshot_classifier(model, class_names, templates).cpu()
-            logits = encoded.features.cpu() @ weights
-        else:
-            logits = logits_fn(encoded.features.cpu())
-        labelled = encoded.labels >= 0
+        logits_fn, _ = zeroshot_classifier(task, model, method, class_names)
+        logits, _, labels = zeroshot_logits(model, loader, class_names, task.templates or task.data.templates,
+                                            logits_fn=logits_fn, precision=precision)
         top1, margins = _top1_and_margins(logits)
-        return Decisions(top1, margins, classification_metrics(logits[labelled], encoded.labels[labelled],
-                                                               class_names))
-    captions, owners = captions_from_records([records.records[int(i)] for i in rows])
-    texts = encode_texts(encoder, captions).cpu()
-    images = encoded.features.cpu()
+        return Decisions(top1, margins, classification_metrics(logits, labels[labels >= 0], class_names))
+    captions, text_to_image = captions_from_records(records.records)
+    found = retrieval_features(model, loader, captions, text_to_image, precision=precision)
+    images, texts = found.image_features.cpu(), found.text_features.cpu()
     similarity = texts @ images.T
     (by_caption, caption_margins), (by_image, image_margins) = (_top1_and_margins(similarity),
                                                                 _top1_and_margins(similarity.T))
     return Decisions(torch.cat([by_caption, by_image]), torch.cat([caption_margins, image_margins]),
-                     retrieval_metrics(images, texts, owners))
+                     retrieval_metrics(images, texts, found.caption_rows))
 
 
 def compare_decisions(reference: Decisions, other: Decisions) -> dict[str, Any]:

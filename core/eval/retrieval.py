@@ -16,11 +16,12 @@ from torch import nn
 
 from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.metrics import Rescore, retrieval_metrics
-from domainclip.core.eval.zeroshot import encode_loader_images, encode_text_tokens, encode_texts, unwrap_model
+from domainclip.core.eval.zeroshot import (EncodedImages, encode_loader_images, encode_text_tokens, encode_texts,
+                                           unwrap_model)
 from domainclip.core.losses import paired_late_interaction
 
-__all__ = ["RERANKERS", "RerankConfig", "captions_from_records", "evaluate_retrieval", "filip_rescorer",
-           "register_reranker"]
+__all__ = ["RERANKERS", "RerankConfig", "RetrievalFeatures", "captions_from_records", "evaluate_retrieval",
+           "filip_rescorer", "register_reranker", "retrieval_features"]
 
 # Re-ranked candidates score RERANK_OFFSET + their new score: cosines and late-interaction scores lie
 # in [-1, 1], so every re-ranked candidate ranks above every other item and keeps its new order.
@@ -161,9 +162,60 @@ def evaluate_retrieval(
     interaction of the token features, kept for every image and caption on the CPU) and the
     result gains ``reranked_*`` recalls and ``reranked_mean_recall`` beside the plain ones.
     """
+    with_tokens = rerank is not None and bool(rerank.name)
+    found = retrieval_features(model, image_loader, captions, text_to_image, batch_size, accelerator, precision,
+                               with_tokens)
+    image_features, text_features, caption_rows = found.image_features, found.text_features, found.caption_rows
+    metrics: dict[str, Any] = retrieval_metrics(
+        image_features, text_features, caption_rows, ks=ks, block_size=block_size
+    )
+    if with_tokens:
+        encoded = found.encoded
+        rescore = RERANKERS[rerank.name](encoded.tokens, encoded.token_mask, found.text_tokens, found.text_mask,
+                                         rerank.k)
+        reranked = retrieval_metrics(image_features, text_features, caption_rows, ks=ks,
+                                     block_size=block_size, rescore=rescore)
+        metrics.update({f"reranked_{key}": value for key, value in reranked.items() if "recall" in key})
+        metrics["rerank"] = f"{rerank.name}@{rerank.k}"
+    metrics["n_captions_skipped"] = int((~found.has_image).sum())
+    metrics["skipped_captions"] = (~found.has_image).nonzero().flatten().tolist()
+    metrics["n_bad"] = len(found.encoded.bad)
+    metrics["bad"] = [list(item) for item in found.encoded.bad]
+    return metrics
+
+
+@dataclass
+class RetrievalFeatures:
+    """What :func:`evaluate_retrieval` scores: features of the encoded images and of the captions
+    whose image was encoded, and which image row each such caption belongs to."""
+
+    image_features: torch.Tensor
+    """(I, D) normalised float32, on the encoder's device."""
+    text_features: torch.Tensor
+    """(T, D) normalised float32 of the kept captions."""
+    caption_rows: torch.Tensor
+    """(T,) row of ``image_features`` that each kept caption describes."""
+    has_image: torch.Tensor
+    """(number of captions,) bool: the caption's image was encoded (kept)."""
+    encoded: EncodedImages
+    text_tokens: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+
+
+def retrieval_features(
+    model: nn.Module,
+    image_loader: Iterable[Mapping[str, Any]],
+    captions: Sequence[str],
+    text_to_image: torch.Tensor | Sequence[int],
+    batch_size: int = 256,
+    accelerator: Any = None,
+    precision: str = "auto",
+    with_tokens: bool = False,
+) -> RetrievalFeatures:
+    """Encode the loader's images and the captions of the encoded images (arguments as
+    :func:`evaluate_retrieval`'s; ``with_tokens`` also keeps the final-layer tokens of both)."""
     encoder = FrozenEncoder.of(unwrap_model(model, accelerator), precision)
     text_to_image = _check_text_to_image(text_to_image, len(captions))
-    with_tokens = rerank is not None and bool(rerank.name)
     encoded = encode_loader_images(encoder, image_loader, accelerator, need_labels=False, with_tokens=with_tokens)
     image_indices = encoded.indices
     if image_indices is None:
@@ -178,25 +230,13 @@ def evaluate_retrieval(
     if not has_image.any():
         raise ValueError("none of the captions' images were encoded; check that text_to_image holds dataset indices")
     kept_captions = [caption for caption, keep in zip(captions, has_image.tolist()) if keep]
-    image_features = encoded.features.to(encoder.device)
+    text_tokens = text_mask = None
     if with_tokens:
         text_features, text_tokens, text_mask = encode_text_tokens(encoder, kept_captions, batch_size)
     else:
         text_features = encode_texts(encoder, kept_captions, batch_size)
-    metrics: dict[str, Any] = retrieval_metrics(
-        image_features, text_features, caption_rows[has_image], ks=ks, block_size=block_size
-    )
-    if with_tokens:
-        rescore = RERANKERS[rerank.name](encoded.tokens, encoded.token_mask, text_tokens, text_mask, rerank.k)
-        reranked = retrieval_metrics(image_features, text_features, caption_rows[has_image], ks=ks,
-                                     block_size=block_size, rescore=rescore)
-        metrics.update({f"reranked_{key}": value for key, value in reranked.items() if "recall" in key})
-        metrics["rerank"] = f"{rerank.name}@{rerank.k}"
-    metrics["n_captions_skipped"] = int((~has_image).sum())
-    metrics["skipped_captions"] = (~has_image).nonzero().flatten().tolist()
-    metrics["n_bad"] = len(encoded.bad)
-    metrics["bad"] = [list(item) for item in encoded.bad]
-    return metrics
+    return RetrievalFeatures(encoded.features.to(encoder.device), text_features, caption_rows[has_image], has_image,
+                             encoded, text_tokens, text_mask)
 
 
 def _check_text_to_image(text_to_image: torch.Tensor | Sequence[int], num_captions: int) -> torch.Tensor:

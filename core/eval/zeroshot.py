@@ -31,6 +31,7 @@ __all__ = [
     "encode_texts",
     "evaluate_zeroshot",
     "unwrap_model",
+    "zeroshot_logits",
 ]
 
 ZEROSHOT_LOGIT_SCALE = 100.0
@@ -344,25 +345,11 @@ def evaluate_zeroshot(
     ``n_unlabeled`` with their dataset indices in ``unlabeled_indices``. Items the loader
     skipped are counted in ``n_bad`` and listed in ``bad`` as [path, reason].
     """
-    model = unwrap_model(model, accelerator)
-    encoder = FrozenEncoder.of(model, precision)
     class_names = list(class_names)
-    if logits_fn is None:  # class weights in fp32 (see build_zeroshot_classifier)
-        classifier = build_zeroshot_classifier(model, class_names, templates, text_batch_size).cpu()
-
-        def logits_fn(features: torch.Tensor) -> torch.Tensor:
-            return ZEROSHOT_LOGIT_SCALE * features @ classifier
-
-    encoded = encode_loader_images(encoder, loader, accelerator, need_labels=True)
-    labels = _check_single_labels(encoded, len(class_names))
+    logits, encoded, labels = zeroshot_logits(model, loader, class_names, templates, accelerator,
+                                              text_batch_size, logits_fn, precision)
     indices = encoded.indices if encoded.indices is not None else torch.arange(labels.shape[0])
     labelled = labels >= 0
-    if not labelled.any():
-        raise ValueError(
-            f"no labelled images to evaluate: {int((~labelled).sum())} unlabelled, {len(encoded.bad)} skipped as bad"
-        )
-    with torch.no_grad():
-        logits = logits_fn(encoded.features[labelled]).float().cpu()
     metrics = classification_metrics(logits, labels[labelled], class_names)
     if group_config is not None and group_config.aggregate:
         metrics.update(_group_metrics(logits, labels[labelled], indices[labelled], groups, class_names, group_config))
@@ -371,6 +358,39 @@ def evaluate_zeroshot(
     metrics["n_bad"] = len(encoded.bad)
     metrics["bad"] = [list(item) for item in encoded.bad]
     return metrics
+
+
+def zeroshot_logits(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    class_names: Sequence[str],
+    templates: Templates,
+    accelerator: Any = None,
+    text_batch_size: int = 256,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    precision: str = "auto",
+) -> tuple[torch.Tensor, EncodedImages, torch.Tensor]:
+    """Class logits (L, C) float32 on the CPU of the L labelled images, the encoded images, and the
+    checked labels (N,) of all of them (-1: no label): what :func:`evaluate_zeroshot` scores (same
+    arguments). A ValueError when no image is labelled."""
+    model = unwrap_model(model, accelerator)
+    encoder = FrozenEncoder.of(model, precision)
+    if logits_fn is None:  # class weights in fp32 (see build_zeroshot_classifier)
+        classifier = build_zeroshot_classifier(model, list(class_names), templates, text_batch_size).cpu()
+
+        def logits_fn(features: torch.Tensor) -> torch.Tensor:
+            return ZEROSHOT_LOGIT_SCALE * features @ classifier
+
+    encoded = encode_loader_images(encoder, loader, accelerator, need_labels=True)
+    labels = _check_single_labels(encoded, len(class_names))
+    labelled = labels >= 0
+    if not labelled.any():
+        raise ValueError(
+            f"no labelled images to evaluate: {int((~labelled).sum())} unlabelled, {len(encoded.bad)} skipped as bad"
+        )
+    with torch.no_grad():
+        logits = logits_fn(encoded.features[labelled]).float().cpu()
+    return logits, encoded, labels
 
 
 def _group_metrics(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, groups: Sequence[str] | None,

@@ -1,8 +1,11 @@
 """Run a recipe's ``eval`` tasks on a model and return CLIP_benchmark-style records."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
+
+import torch
 
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -45,6 +48,16 @@ def record_groups(task: EvalTaskConfig, records: list[ImageTextRecord]) -> list[
     return [record.group for record in records]
 
 
+def zeroshot_classifier(task: EvalTaskConfig, model: Backbone, method: AdaptationMethod | None,
+                        class_names: list[str]) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, bool]:
+    """``(logits_fn, own)`` for a zeroshot task: the method's own classifier (``own`` True) where it
+    has one that covers these classes, or any classes for a task that is no retention task; else
+    ``(None, False)``: the prompt ensemble of the towers scores it."""
+    own = method is not None and (method.covers_classes(class_names) or not task.retention)
+    templates = list(task.templates or task.data.templates)
+    return (method.logits_fn(model, class_names, templates) if own else None), own
+
+
 def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerator | None = None,
                   num_workers: int = 0, model_name: str = "", pretrained: str = "",
                   method: AdaptationMethod | None = None) -> dict[str, Any]:
@@ -65,8 +78,7 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             raise ValueError(f"eval task {name!r}: zeroshot needs labelled data (data.label_key or a labelled format)")
         templates = task.templates or task.data.templates
         class_names = list(records.class_names)
-        own_classifier = method is not None and (method.covers_classes(class_names) or not task.retention)
-        logits_fn = method.logits_fn(model, class_names, list(templates)) if own_classifier else None
+        logits_fn, own_classifier = zeroshot_classifier(task, model, method, class_names)
         metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
                                     logits_fn=logits_fn, groups=record_groups(task, records.records),
                                     group_config=task.groups, precision=precision)
