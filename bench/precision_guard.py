@@ -18,6 +18,7 @@ does not void the result.
 
     python bench/precision_guard.py                         # fp32 vs bf16, all data present
     python bench/precision_guard.py --limit 64 --precisions bf16,fp16 --json guard.json
+    python bench/precision_guard.py --refine-ties             # zero-shot near ties re-decided in fp32
 
 The data paths are the recipes' own (``../shared/data`` beside the repository); a data set absent
 there is listed as skipped. Exit status 1 when the guard fails.
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="records per data set (0 = the whole test split)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--refine-ties", action="store_true",
+                        help="re-encode near-tied zero-shot images in fp32 (core/eval/tie_refine.py)")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if not present:
         print("SKIPPED: no shared data set is present")
         return 0
-    report = run_precision_guard(present, model, args.precisions.split(","), num_workers=args.workers)
+    report = run_precision_guard(present, model, args.precisions.split(","), num_workers=args.workers,
+                                 refine_ties=args.refine_ties)
     report["skipped"].update(absent)
     summary = {"model": "compact_base", "device": args.device, "limit": args.limit, **report,
                "load_average_1min": [load_before, os.getloadavg()[0]], "command": " ".join(["python", *sys.argv])}

@@ -459,10 +459,12 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
 
 
 def _precision_guard(report: dict[str, Any]) -> dict[str, Any]:
-    """Per precision: passed, and each task's top-1 agreement with fp32 (``domainclip precision-guard``)."""
+    """Per precision: passed, each task's top-1 agreement with fp32, and whether zero-shot near ties were
+    refined in fp32 (``domainclip precision-guard [--refine-ties]``)."""
     return {precision: {"passed": all(entry[precision]["passed"] for entry in report["results"].values()),
                         "top1_agreement": {name: entry[precision]["top1_agreement"]
-                                           for name, entry in report["results"].items()}}
+                                           for name, entry in report["results"].items()},
+                        "refine_ties": bool(report.get("refine_ties", False))}
             for precision in report["precisions"]}
 
 
@@ -544,7 +546,9 @@ def _evaluation_text(meta: dict[str, Any]) -> str:
         lines.append(f"| {entry['dataset']} | {entry['task']} | {values.get('n_images', values.get('n_samples', ''))} | {shown} | {delta} |")
     for precision, guard in meta.get("precision_guard", {}).items():
         agreements = ", ".join(f"{name} {100 * value:.2f} %" for name, value in guard["top1_agreement"].items())
-        lines += ["", f"Precision guard ({precision} weights against fp32, `domainclip precision-guard`): "
+        refined = (", zero-shot near ties re-decided in fp32, `domainclip precision-guard --refine-ties`"
+                   if guard.get("refine_ties") else ", `domainclip precision-guard`")
+        lines += ["", f"Precision guard ({precision} weights against fp32{refined}): "
                       f"{'passed' if guard['passed'] else 'failed'}; top-1 agreement {agreements}."]
     return "\n".join(lines)
 
@@ -610,7 +614,8 @@ def derived_limitations(meta: dict[str, Any]) -> list[str]:
             worst = min(guard["top1_agreement"].items(), key=lambda kv: kv[1])
             out.append(f"With the weights held in {precision}, {100 * (1 - worst[1]):.1f} % of the top-1 decisions "
                        f"on {worst[0]} differ from fp32 (`domainclip precision-guard`); where decisions must match "
-                       f"fp32, encode with precision fp32.")
+                       f"fp32, refine near ties in fp32 (`refine_ties`, zero-shot classification) or encode "
+                       f"with precision fp32.")
     for r in meta["retention"]:
         if r.get("change") is not None and r["change"] < 0:
             out.append(f"On {r['dataset']} the {r['metric']} fell from {r['before']:.3f} (base model) to "

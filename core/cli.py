@@ -96,7 +96,8 @@ def _cmd_precision_guard(args: argparse.Namespace) -> int:
                                            "precision_guard_base.json")
     out = Path(args.out) if args.out else out
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    report = run_precision_guard(cfg.eval, model, precisions, num_workers=cfg.data.num_workers, method=method)
+    report = run_precision_guard(cfg.eval, model, precisions, num_workers=cfg.data.num_workers, method=method,
+                                 refine_ties=args.refine_ties)
     report["target"] = args.target
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
@@ -202,7 +203,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         ignored = [flag for flag, value in (("--templates", args.templates), ("--export-onnx", args.export_onnx),
                                             ("--device", args.device), ("--precision", args.precision),
                                             ("--token-merging", args.token_merging),
-                                            ("--decode-on-device", args.decode_on_device)) if value]
+                                            ("--decode-on-device", args.decode_on_device),
+                                            ("--refine-ties", args.refine_ties)) if value]
         if ignored:
             raise ValueError(f"classify: {', '.join(ignored)} cannot apply to an .onnx model (its prompts are baked "
                              f"in at export, and so is its merge schedule; it runs on onnxruntime's CPU provider)")
@@ -216,7 +218,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                                                         batch_size=args.batch_size, workers=args.workers,
                                                         precision=args.precision or "auto",
                                                         token_merging=args.token_merging or None,
-                                                        decode_on_device=args.decode_on_device)
+                                                        decode_on_device=args.decode_on_device,
+                                                        refine_ties=args.refine_ties)
         if args.export_onnx:
             path = export_onnx(classifier, labels, args.export_onnx, templates=args.templates)
             print(json.dumps({"onnx": str(path), "labels": labels}), file=sys.stderr)
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("target", help="recipe (base model) or run folder (trained model)")
     guard.add_argument("overrides", nargs="*")
     guard.add_argument("--precisions", default="bf16", help="comma-separated, each compared with fp32 (bf16, fp16)")
+    guard.add_argument("--refine-ties", action="store_true",
+                       help="re-encode near-tied zero-shot images in fp32 (as eval tasks' refine_ties does)")
     guard.add_argument("--out", default="", help="report JSON to write (default: RUN/precision_guard.json)")
     guard.set_defaults(func=_cmd_precision_guard)
     show = sub.add_parser("config", help="print the resolved recipe")
@@ -327,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--precision", default="", choices=["", "auto", "fp32", "bf16", "fp16"],
                           help="dtype of the frozen weights (default auto: bf16 where the device computes it "
                                "fast, else fp32; see docs/zeroshot.md)")
+    classify.add_argument("--refine-ties", action="store_true",
+                          help="with bf16 / fp16 weights, re-encode in fp32 the images whose top label is near a tie "
+                               "(fp32's decisions at close to bf16's speed; docs/zeroshot.md)")
     classify.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: GPU if there is one)")
     classify.add_argument("--decode-on-device", action="store_true",
                           help="decode JPEG files on --device (nvJPEG on a GPU) instead of with PIL in the threads; "

@@ -166,6 +166,10 @@ class EvalTaskConfig:
             device computes bf16 fast: CUDA compute capability >= 8.0, CPUs with AVX-512 BF16 or
             AMX; fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``. Independent of
             ``train.precision``; ``metrics.json`` records the resolved one per task.
+        refine_ties: zeroshot only: re-encode in fp32 the images whose bf16 / fp16 top-1 decision is
+            near a tie (``core/eval/tie_refine.py``), so the decisions are fp32's at close to bf16's
+            speed; ``metrics.json`` counts the re-encoded images under ``tie_refinement``. No effect
+            when ``precision`` resolves to fp32.
     """
 
     name: str = ""
@@ -178,9 +182,13 @@ class EvalTaskConfig:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     precision: str = "auto"
+    refine_ties: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.precision, f"eval task {self.name!r}: precision")
+        if self.refine_ties and self.task != "zeroshot":
+            raise ValueError(f"eval task {self.name!r}: refine_ties re-decides classification near ties and needs "
+                             f"task 'zeroshot', got {self.task!r}")
         if self.task not in EVAL_TASKS:
             raise ValueError(f"eval task must be one of {EVAL_TASKS}, got {self.task!r}")
         if self.groups.aggregate and self.task != "zeroshot":

@@ -16,6 +16,7 @@ from domainclip.core.eval.multilabel import (
 )
 from domainclip.core.eval.report import benchmark_json, read_metrics, to_json_value, write_metrics
 from domainclip.core.eval.retrieval import captions_from_records, evaluate_retrieval
+from domainclip.core.eval.tie_refine import TIE_SAFETY, TieRefiner
 from domainclip.core.eval.zeroshot import (
     ZEROSHOT_LOGIT_SCALE,
     EncodedImages,
@@ -28,6 +29,8 @@ from domainclip.core.eval.zeroshot import (
 
 __all__ = [
     "EncodedImages",
+    "TIE_SAFETY",
+    "TieRefiner",
     "ZEROSHOT_LOGIT_SCALE",
     "auroc",
     "benchmark_json",

@@ -52,6 +52,8 @@ class Decisions:
     of the scores that decide: cosine similarity for retrieval, class logits for zero-shot (100 x
     cosine for the prompt ensemble)."""
     metrics: dict[str, Any]
+    tie_refinement: dict[str, Any] | None = None
+    """With tie refinement (zero-shot only): images seen and re-encoded in fp32 (``TieRefiner.stats``)."""
 
 
 def _top1_and_margins(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +64,12 @@ def _top1_and_margins(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def task_decisions(task: Any, model: torch.nn.Module, precision: str, num_workers: int = 0,
-                   method: Any = None) -> Decisions:
+                   method: Any = None, refine_ties: bool = False) -> Decisions:
     """Decisions and metrics of one ``zeroshot`` or ``retrieval`` eval task, weights held in ``precision``.
 
     Scored from what evaluation scores (:func:`zeroshot_logits`, :func:`retrieval_features`), with
     the classifier evaluation picks (:func:`zeroshot_classifier`: the method's own where it has one).
+    A zero-shot task refines near ties in fp32 when ``refine_ties`` or its own ``refine_ties`` is set.
     """
     if task.task not in GUARDED_TASKS:
         raise ValueError(f"eval task {task.name!r}: the precision guard covers tasks {GUARDED_TASKS}, "
@@ -77,10 +80,12 @@ def task_decisions(task: Any, model: torch.nn.Module, precision: str, num_worker
             raise ValueError(f"eval task {task.name!r}: zeroshot needs labelled data")
         class_names = list(records.class_names)
         logits_fn, _ = zeroshot_classifier(task, model, method, class_names)
-        logits, _, labels = zeroshot_logits(model, loader, class_names, task.templates or task.data.templates,
-                                            logits_fn=logits_fn, precision=precision)
+        logits, encoded, labels = zeroshot_logits(model, loader, class_names, task.templates or task.data.templates,
+                                                  logits_fn=logits_fn, precision=precision,
+                                                  refine_ties=refine_ties or task.refine_ties)
         top1, margins = _top1_and_margins(logits)
-        return Decisions(top1, margins, classification_metrics(logits, labels[labels >= 0], class_names))
+        return Decisions(top1, margins, classification_metrics(logits, labels[labels >= 0], class_names),
+                         encoded.tie_refinement)
     captions, text_to_image = captions_from_records(records.records)
     found = retrieval_features(model, loader, captions, text_to_image, precision=precision)
     images, texts = found.image_features.cpu(), found.text_features.cpu()
@@ -101,7 +106,7 @@ def compare_decisions(reference: Decisions, other: Decisions) -> dict[str, Any]:
               for key in COMPARED if key in reference.metrics}
     agreement = float((~changed).float().mean())
     changed_margins = reference.margins[changed]
-    return {
+    found = {
         "items": int(reference.top1.numel()),
         "top1_agreement": agreement,
         "changed": int(changed.sum()),
@@ -110,11 +115,17 @@ def compare_decisions(reference: Decisions, other: Decisions) -> dict[str, Any]:
         "points_vs_fp32": points,
         "passed": agreement >= MIN_AGREEMENT and all(abs(value) <= MAX_POINTS for value in points.values()),
     }
+    if other.tie_refinement is not None:
+        found["tie_refinement"] = other.tie_refinement
+    return found
 
 
 def run_precision_guard(tasks: Sequence[Any], model: torch.nn.Module, precisions: Sequence[str],
-                        num_workers: int = 0, method: Any = None) -> dict[str, Any]:
+                        num_workers: int = 0, method: Any = None, refine_ties: bool = False) -> dict[str, Any]:
     """The guard over ``tasks`` (eval task configs) for each of ``precisions`` against fp32.
+
+    ``refine_ties`` refines the near ties of every zero-shot task in fp32 (as the task's own
+    ``refine_ties`` does), so the guard measures the decisions a refined evaluation makes.
 
     Tasks other than zero-shot and retrieval are listed under ``skipped`` with the reason, never
     dropped silently. ``passed`` is True when every compared (task, precision) passed.
@@ -137,13 +148,13 @@ def run_precision_guard(tasks: Sequence[Any], model: torch.nn.Module, precisions
             entry["note"] = f"first-stage similarities compared (rerank {task.rerank.name!r} not applied)"
         for precision in precisions:
             entry[precision] = compare_decisions(reference, task_decisions(task, model, precision, num_workers,
-                                                                           method))
+                                                                           method, refine_ties))
         results[name] = entry
     compared = [entry[precision] for entry in results.values() for precision in precisions]
     if not compared:
         raise ValueError(f"precision-guard: no zeroshot or retrieval task to compare (skipped: {skipped})")
     return {"thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_points": MAX_POINTS},
-            "precisions": list(precisions), "results": results, "skipped": skipped,
+            "precisions": list(precisions), "refine_ties": refine_ties, "results": results, "skipped": skipped,
             "passed": all(c["passed"] for c in compared)}
 
 
@@ -155,9 +166,11 @@ def format_guard(report: dict[str, Any]) -> str:
         for precision in report["precisions"]:
             row = entry[precision]
             worst = max(row["points_vs_fp32"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
+            refined = row.get("tie_refinement")
+            note = f" ({refined['refined']} of {refined['images']} re-encoded in fp32)" if refined else ""
             lines.append(f"{name[:32]:<32} {precision:<5} {row['items']:>7} {100 * row['top1_agreement']:>7.2f}% "
                          f"{row['changed']:>8} {row['largest_fp32_margin_changed']:>11.2e} "
-                         f"{worst[0] + f' {worst[1]:+.2f} pt':<34} {'pass' if row['passed'] else 'FAIL'}")
+                         f"{worst[0] + f' {worst[1]:+.2f} pt':<34} {'pass' if row['passed'] else 'FAIL'}{note}")
     for name, reason in report["skipped"].items():
         lines.append(f"{name[:32]:<32} skipped: {reason}")
     thresholds = report["thresholds"]

@@ -20,6 +20,7 @@ from torch import nn
 from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval.metrics import classification_metrics, deduplicate_by_index
 from domainclip.core.eval.groups import GroupEvalConfig, group_metrics
+from domainclip.core.eval.tie_refine import TieRefiner
 
 __all__ = [
     "EncodedImages",
@@ -164,11 +165,14 @@ class EncodedImages:
     bad: list[tuple[str, str]] = field(default_factory=list)
     tokens: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    tie_refinement: dict[str, Any] | None = None
+    """With tie refinement: images seen, re-encoded in fp32, the band (``TieRefiner.stats``)."""
 
 
 def encode_loader_images(
     model: nn.Module | FrozenEncoder, loader: Iterable[Mapping[str, Any]], accelerator: Any = None,
     need_labels: bool = False, precision: str = "auto", with_tokens: bool = False,
+    refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EncodedImages:
     """Encode every image of ``loader`` (batch dicts with ``images``, ``labels``, ``indices``, ``bad``).
 
@@ -182,8 +186,11 @@ def encode_loader_images(
     Images are encoded through the kit's one encode path (``core/encode.py``) with the weights
     held in ``precision`` (or the given ``FrozenEncoder``'s); the accelerator's autocast is not
     used (the weights are cast once instead). ``with_tokens`` also keeps each image's final-layer
-    tokens (the pooled feature comes from the same pass).
+    tokens (the pooled feature comes from the same pass). ``refine(images, features) -> features``
+    runs on every batch's features before they are kept (``TieRefiner.refine``).
     """
+    if refine is not None and with_tokens:
+        raise ValueError("tie refinement replaces pooled features only; it cannot be combined with with_tokens")
     encoder = FrozenEncoder.of(model, precision)
     device = encoder.device
     feature_parts, label_parts, index_parts, token_parts, mask_parts = [], [], [], [], []
@@ -204,7 +211,8 @@ def encode_loader_images(
             mask_parts.append(mask.to(torch.uint8))  # gloo gathers no bool
             feature_parts.append(features)
         else:
-            feature_parts.append(encoder.encode_image(images))
+            features = encoder.encode_image(images)
+            feature_parts.append(refine(images, features) if refine is not None else features)
         if need_labels:
             label_parts.append(labels.to(device))
         if indices is not None:
@@ -327,6 +335,7 @@ def evaluate_zeroshot(
     groups: Sequence[str] | None = None,
     group_config: GroupEvalConfig | None = None,
     precision: str = "auto",
+    refine_ties: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot classification metrics of ``model`` on ``loader`` (see ``classification_metrics``).
 
@@ -336,6 +345,10 @@ def evaluate_zeroshot(
     With ``groups`` (the group id of every dataset index) and a ``group_config`` whose
     ``aggregate`` is set, group-level metrics (``core/eval/groups.py``) are added under keys
     prefixed ``group_config.name``.
+
+    ``refine_ties`` re-encodes in fp32 the images whose low-precision top-1 is near a tie
+    (``core/eval/tie_refine.py``), so the decisions are fp32's; ``tie_refinement`` in the metrics
+    counts them.
 
     ``logits_fn`` maps normalised image features (N, D) to class logits (N, C) for adaptation
     methods with their own classifier (learned prompts, a linear probe, a Tip-Adapter cache);
@@ -347,7 +360,7 @@ def evaluate_zeroshot(
     """
     class_names = list(class_names)
     logits, encoded, labels = zeroshot_logits(model, loader, class_names, templates, accelerator,
-                                              text_batch_size, logits_fn, precision)
+                                              text_batch_size, logits_fn, precision, refine_ties)
     indices = encoded.indices if encoded.indices is not None else torch.arange(labels.shape[0])
     labelled = labels >= 0
     metrics = classification_metrics(logits, labels[labelled], class_names)
@@ -357,6 +370,8 @@ def evaluate_zeroshot(
     metrics["unlabeled_indices"] = indices[~labelled].tolist()
     metrics["n_bad"] = len(encoded.bad)
     metrics["bad"] = [list(item) for item in encoded.bad]
+    if encoded.tie_refinement is not None:
+        metrics["tie_refinement"] = encoded.tie_refinement
     return metrics
 
 
@@ -369,6 +384,7 @@ def zeroshot_logits(
     text_batch_size: int = 256,
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     precision: str = "auto",
+    refine_ties: bool = False,
 ) -> tuple[torch.Tensor, EncodedImages, torch.Tensor]:
     """Class logits (L, C) float32 on the CPU of the L labelled images, the encoded images, and the
     checked labels (N,) of all of them (-1: no label): what :func:`evaluate_zeroshot` scores (same
@@ -381,7 +397,11 @@ def zeroshot_logits(
         def logits_fn(features: torch.Tensor) -> torch.Tensor:
             return ZEROSHOT_LOGIT_SCALE * features @ classifier
 
-    encoded = encode_loader_images(encoder, loader, accelerator, need_labels=True)
+    refiner = TieRefiner(encoder, lambda features: logits_fn(features.cpu())) if refine_ties else None
+    encoded = encode_loader_images(encoder, loader, accelerator, need_labels=True,
+                                   refine=refiner.refine if refiner is not None else None)
+    if refiner is not None:
+        encoded.tie_refinement = refiner.stats()
     labels = _check_single_labels(encoded, len(class_names))
     labelled = labels >= 0
     if not labelled.any():

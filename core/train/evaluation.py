@@ -81,7 +81,8 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
         logits_fn, own_classifier = zeroshot_classifier(task, model, method, class_names)
         metrics = evaluate_zeroshot(model, loader, records.class_names, templates, accelerator=accelerator,
                                     logits_fn=logits_fn, groups=record_groups(task, records.records),
-                                    group_config=task.groups, precision=precision)
+                                    group_config=task.groups, precision=precision,
+                                    refine_ties=task.refine_ties)
         kind = "zeroshot_classification"
         if method is not None and not own_classifier:
             # a probe / cache fitted on other classes cannot score this reference task; the towers

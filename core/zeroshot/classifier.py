@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..encode import FrozenEncoder
-from ..eval import build_zeroshot_classifier
+from ..eval import TieRefiner, build_zeroshot_classifier
 from ..token_merging import TokenMergingConfig, apply_token_merging, token_merging_key
 from .images import EncodeTiming, ImageInput, ImagePreparer, as_image_list, image_name
 from .loading import LoadedModel, LogitsFactory, describe, load_model
@@ -75,11 +75,14 @@ class PromptEnsembleHead(nn.Module):
         self.sigmoid = logit_bias is not None
         self.register_buffer("logit_bias", torch.tensor(float(logit_bias or 0.0)))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, C); probabilities are monotone in them, row by row."""
         logits = self.logit_scale * (features.float() @ self.weights)
-        if self.sigmoid:
-            return torch.sigmoid(logits + self.logit_bias)
-        return logits.softmax(dim=-1)
+        return logits + self.logit_bias if self.sigmoid else logits
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(features)
+        return torch.sigmoid(logits) if self.sigmoid else logits.softmax(dim=-1)
 
 
 class MethodHead(nn.Module):
@@ -89,8 +92,12 @@ class MethodHead(nn.Module):
         super().__init__()
         self.logits_fn = logits_fn
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, C) on the features' device."""
+        return self.logits_fn(features.float().cpu()).float().to(features.device)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.logits_fn(features.float().cpu()).float().to(features.device).softmax(dim=-1)
+        return self.logits(features).softmax(dim=-1)
 
 
 def check_labels(labels: Sequence[str]) -> list[str]:
@@ -144,13 +151,17 @@ class ZeroShotClassifier:
         decode_on_device: decode JPEG files on ``device`` (nvJPEG on a GPU) and resize them
             there; the threads only read files (see ``ImagePreparer``). Off by default: a GPU
             decoder's pixels differ from PIL's by a few levels.
+        refine_ties: when the weights are held in bf16 / fp16, re-encode in fp32 the images whose
+            top-1 label is near a tie (``core/eval/tie_refine.py``), so ``classify`` and
+            ``predict_proba`` rank the labels of those images as fp32 does; ``last_timing.refined``
+            counts them. ``encode_images`` (no labels, no decision) is not refined.
     """
 
     def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
                  logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
                  batch_size: int = 32, workers: int = 2, source: str = "", method: str = "",
                  precision: str = "auto", token_merging: TokenMergingConfig | str | None = None,
-                 decode_on_device: bool = False):
+                 decode_on_device: bool = False, refine_ties: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if token_merging is not None:
@@ -166,23 +177,26 @@ class ZeroShotClassifier:
         self.source, self.method = source, method
         self.last_timing = EncodeTiming()
         self._heads: dict[tuple, nn.Module] = {}
+        self.refine_ties = refine_ties
+        self._refiners: dict[int, TieRefiner] = {}
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
                         batch_size: int = 32, workers: int = 2, pretrained: str = "",
                         revision: str = "", precision: str = "auto",
                         token_merging: TokenMergingConfig | str | None = None,
-                        decode_on_device: bool = False) -> "ZeroShotClassifier":
+                        decode_on_device: bool = False, refine_ties: bool = False) -> "ZeroShotClassifier":
         """Load a run folder, a model folder (open_clip / Hugging Face / compact base), an open_clip
         architecture or ``hf-hub:`` id, a Hugging Face id, or ``compact_base``.
 
         ``pretrained``: weights tag or file for an open_clip architecture name; ``revision``: git
         revision of a Hugging Face hub id; ``precision``: ``auto`` / ``fp32`` / ``bf16`` / ``fp16``
-        (see ``core/encode.py``); ``token_merging``, ``decode_on_device``: see the class.
+        (see ``core/encode.py``); ``token_merging``, ``decode_on_device``, ``refine_ties``: see the class.
         """
         loaded = load_model(path_or_id, pretrained=pretrained, revision=revision)
         return cls.from_loaded(loaded, device=device, batch_size=batch_size, workers=workers, precision=precision,
-                               token_merging=token_merging, decode_on_device=decode_on_device)
+                               token_merging=token_merging, decode_on_device=decode_on_device,
+                               refine_ties=refine_ties)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "ZeroShotClassifier":
@@ -203,6 +217,7 @@ class ZeroShotClassifier:
         """What this classifier runs: source, method, backbone kind, device, default templates."""
         loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
         return {**describe(loaded), "device": str(self.device), "precision": self.precision,
+                "refine_ties": self.refine_ties,
                 "templates": list(self.templates),
                 "preprocess": self.preprocess.to_dict(), "token_merging": token_merging_key(self.model)}
 
@@ -236,6 +251,7 @@ class ZeroShotClassifier:
         """Forget the cached text classifiers and re-cast the frozen weights (after changing the
         model's weights)."""
         self._heads.clear()
+        self._refiners.clear()
         self.encoder.refresh()
 
     # --- the image side ------------------------------------------------------------------------
@@ -249,20 +265,33 @@ class ZeroShotClassifier:
         head = self.head(labels, templates)
         return torch.cat([part.cpu() for part in self._encoded_batches(as_image_list(images), head)])
 
+    def _refiner(self, head: nn.Module) -> TieRefiner | None:
+        """The head's tie refiner (its calibration kept across calls), or None when not refining."""
+        if not self.refine_ties:
+            return None
+        if id(head) not in self._refiners:
+            self._refiners[id(head)] = TieRefiner(self.encoder, head.logits)
+        return self._refiners[id(head)]
+
     def _encoded_batches(self, items: list[ImageInput], head: nn.Module | None) -> Iterator[torch.Tensor]:
         """Features (or ``head``'s probabilities) batch by batch; decoding overlaps the forward pass."""
         timing = EncodeTiming(images=len(items))
+        refiner = self._refiner(head) if head is not None else None
+        refined_before = refiner.refined if refiner is not None else 0
         started = time.perf_counter()
         for batch in self.images.batches(items, self.batch_size, timing):
             forward_started = time.perf_counter()
             with torch.inference_mode():
                 out = self.encoder.encode_image(batch)
+                if refiner is not None:
+                    out = refiner.refine(batch, out)
                 out = head(out).float() if head is not None else out
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)  # the forward time is the kernels', not their launch
             timing.forward_s += time.perf_counter() - forward_started
             yield out
         timing.wall_s = time.perf_counter() - started
+        timing.refined = refiner.refined - refined_before if refiner is not None else 0
         self.last_timing = timing
 
     def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],

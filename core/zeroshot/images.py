@@ -74,6 +74,7 @@ class EncodeTiming:
         wait_s: time the forward loop sat waiting for decoded images (decoding not hidden).
         forward_s: time in the model's forward passes (and the classifier head).
         wall_s: the whole call.
+        refined: images re-encoded in fp32 by tie refinement (``refine_ties``; their time is in ``forward_s``).
     """
 
     images: int = 0
@@ -81,6 +82,7 @@ class EncodeTiming:
     wait_s: float = 0.0
     forward_s: float = 0.0
     wall_s: float = 0.0
+    refined: int = 0
 
     def shares(self) -> dict[str, float]:
         """Decode and forward as shares of their summed work, and the share of wall time waiting."""

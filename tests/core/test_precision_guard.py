@@ -134,3 +134,11 @@ def test_command_writes_the_report_and_the_card_states_it(colour_squares: Path, 
     assert ("With the weights held in bf16, 2.2 % of the top-1 decisions on squares_retrieval differ from fp32"
             in card)
     assert "Precision guard (bf16 weights against fp32, `domainclip precision-guard`): failed" in card
+    assert "refine near ties in fp32 (`refine_ties`" in card
+
+    # a guard run with --refine-ties says that its decisions were refined
+    (run_dir / "precision_guard.json").write_text(json.dumps({**report, "refine_ties": True}))
+    card = write_card(run_dir, tmp_path / "card_refined").read_text()
+    assert ("Precision guard (bf16 weights against fp32, zero-shot near ties re-decided in fp32, "
+            "`domainclip precision-guard --refine-ties`): failed") in card
+    assert run_metadata(run_dir)["precision_guard"]["bf16"]["refine_ties"] is True
