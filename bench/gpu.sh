@@ -13,7 +13,8 @@
 #   master weights) against open_clip_train, ViT-B-16, batch 256, bf16, with the training FLOPs
 #   per sample and the GPU's bf16 matmul peak (MFU); then the 200-step RSICD loss curves of bf16
 #   weights against autocast for full fine-tuning and LoRA (bf16_weights.py, batch 128, plot in OUT).
-# The accuracy guard runs first (bf16 and fp16 against fp32 on the shared data).
+# The accuracy guard runs first (bf16 and fp16 against fp32 on the shared data), then again for bf16
+# with zero-shot near ties refined in fp32, and the speed of that refinement (tie_refine.py).
 # Every bench prints its JSON; a bench that found the machine busy (load average above half the
 # cores at its start, or other processes' CPU above a tenth of the cores while a contender ran)
 # writes nothing and exits 3. Needs the shared data in ../shared/data.
@@ -36,6 +37,9 @@ run() {
 
 export DOMAINCLIP_BENCH_SETTLE_S="${DOMAINCLIP_BENCH_SETTLE_S:-30}"  # a lent machine is quiet; never wait 5 min
 run "$PY" precision_guard.py --device cuda --precisions bf16,fp16 --workers 8 --json "$OUT/precision_guard.json"
+run "$PY" precision_guard.py --device cuda --precisions bf16 --refine-ties --workers 8 \
+  --json "$OUT/precision_guard_refine_ties.json"
+run "$PY" tie_refine.py --device cuda --batch-size 256 --workers 8 --rounds 2 --json "$OUT/tie_refine.json"
 run "$PY" encode_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --images 2048 --workers 8 \
   --rounds 3 --fp16 --decode-on-device --json "$OUT/encode_throughput.json"
 run "$PY" zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256 --images 2048 --workers 8 \
