@@ -33,7 +33,8 @@ from precision_guard import eval_tasks
 CONTENDERS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16_refine_ties": ("bf16", True)}
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
+def run(args: argparse.Namespace, tasks: list[Any]) -> tuple[dict[str, Any], LoadLog]:
+    """Time the contenders on each zero-shot eval task in ``tasks`` (whose data is present)."""
     from domainclip.core.backbones import ModelConfig, create_backbone
     from domainclip.core.data.sources import load_records
     from domainclip.core.zeroshot import ZeroShotClassifier
@@ -44,9 +45,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
                                             refine_ties=refine)
                    for name, (precision, refine) in CONTENDERS.items()}
     results: dict[str, Any] = {}
-    for task in eval_tasks(args.limit):
-        if task.task != "zeroshot" or not Path(task.data.path).exists():
-            continue
+    for task in tasks:
         records = load_records(task.data)
         paths = [record.image for record in records.records]
         labels, templates = list(records.class_names), list(task.templates or task.data.templates)
@@ -95,7 +94,7 @@ def main() -> int:
     if not present:
         print("SKIPPED: no shared zero-shot data set is present")
         return 0
-    result, load = run(args)
+    result, load = run(args, present)
     return finish(result, load, args.json)
 
 

@@ -16,7 +16,8 @@ from domainclip.core.encode import FrozenEncoder
 from domainclip.core.eval import TieRefiner, encode_loader_images
 from domainclip.core.eval.precision_guard import run_precision_guard
 from domainclip.core.run_config import EvalTaskConfig, RunConfig
-from domainclip.core.train.evaluation import run_eval_task
+from domainclip.core.eval.zeroshot import zeroshot_logits
+from domainclip.core.train.evaluation import eval_loader, run_eval_task
 from domainclip.core.zeroshot import ZeroShotClassifier
 
 from .test_precision_guard import tasks_of
@@ -136,8 +137,16 @@ def test_eval_task_refine_ties_matches_fp32_and_reports_the_count(colour_squares
     fp32 = run_eval_task(dataclasses.replace(task, precision="fp32"), model)["metrics"]
     refined = run_eval_task(dataclasses.replace(task, precision="bf16", refine_ties=True), model)["metrics"]
     assert refined["acc1"] == fp32["acc1"] and refined["mean_per_class_recall"] == fp32["mean_per_class_recall"]
-    assert refined["tie_refinement"]["images"] == 24 and refined["tie_refinement"]["refined"] >= 1
+    # the 24 squares fit one eval batch (64), the calibration batch: every image is refined
+    assert refined["tie_refinement"]["images"] == 24 and refined["tie_refinement"]["refined"] == 24
     assert "tie_refinement" not in fp32
+    records, loader = eval_loader(task, model, 0)
+    logits = {name: zeroshot_logits(model, loader, records.class_names, task.templates, precision=precision,
+                                    refine_ties=refine)[0]
+              for name, precision, refine in (("fp32", "fp32", False), ("bf16", "bf16", False),
+                                              ("refined", "bf16", True))}
+    assert not torch.equal(logits["bf16"], logits["fp32"])  # bf16 alone moves the logits ...
+    assert torch.equal(logits["refined"], logits["fp32"])  # ... refined rows are fp32's exactly
 
     with pytest.raises(ValueError, match="'squares_retrieval': refine_ties .* needs task 'zeroshot'"):
         EvalTaskConfig(name="squares_retrieval", task="retrieval", refine_ties=True)
@@ -151,7 +160,8 @@ def test_guard_with_refine_ties_reports_refined_zero_shot_decisions(colour_squar
     report = run_precision_guard(tasks_of(colour_squares), model, ["bf16"], refine_ties=True)
     zeroshot = report["results"]["squares"]["bf16"]
     assert report["refine_ties"] is True and zeroshot["top1_agreement"] == 1.0
-    assert zeroshot["tie_refinement"]["images"] == 24
+    assert zeroshot["tie_refinement"]["images"] == 24 and zeroshot["tie_refinement"]["refined"] == 24
+    assert zeroshot["points_vs_fp32"] == {"acc1": 0.0, "acc5": 0.0, "mean_per_class_recall": 0.0}
     assert "tie_refinement" not in report["results"]["squares_retrieval"]["bf16"]  # retrieval is never refined
 
     recipe = {"model": {"kind": "open_clip", "name": "domainclip-tiny-vit"},
