@@ -103,13 +103,20 @@ class RunLock:
 
 
 def _read_holder(fd: int, wait: float = 0.0) -> dict[str, Any]:
-    """The JSON record in a lock file (waiting up to ``wait`` s for a new holder to write it)."""
+    """The JSON record in a lock file, ``{}`` when there is none.
+
+    A holder takes the ``flock`` before it writes its record, so an empty or half-written file
+    may simply be a record not written yet: wait up to ``wait`` s for it to appear.
+    """
     deadline = time.monotonic() + wait
     while True:
-        try:
-            return json.loads(os.pread(fd, 65536, 0).decode() or "null") or {}
-        except (ValueError, UnicodeDecodeError):
-            pass
+        text = os.pread(fd, 65536, 0).decode(errors="replace")
+        if text:
+            try:
+                record = json.loads(text)
+                return record if isinstance(record, dict) else {}
+            except ValueError:
+                pass
         if time.monotonic() >= deadline:
             return {}
         time.sleep(0.05)

@@ -2,12 +2,14 @@
 repeated steps, and the same evaluation numbers at the end of training and from ``domainclip eval``."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,22 @@ def test_lock_names_its_holder_and_is_released(tmp_path: Path) -> None:
     second = RunLock(tmp_path / "train.lock")
     assert second.acquire() == {}
     second.release()
+
+
+def test_loser_waits_for_a_holder_that_has_not_written_its_record_yet(tmp_path: Path) -> None:
+    # the race CI once hit: the winner holds the flock but the file is still empty
+    path = tmp_path / "train.lock"
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    record = {"pid": 4242, "host": "winner-host", "started": "now"}
+    writer = threading.Timer(0.3, lambda: os.pwrite(holder, json.dumps(record).encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(RunFolderError, match=r"another train process \(pid 4242 on winner-host, started now\)"):
+            RunLock(path).acquire()
+    finally:
+        writer.join()
+        os.close(holder)
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(colour_squares: Path, tmp_path: Path,
