@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..backbones.base import PreprocessConfig
 from ..data.dataset import BadImageError, open_rgb_image, to_rgb
-from ..data.transforms import build_image_transform
+from ..data.transforms import ToNormalizedTensor, build_image_transform, uint8_pixels
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 
@@ -71,7 +71,8 @@ class EncodeTiming:
         images: images encoded.
         decode_s: time spent decoding and preprocessing, summed over the decode threads (can
             exceed ``wall_s`` when several threads decode at once).
-        wait_s: time the forward loop sat waiting for decoded images (decoding not hidden).
+        wait_s: time the forward loop spent on images instead of forward passes (decoding not
+            hidden): waiting for the decode threads, and scaling and normalising each batch.
         forward_s: time in the model's forward passes (and the classifier head).
         wall_s: the whole call.
         refined: images re-encoded in fp32 by tie refinement (``refine_ties``; their time is in ``forward_s``).
@@ -98,10 +99,13 @@ class EncodeTiming:
 class ImagePreparer:
     """Turns image inputs into normalised float batches for one ``PreprocessConfig``.
 
-    ``workers`` >= 1 decodes and resizes images in that many background threads (PIL and torch
-    release the GIL in the heavy parts), up to ``prefetch`` batches ahead of the batch being
+    ``workers`` >= 1 decodes and resizes images in that many background threads (PIL
+    releases the GIL in the heavy parts), up to ``prefetch`` batches ahead of the batch being
     consumed, so decoding overlaps the forward pass of the previous batch; 0 decodes in the
-    calling thread, between forward passes.
+    calling thread, between forward passes. The threads stop at ``uint8`` pixels: scaling and
+    normalising run once per batch in the calling thread (the same values bit for bit). A torch
+    operation in a decode thread would start a second team of torch threads beside the forward
+    pass's, and on a CPU device the two teams stall each other.
 
     ``decode_on`` (a device, e.g. ``"cuda"``) decodes JPEG files there instead, a batch at a time
     (``torchvision.io.decode_jpeg``: nvJPEG on a GPU), and resizes, crops and normalises them
@@ -123,13 +127,19 @@ class ImagePreparer:
                              f"the reader {preprocess.reader!r}; leave decode_on unset")
         self.preprocess = preprocess
         self.transform: Callable[[Image.Image], torch.Tensor] = build_image_transform(preprocess, train=False)
+        steps = getattr(self.transform, "transforms", [])
+        # None for a reader's transform (multispectral): each image is finished in its thread
+        self.normalize: ToNormalizedTensor | None = steps[-1] if steps and isinstance(steps[-1], ToNormalizedTensor) \
+            else None
+        self.geometry: Callable | None = type(self.transform)(steps[:-1]) if self.normalize is not None else None
         self.workers = workers
         self.prefetch = prefetch
         self.decode_on = torch.device(decode_on) if decode_on is not None else None
         self._lock = threading.Lock()
 
-    def prepare(self, item: ImageInput, position: int) -> torch.Tensor:
-        """One image -> ``(channels, S, S)`` float tensor."""
+    def prepare(self, item: ImageInput, position: int, pixels: bool = False) -> torch.Tensor:
+        """One image -> ``(channels, S, S)`` float tensor; ``pixels``: stop at ``uint8`` pixels where
+        the image has them (``normalize`` finishes them), floats stay floats."""
         size, channels = self.preprocess.image_size, self.preprocess.channels
         if isinstance(item, torch.Tensor):
             if item.is_floating_point():
@@ -145,17 +155,25 @@ class ImagePreparer:
             item = to_pil_image(item)
         if isinstance(item, Image.Image):
             try:
-                return self.transform(to_rgb(item))
+                return self._apply(to_rgb(item), pixels)
             except BadImageError as error:
                 raise ValueError(f"image #{position}: {error.reason}") from None
-        return self._prepare_file(item)
+        return self._prepare_file(item, pixels=pixels)
 
-    def _prepare_file(self, path: str | os.PathLike, contents: bytearray | None = None) -> torch.Tensor:
+    def _apply(self, image: Image.Image, pixels: bool) -> torch.Tensor:
+        if not pixels or self.geometry is None:
+            return self.transform(image)
+        placed = self.geometry(image)
+        raw = uint8_pixels(placed)
+        return raw if raw is not None else self.normalize(placed)
+
+    def _prepare_file(self, path: str | os.PathLike, contents: bytearray | None = None,
+                      pixels: bool = False) -> torch.Tensor:
         """A file -> tensor; ``contents``: its bytes when a thread already read them (``path``
         still names it in errors)."""
         try:  # a multispectral preprocessing opens its files with its own reader
             opener = getattr(self.transform, "open_image", open_rgb_image)
-            return self.transform(opener(path if contents is None else io.BytesIO(contents)))
+            return self._apply(opener(path if contents is None else io.BytesIO(contents)), pixels)
         except BadImageError as error:
             raise ValueError(f"image {os.fspath(path)!r}: {error.reason}") from None
 
@@ -169,8 +187,8 @@ class ImagePreparer:
                     raise ValueError(f"image {os.fspath(item)!r}: cannot read file: {error}") from None
                 if contents[:3] == JPEG_MAGIC:
                     return JpegBytes(item, contents)
-                return self._prepare_file(item, contents)  # read once, decoded by PIL
-            return self.prepare(item, position)
+                return self._prepare_file(item, contents, pixels=True)  # read once, decoded by PIL
+            return self.prepare(item, position, pixels=True)
         finally:
             elapsed = time.perf_counter() - started
             with self._lock:
@@ -211,9 +229,10 @@ class ImagePreparer:
                 futures = pending.popleft()
                 started = time.perf_counter()
                 tensors = [future.result() for future in futures]
-                timing.wait_s += time.perf_counter() - started
                 submit_next()
-                yield self._stack(tensors, timing)
+                batch = self._stack(tensors, timing)
+                timing.wait_s += time.perf_counter() - started
+                yield batch
         finally:
             for futures in pending:
                 for future in futures:
@@ -221,20 +240,29 @@ class ImagePreparer:
             pool.shutdown(wait=True)
 
     def _stack(self, prepared: list[torch.Tensor | JpegBytes], timing: EncodeTiming) -> torch.Tensor:
-        """One batch: the threads' tensors as they are, JPEG files decoded on ``decode_on``."""
-        jpegs = [(slot, item) for slot, item in enumerate(prepared) if isinstance(item, JpegBytes)]
-        if not jpegs:
-            return torch.stack(prepared)
+        """One batch: the threads' pixels normalised, JPEG files decoded on ``decode_on``."""
         started = time.perf_counter()
-        decoded = self._decode_on_device([item for _, item in jpegs])
-        out = [item.to(self.decode_on) if isinstance(item, torch.Tensor) else None for item in prepared]
-        for (slot, _), tensor in zip(jpegs, decoded):
-            out[slot] = tensor
-        batch = torch.stack(out)
+        jpegs = [(slot, item) for slot, item in enumerate(prepared) if isinstance(item, JpegBytes)]
+        out = list(prepared)
+        if jpegs:
+            decoded = self._decode_on_device([item for _, item in jpegs])
+            out = [item.to(self.decode_on) if isinstance(item, torch.Tensor) else None for item in prepared]
+            for (slot, _), tensor in zip(jpegs, decoded):
+                out[slot] = tensor
+        batch = self._normalized(out)
         if batch.is_cuda:
             torch.cuda.synchronize(batch.device)  # the decode time is the kernels', not their launch
         timing.decode_s += time.perf_counter() - started
         return batch
+
+    def _normalized(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Stack a batch, scaling and normalising its ``uint8`` pixels (in one call when all are)."""
+        raw = [tensor.dtype == torch.uint8 for tensor in tensors]
+        if not any(raw):
+            return torch.stack(tensors)
+        if all(raw) and len({tensor.shape for tensor in tensors}) == 1:
+            return self.normalize(torch.stack(tensors))
+        return torch.stack([self.normalize(tensor) if is_raw else tensor for tensor, is_raw in zip(tensors, raw)])
 
     def _decode_on_device(self, jpegs: list[JpegBytes]) -> list[torch.Tensor]:
         """JPEG bytes -> preprocessed float tensors on ``decode_on``; images of one size share the

@@ -74,3 +74,63 @@ def test_grey_preprocess_gives_one_channel_and_bad_channel_counts_fail() -> None
 def test_invalid_scale_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"scale must satisfy 0 < low <= high <= 1, got \(0.9, 0.5\)"):
         build_image_transform(PreprocessConfig(), train=True, scale=(0.9, 0.5))
+
+
+def v2_to_normalised(mean, std):  # noqa: ANN001, ANN201 - what ToNormalizedTensor replaces
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+
+
+@pytest.mark.parametrize("kind", ["rgb", "grey", "grey_to_three_channels", "uint8_batch", "float_tensor", "tv_image"])
+def test_to_normalized_tensor_equals_v2_bit_for_bit(kind: str) -> None:
+    from torchvision import tv_tensors
+
+    from domainclip.core.data.transforms import ToNormalizedTensor
+
+    rng = np.random.default_rng(7)
+    mean, std = (MEAN[:1], STD[:1]) if kind == "grey" else (MEAN, STD)
+    rgb = rng.integers(0, 256, size=(9, 13, 3), dtype=np.uint8)
+    image = {"rgb": lambda: Image.fromarray(rgb),
+             "grey": lambda: Image.fromarray(rgb[..., 0]),
+             "grey_to_three_channels": lambda: Image.fromarray(rgb[..., 0]),  # broadcast, as v2 does
+             "uint8_batch": lambda: torch.from_numpy(rgb).permute(2, 0, 1).expand(4, 3, 9, 13).contiguous(),
+             "float_tensor": lambda: torch.from_numpy(rgb).permute(2, 0, 1).float() / 255,
+             "tv_image": lambda: tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))}[kind]()
+    ours, reference = ToNormalizedTensor(mean, std)(image), v2_to_normalised(mean, std)(image)
+    assert ours.shape == reference.shape and ours.dtype == torch.float32
+    assert torch.equal(ours, reference)
+    if kind not in ("float_tensor", "tv_image"):  # those take v2's own steps
+        assert ours.is_contiguous()
+    if kind == "rgb":  # why v2 is slow here: it normalises a channels-last strided tensor
+        assert not reference.is_contiguous()
+
+
+def test_to_normalized_tensor_fails_where_v2_fails() -> None:
+    from domainclip.core.data.transforms import ToNormalizedTensor
+
+    rgba = Image.fromarray(np.zeros((4, 4, 4), dtype=np.uint8), "RGBA")  # 4 channels against 3 means
+    with pytest.raises(RuntimeError, match="must match the size"):
+        v2_to_normalised(MEAN, STD)(rgba)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        ToNormalizedTensor(MEAN, STD)(rgba)
+
+
+def test_eval_transform_output_equals_the_v2_pipeline_on_a_real_sized_image() -> None:
+    from torchvision.transforms import InterpolationMode, v2
+
+    config = PreprocessConfig(image_size=224, mean=MEAN, std=STD, interpolation="bicubic")
+    pixels = np.random.default_rng(3).integers(0, 256, size=(256, 300, 3), dtype=np.uint8)
+    reference = v2.Compose([v2.Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                            v2.CenterCrop(224), v2_to_normalised(MEAN, STD)])
+    assert torch.equal(build_image_transform(config, train=False)(Image.fromarray(pixels)),
+                       reference(Image.fromarray(pixels)))
+
+
+def test_to_normalized_tensor_refuses_a_zero_std_and_mismatched_channels() -> None:
+    from domainclip.core.data.transforms import ToNormalizedTensor
+
+    with pytest.raises(ValueError, match=r"std must not contain 0"):
+        ToNormalizedTensor(MEAN, (0.2, 0.0, 0.5))
+    with pytest.raises(ValueError, match="mean has 3 channels but std has 2"):
+        ToNormalizedTensor(MEAN, STD[:2])

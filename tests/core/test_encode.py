@@ -218,12 +218,15 @@ def test_background_decoding_gives_the_same_batches_and_names_bad_files(colour_s
     model = tiny_backbone()
     paths = square_paths(colour_squares, 7)
     threads: set[str] = set()
+    dtypes: set[torch.dtype] = set()
     preparer = ImagePreparer(model.preprocess, workers=2)
     original = preparer.prepare
 
-    def recording(item, position):
+    def recording(item, position, **options):
         threads.add(threading.current_thread().name)
-        return original(item, position)
+        out = original(item, position, **options)
+        dtypes.add(out.dtype)
+        return out
 
     preparer.prepare = recording  # type: ignore[method-assign]
     inline = list(ImagePreparer(model.preprocess, workers=0).batches(paths, 3))
@@ -231,6 +234,11 @@ def test_background_decoding_gives_the_same_batches_and_names_bad_files(colour_s
     assert [b.shape[0] for b in background] == [3, 3, 1]
     assert all(torch.equal(a, b) for a, b in zip(inline, background))
     assert threads and all(name.startswith("domainclip-decode") for name in threads)
+    # the threads stop at uint8 pixels (no torch arithmetic beside the forward pass's threads);
+    # the batch normalised at once equals each image's full transform bit for bit
+    assert dtypes == {torch.uint8}
+    one_by_one = torch.stack([ImagePreparer(model.preprocess).prepare(path, 0) for path in paths])
+    assert one_by_one.dtype == torch.float32 and torch.equal(torch.cat(background), one_by_one)
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
