@@ -8,7 +8,8 @@
 #   (model FLOPs per image x images/s over the measured bf16 / fp32 matmul peak of the GPU);
 # - zero-shot: ZeroShotClassifier against transformers.pipeline at the same batch size, workers
 #   and precision (bf16), also with the JPEGs decoded on the GPU (decode_on_device, nvJPEG; the
-#   encoding bench times that path end to end too);
+#   encoding bench times that path end to end too), after the per-image CPU preprocessing alone
+#   (preprocess.py: the kit against torchvision v2 and transformers' image processors);
 # - training: domainclip train (bf16 autocast, and train.bf16_weights: bf16 matrices with fp32
 #   master weights) against open_clip_train, ViT-B-16, batch 256, bf16, with the training FLOPs
 #   per sample and the GPU's bf16 matmul peak (MFU); then the 200-step RSICD loss curves of bf16
@@ -42,6 +43,7 @@ run "$PY" precision_guard.py --device cuda --precisions bf16 --refine-ties --wor
 run "$PY" tie_refine.py --device cuda --batch-size 256 --workers 8 --rounds 2 --json "$OUT/tie_refine.json"
 run "$PY" encode_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --images 2048 --workers 8 \
   --rounds 3 --fp16 --decode-on-device --json "$OUT/encode_throughput.json"
+run "$PY" preprocess.py --images 256 --rounds 3 --json "$OUT/preprocess.json"  # the host CPU that feeds the GPU
 run "$PY" zeroshot_throughput.py --device cuda --precision bf16 --batch-size 256 --images 2048 --workers 8 \
   --rounds 2 --decode-on-device --json "$OUT/zeroshot_throughput.json"
 run "$PY" train_throughput.py --device cuda --model ViT-B-16 --batch-size 256 --workers 8 --steps 10 \

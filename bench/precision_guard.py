@@ -53,6 +53,14 @@ def eval_tasks(limit: int) -> list[Any]:
     return found
 
 
+def present_zeroshot_tasks(limit: int) -> list[Any]:
+    """The zero-shot guard tasks whose shared data is present; prints SKIPPED when there is none."""
+    present = [task for task in eval_tasks(limit) if task.task == "zeroshot" and Path(task.data.path).exists()]
+    if not present:
+        print("SKIPPED: no shared zero-shot data set is present")
+    return present
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precisions", default="bf16", help="comma-separated, each compared with fp32")

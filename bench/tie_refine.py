@@ -22,13 +22,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from measure import LoadLog, alternating, finish
-from precision_guard import eval_tasks
+from precision_guard import present_zeroshot_tasks
 
 CONTENDERS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16_refine_ties": ("bf16", True)}
 
@@ -90,9 +89,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
     args = parser.parse_args()
-    present = [task for task in eval_tasks(args.limit) if task.task == "zeroshot" and Path(task.data.path).exists()]
+    present = present_zeroshot_tasks(args.limit)
     if not present:
-        print("SKIPPED: no shared zero-shot data set is present")
         return 0
     result, load = run(args, present)
     return finish(result, load, args.json)
