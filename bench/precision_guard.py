@@ -54,11 +54,11 @@ def eval_tasks(limit: int) -> list[Any]:
 
 
 def present_zeroshot_tasks(limit: int) -> list[Any]:
-    """The zero-shot guard tasks whose shared data is present; prints SKIPPED when there is none."""
-    present = [task for task in eval_tasks(limit) if task.task == "zeroshot" and Path(task.data.path).exists()]
-    if not present:
-        print("SKIPPED: no shared zero-shot data set is present")
-    return present
+    """The zero-shot guard tasks whose shared data is present (empty when none is)."""
+    return [task for task in eval_tasks(limit) if task.task == "zeroshot" and Path(task.data.path).exists()]
+
+
+NO_ZEROSHOT_DATA = "SKIPPED: no shared zero-shot data set is present"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from measure import LoadLog, alternating, finish
-from precision_guard import present_zeroshot_tasks
+from precision_guard import NO_ZEROSHOT_DATA, present_zeroshot_tasks
 
 CLIP_SIZE = 224
 
@@ -124,6 +124,7 @@ def main() -> int:
     args = parser.parse_args()
     sets = data_sets(args.images)
     if not sets:
+        print(NO_ZEROSHOT_DATA)
         return 0
     result, load = run(args, sets)
     return finish(result, load, args.json)

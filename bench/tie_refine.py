@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from measure import LoadLog, alternating, finish
-from precision_guard import present_zeroshot_tasks
+from precision_guard import NO_ZEROSHOT_DATA, present_zeroshot_tasks
 
 CONTENDERS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16_refine_ties": ("bf16", True)}
 
@@ -91,6 +91,7 @@ def main() -> int:
     args = parser.parse_args()
     present = present_zeroshot_tasks(args.limit)
     if not present:
+        print(NO_ZEROSHOT_DATA)
         return 0
     result, load = run(args, present)
     return finish(result, load, args.json)

@@ -69,10 +69,12 @@ class EncodeTiming:
 
     Attributes:
         images: images encoded.
-        decode_s: time spent decoding and preprocessing, summed over the decode threads (can
+        decode_s: time spent decoding, resizing and cropping, summed over the decode threads (can
             exceed ``wall_s`` when several threads decode at once).
-        wait_s: time the forward loop spent on images instead of forward passes (decoding not
-            hidden): waiting for the decode threads, and scaling and normalising each batch.
+        wait_s: time the forward loop waited for decoded images (decoding it did not hide; with
+            ``workers=0`` it is the decoding itself).
+        normalize_s: time the forward loop spent turning decoded pixels into a batch: scaling,
+            normalising and stacking (with ``decode_on``, also the batch's decoding on the device).
         forward_s: time in the model's forward passes (and the classifier head).
         wall_s: the whole call.
         refined: images re-encoded in fp32 by tie refinement (``refine_ties``; their time is in ``forward_s``).
@@ -81,16 +83,18 @@ class EncodeTiming:
     images: int = 0
     decode_s: float = 0.0
     wait_s: float = 0.0
+    normalize_s: float = 0.0
     forward_s: float = 0.0
     wall_s: float = 0.0
     refined: int = 0
 
     def shares(self) -> dict[str, float]:
-        """Decode and forward as shares of their summed work, and the share of wall time waiting."""
-        work = self.decode_s + self.forward_s
-        return {"decode_share_of_work": self.decode_s / work if work else 0.0,
-                "forward_share_of_work": self.forward_s / work if work else 0.0,
-                "waiting_share_of_wall": self.wait_s / self.wall_s if self.wall_s else 0.0}
+        """Decode, normalise and forward as shares of their summed work, and the share of wall time
+        the forward loop waited for decoding."""
+        parts = {"decode": self.decode_s, "normalize": self.normalize_s, "forward": self.forward_s}
+        work = sum(parts.values())
+        shares = {f"{name}_share_of_work": seconds / work if work else 0.0 for name, seconds in parts.items()}
+        return {**shares, "waiting_share_of_wall": self.wait_s / self.wall_s if self.wall_s else 0.0}
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), **self.shares()}
@@ -102,8 +106,8 @@ class ImagePreparer:
     ``workers`` >= 1 decodes and resizes images in that many background threads (PIL
     releases the GIL in the heavy parts), up to ``prefetch`` batches ahead of the batch being
     consumed, so decoding overlaps the forward pass of the previous batch; 0 decodes in the
-    calling thread, between forward passes. The threads stop at ``uint8`` pixels: scaling and
-    normalising run once per batch in the calling thread (the same values bit for bit). A torch
+    calling thread, between forward passes. The threads stop at ``uint8`` pixels: each image is
+    scaled and normalised in the calling thread (the same values bit for bit). A torch
     operation in a decode thread would start a second team of torch threads beside the forward
     pass's, and on a CPU device the two teams stall each other.
 
@@ -207,10 +211,10 @@ class ImagePreparer:
         if self.workers == 0:
             for start in starts:
                 started = time.perf_counter()
-                batch = self._stack([self._timed_prepare(item, position, timing)
-                                     for position, item in enumerate(items[start:start + batch_size], start)], timing)
+                prepared = [self._timed_prepare(item, position, timing)
+                            for position, item in enumerate(items[start:start + batch_size], start)]
                 timing.wait_s += time.perf_counter() - started
-                yield batch
+                yield self._stack(prepared, timing)
             return
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="domainclip-decode")
         pending: deque[list[Future]] = deque()
@@ -228,11 +232,10 @@ class ImagePreparer:
             while pending:
                 futures = pending.popleft()
                 started = time.perf_counter()
-                tensors = [future.result() for future in futures]
-                submit_next()
-                batch = self._stack(tensors, timing)
+                prepared = [future.result() for future in futures]
                 timing.wait_s += time.perf_counter() - started
-                yield batch
+                submit_next()
+                yield self._stack(prepared, timing)
         finally:
             for futures in pending:
                 for future in futures:
@@ -240,7 +243,7 @@ class ImagePreparer:
             pool.shutdown(wait=True)
 
     def _stack(self, prepared: list[torch.Tensor | JpegBytes], timing: EncodeTiming) -> torch.Tensor:
-        """One batch: the threads' pixels normalised, JPEG files decoded on ``decode_on``."""
+        """One batch from the threads' output: ``uint8`` pixels normalised, JPEG files decoded on ``decode_on``."""
         started = time.perf_counter()
         jpegs = [(slot, item) for slot, item in enumerate(prepared) if isinstance(item, JpegBytes)]
         out = list(prepared)
@@ -249,20 +252,12 @@ class ImagePreparer:
             out = [item.to(self.decode_on) if isinstance(item, torch.Tensor) else None for item in prepared]
             for (slot, _), tensor in zip(jpegs, decoded):
                 out[slot] = tensor
-        batch = self._normalized(out)
+        # image by image, so each image's pixels stay in the CPU cache between the passes
+        batch = torch.stack([self.normalize(tensor) if tensor.dtype == torch.uint8 else tensor for tensor in out])
         if batch.is_cuda:
-            torch.cuda.synchronize(batch.device)  # the decode time is the kernels', not their launch
-        timing.decode_s += time.perf_counter() - started
+            torch.cuda.synchronize(batch.device)  # the time is the kernels', not their launch
+        timing.normalize_s += time.perf_counter() - started
         return batch
-
-    def _normalized(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Stack a batch, scaling and normalising its ``uint8`` pixels (in one call when all are)."""
-        raw = [tensor.dtype == torch.uint8 for tensor in tensors]
-        if not any(raw):
-            return torch.stack(tensors)
-        if all(raw) and len({tensor.shape for tensor in tensors}) == 1:
-            return self.normalize(torch.stack(tensors))
-        return torch.stack([self.normalize(tensor) if is_raw else tensor for tensor, is_raw in zip(tensors, raw)])
 
     def _decode_on_device(self, jpegs: list[JpegBytes]) -> list[torch.Tensor]:
         """JPEG bytes -> preprocessed float tensors on ``decode_on``; images of one size share the

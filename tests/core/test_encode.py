@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from domainclip.core import config as config_lib
 from domainclip.core import encode as encode_module
@@ -239,6 +240,10 @@ def test_background_decoding_gives_the_same_batches_and_names_bad_files(colour_s
     assert dtypes == {torch.uint8}
     one_by_one = torch.stack([ImagePreparer(model.preprocess).prepare(path, 0) for path in paths])
     assert one_by_one.dtype == torch.float32 and torch.equal(torch.cat(background), one_by_one)
+    # one batch mixing files, PIL images and preprocessed float tensors: only the pixels are normalised
+    mixed = [paths[0], Image.open(paths[1]), one_by_one[2], paths[3]]
+    (batch,) = ImagePreparer(model.preprocess, workers=2).batches(mixed, 4)
+    assert torch.equal(batch, one_by_one[:4])
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
@@ -250,10 +255,14 @@ def test_classifier_reports_where_the_time_went(colour_squares: Path) -> None:
     classifier = ZeroShotClassifier(tiny_backbone(), device="cpu", batch_size=2, workers=2)
     classifier.predict_proba(square_paths(colour_squares, 5), LABELS)
     timing = classifier.last_timing
-    assert timing.images == 5 and timing.decode_s > 0 and timing.forward_s > 0
-    assert timing.wall_s >= timing.forward_s + timing.wait_s - 1e-3
+    assert timing.images == 5 and timing.decode_s > 0 and timing.normalize_s > 0 and timing.forward_s > 0
+    # the forward loop's own parts are disjoint: together they fit in the wall time
+    assert timing.wall_s >= timing.forward_s + timing.wait_s + timing.normalize_s - 1e-3
     shares = timing.shares()
-    assert shares["decode_share_of_work"] + shares["forward_share_of_work"] == pytest.approx(1.0)
+    work = timing.decode_s + timing.normalize_s + timing.forward_s
+    assert shares["normalize_share_of_work"] == pytest.approx(timing.normalize_s / work)
+    assert sum(shares[f"{part}_share_of_work"] for part in ("decode", "normalize", "forward")) == pytest.approx(1.0)
+    assert shares["waiting_share_of_wall"] == pytest.approx(timing.wait_s / timing.wall_s)
 
 
 # --- accuracy guard: bf16 against fp32 on the bundled sample ------------------------------------
