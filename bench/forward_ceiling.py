@@ -6,10 +6,11 @@ precision. Both run the same Hugging Face CLIP model, so the kit can win only by
 the zero-shot bench's ViT-B/32-sized vision tower (``zeroshot_throughput.save_vit_b32_clip``'s
 configuration, random init) on the CPU (oneDNN), model-only (pre-made pixel tensors), one precision for all:
 
-* ``eager``: the module as the kit and the pipeline both run it;
-* ``prepacked``: every ``F.linear`` routed to oneDNN with its weight reordered into oneDNN's
-  blocked layout once (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what
-  inductor's freezing pass emits) instead of at every call;
+* ``eager``: the module as the pipeline runs it (and the kit with ``pack_linears=False``);
+* ``prepacked``: every ``nn.Linear`` replaced by the kit's ``PackedLinear`` (``core/encode.py``,
+  what a bf16 ``FrozenEncoder`` on a CPU runs since 2026-12-06): oneDNN's product with the weight
+  reordered into oneDNN's blocked layout once (``torch.ops.mkldnn._reorder_linear_weight`` /
+  ``_linear_pointwise``, what inductor's freezing pass emits) instead of at every call;
 * ``compiled``: ``torch.compile`` with inductor's ``freezing`` (prepacked weights, fused
   element-wise operations); its compile time is reported, not timed.
 
@@ -25,6 +26,7 @@ written (exit status 3).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -33,8 +35,6 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from measure import LoadLog, alternating, finish
 
@@ -53,26 +53,6 @@ def vision_tower(dtype: torch.dtype) -> torch.nn.Module:
     return CLIPVisionModelWithProjection(config).eval().to(dtype)
 
 
-class PrepackedLinear(TorchFunctionMode):
-    """Route ``F.linear`` calls on the given weights to oneDNN with each weight reordered once."""
-
-    def __init__(self, model: torch.nn.Module, rows: int) -> None:
-        super().__init__()
-        self.packed = {module.weight.data_ptr(): torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
-                       for module in model.modules() if isinstance(module, torch.nn.Linear)}
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            packed = self.packed.get(weight.data_ptr())
-            if packed is not None:
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-                return out.view(*x.shape[:-1], out.shape[-1])
-        return func(*args, **kwargs)
-
-
 def matrix_share(forward: Callable[[], Any]) -> dict[str, float]:
     """Share of one profiled eager pass's self CPU time per matrix-product operator, and their sum."""
     from torch.profiler import profile
@@ -89,14 +69,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
     dtype = DTYPES[args.precision]
     model = vision_tower(dtype)
     pixels = torch.randn(args.batch_size, 3, 224, 224).to(dtype)
-    prepacked = PrepackedLinear(model, args.batch_size * 50)
+    from domainclip.core.encode import pack_cpu_linears
+
+    packed_model = copy.deepcopy(model)
+    pack_cpu_linears(packed_model)
 
     def eager() -> torch.Tensor:
         return model(pixel_values=pixels).image_embeds
 
     def packed() -> torch.Tensor:
-        with prepacked:
-            return model(pixel_values=pixels).image_embeds
+        return packed_model(pixel_values=pixels).image_embeds
 
     import torch._inductor.config as inductor_config
 

@@ -16,6 +16,10 @@ four labels and the pipeline's own prompt ("This is a photo of {}.") go to:
   (``zeroshot_torch_device_decode``): JPEG decoding, resizing and normalising on ``--device``
   (nvJPEG on a GPU); the threads only read the files. Its answers are compared with the default
   (PIL) path's;
+* where the kit's bf16 copy runs packed linear layers (a CPU with oneDNN bf16: ``PackedLinear``
+  in ``core/encode.py``), also the same classifier with eager linear layers
+  (``zeroshot_torch_unpacked``), so the packing's share of the ratio is measured in the same run;
+  its answers must equal the packed ones bit for bit;
 * ``OnnxZeroShotClassifier`` on the file ``export_onnx`` writes for the four labels (onnxruntime,
   fp32: only when ``--precision fp32``).
 
@@ -120,6 +124,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
                 pipe(paths, candidate_labels=LABELS, batch_size=args.batch_size, num_workers=args.workers)),
             "zeroshot_torch": lambda: (ours.clear_cache(), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
         }
+        if ours.encoder.packed_linears:  # a bf16 copy on a CPU: also time it with eager linear layers
+            unpacked = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
+                                                          workers=args.workers, precision=args.precision)
+            unpacked.encoder.pack_linears = False
+            contenders["zeroshot_torch_unpacked"] = lambda: (
+                unpacked.clear_cache(), unpacked.predict_proba(paths, LABELS, [TEMPLATE]))[1]
         if args.decode_on_device:
             on_device = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
                                                            workers=args.workers, precision=args.precision,
@@ -163,6 +173,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
                     "torch": torch.__version__},
         "command": " ".join(["python", *sys.argv]),
     }
+    result["packed_linears"] = ours.encoder.packed_linears
+    if "zeroshot_torch_unpacked" in rates:
+        result.update({
+            "ratio_unpacked_vs_pipeline": rates["zeroshot_torch_unpacked"] / rates["transformers_pipeline"],
+            "ratio_packed_vs_unpacked": rates["zeroshot_torch"] / rates["zeroshot_torch_unpacked"],
+            "unpacked_equals_packed": bool(torch.equal(probabilities["zeroshot_torch_unpacked"], reference)),
+        })
     if "zeroshot_torch_device_decode" in rates:
         decoded = probabilities["zeroshot_torch_device_decode"]
         result.update({

@@ -217,7 +217,7 @@ class ZeroShotClassifier:
         """What this classifier runs: source, method, backbone kind, device, default templates."""
         loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
         return {**describe(loaded), "device": str(self.device), "precision": self.precision,
-                "refine_ties": self.refine_ties,
+                "refine_ties": self.refine_ties, "packed_linears": self.encoder.packed_linears,
                 "templates": list(self.templates),
                 "preprocess": self.preprocess.to_dict(), "token_merging": token_merging_key(self.model)}
 

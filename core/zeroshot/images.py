@@ -252,7 +252,6 @@ class ImagePreparer:
             out = [item.to(self.decode_on) if isinstance(item, torch.Tensor) else None for item in prepared]
             for (slot, _), tensor in zip(jpegs, decoded):
                 out[slot] = tensor
-        # image by image, so each image's pixels stay in the CPU cache between the passes
         batch = torch.stack([self.normalize(tensor) if tensor.dtype == torch.uint8 else tensor for tensor in out])
         if batch.is_cuda:
             torch.cuda.synchronize(batch.device)  # the time is the kernels', not their launch

@@ -18,10 +18,14 @@ from domainclip.core import encode as encode_module
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.cli import main
 from domainclip.core.encode import (
+    PACKED_LINEAR_ENV,
     FrozenEncoder,
+    PackedLinear,
     cpu_has_fast_bf16,
     eval_mode,
     model_device,
+    pack_cpu_linears,
+    packed_linear_available,
     resolve_precision,
 )
 from domainclip.core.eval import classification_metrics, encode_texts
@@ -152,6 +156,81 @@ def test_eval_mode_restores_every_flag_and_model_device() -> None:
     assert model.training and not model.model.transformer.training
     assert model_device(model) == torch.device("cpu")
     assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+# --- linear layers packed for oneDNN on the CPU ----------------------------------------------------
+def test_a_packed_linear_gives_nn_linears_output() -> None:
+    assert packed_linear_available(torch.float32)  # any x86 torch build: oneDNN is built in
+    # bf16: eager runs the same oneDNN product, so the output is equal bit for bit; fp32: eager
+    # runs MKL's, so they agree to rounding (the kit packs only bf16 copies)
+    dtypes = [torch.float32, *([torch.bfloat16] if packed_linear_available(torch.bfloat16) else [])]
+    torch.manual_seed(0)
+    for dtype in dtypes:
+        for bias in (True, False):
+            linear = torch.nn.Linear(48, 40, bias=bias).to(dtype).requires_grad_(False)
+            packed = PackedLinear(linear)
+            assert packed.weight is linear.weight and packed.bias is linear.bias
+            for x in (torch.randn(7, 48), torch.randn(3, 5, 48), torch.randn(48, 6).t(), torch.randn(0, 48)):
+                x = x.to(dtype)
+                with torch.no_grad():
+                    ours, theirs = packed(x), linear(x)
+                assert ours.shape == theirs.shape, (dtype, bias, tuple(x.shape))
+                if dtype == torch.bfloat16:
+                    assert torch.equal(ours, theirs), (bias, tuple(x.shape))
+                else:
+                    assert torch.allclose(ours, theirs, atol=1e-5), (bias, tuple(x.shape))
+    # a graph that needs gradients goes through F.linear (the packed product has no backward)
+    linear = torch.nn.Linear(48, 40)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 48, requires_grad=True)
+    packed(x).sum().backward()
+    assert torch.allclose(x.grad, linear.weight.sum(0).expand(4, -1)) and linear.weight.grad is not None
+    with pytest.raises(RuntimeError):
+        packed(torch.randn(2, 48, dtype=torch.float64))  # another dtype fails as nn.Linear would
+
+
+def test_pack_cpu_linears_packs_plain_linears_once_and_leaves_attention_alone() -> None:
+    shared = torch.nn.Linear(8, 8)
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    model = torch.nn.ModuleDict({"a": torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+                                 "b": torch.nn.Sequential(shared), "attention": attention}).eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        before = (model["a"](x), model["attention"](x, x, x)[0])
+        assert pack_cpu_linears(model) == 2  # the shared layer once, attention's out_proj not at all
+        assert model["a"][0] is model["b"][0] and isinstance(model["a"][2], PackedLinear)
+        assert type(attention.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+        assert torch.allclose(model["a"](x), before[0], atol=1e-6)
+        assert torch.equal(model["attention"](x, x, x)[0], before[1])
+
+
+def test_a_bf16_cpu_encoder_packs_its_copy_and_gives_the_same_features(monkeypatch: pytest.MonkeyPatch,
+                                                                        colour_squares: Path) -> None:
+    model = tiny_backbone(seed=5)
+    images = pixels(model, square_paths(colour_squares, 5))
+    texts = ["a red square", "a photo of a blue square", "green"]
+    monkeypatch.setenv(PACKED_LINEAR_ENV, "0")
+    plain = FrozenEncoder(model, "bf16")
+    assert plain.packed_linears == 0
+    monkeypatch.delenv(PACKED_LINEAR_ENV)
+    encoder = FrozenEncoder(model, "bf16")
+    classifier = ZeroShotClassifier(model, device="cpu", precision="bf16")
+    assert classifier.info()["packed_linears"] == encoder.packed_linears
+    if not packed_linear_available(torch.bfloat16):  # a CPU or build without oneDNN bf16: nothing is packed
+        assert encoder.packed_linears == 0 and not any(isinstance(m, PackedLinear) for m in encoder.model.modules())
+        return
+    layers = [m for m in encoder.model.modules() if isinstance(m, PackedLinear)]
+    assert encoder.packed_linears == len(layers) > 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # the source is untouched
+    assert torch.equal(encoder.encode_image(images), plain.encode_image(images))
+    assert torch.equal(encoder.encode_texts(texts), plain.encode_texts(texts))
+    assert FrozenEncoder(model, "fp32").packed_linears == 0  # fp32 runs the source model itself
+    encoder.refresh()
+    assert encoder.packed_linears == len(layers)
+    encoder.pack_linears = False  # per encoder, applied by refresh
+    encoder.refresh()
+    assert encoder.packed_linears == 0 and not any(isinstance(m, PackedLinear) for m in encoder.model.modules())
+    assert FrozenEncoder(model, "bf16", pack_linears=False).packed_linears == 0
 
 
 # --- the feature cache key ----------------------------------------------------------------------
