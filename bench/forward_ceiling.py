@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 import statistics
 import sys
@@ -36,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from measure import LoadLog, alternating, finish
+from measure import LoadLog, alternating, threaded_bench_main
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATRIX_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "mkldnn::_linear_pointwise",
@@ -123,13 +122,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--batch-size", type=int, default=16, help="the zero-shot bench's batch size")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10, help="forward passes per contender per round")
-    parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
-    args = parser.parse_args()
-    result, load = run(args)
-    return finish(result, load, args.json)
+    return threaded_bench_main(parser, run, rounds=5)
 
 
 if __name__ == "__main__":

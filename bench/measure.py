@@ -6,6 +6,7 @@ file holds "how a number is measured".
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -131,6 +132,18 @@ class LoadLog:
 def alternating(contenders: list[str], round_index: int) -> list[str]:
     """Contender order of a round: as given in even rounds, reversed in odd ones (A B C, C B A)."""
     return list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
+
+
+def threaded_bench_main(parser: argparse.ArgumentParser,
+                        run: Callable[[argparse.Namespace], tuple[dict[str, Any], LoadLog]], rounds: int) -> int:
+    """What the in-process benches share after their own options: ``--threads``, ``--rounds`` and
+    ``--json`` are added, the bench runs, and :func:`finish` writes the result on a quiet machine."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
+    args = parser.parse_args()
+    result, load = run(args)
+    return finish(result, load, args.json)
 
 
 def finish(result: dict[str, Any], load: LoadLog, json_path: str = "", interim: bool = False) -> int:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from measure import LoadLog, alternating, finish
+from measure import LoadLog, alternating, threaded_bench_main
 from zeroshot_throughput import save_vit_b32_clip
 
 
@@ -102,12 +102,7 @@ def main() -> int:
     parser.add_argument("--images-per-round", type=int, default=64, help="images each contender encodes per round")
     parser.add_argument("--texts", type=int, default=4, help="prompts per text call")
     parser.add_argument("--text-calls", type=int, default=20, help="text calls per contender per round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", default="", help="write the results here (only on a quiet machine)")
-    args = parser.parse_args()
-    result, load = run(args)
-    return finish(result, load, args.json)
+    return threaded_bench_main(parser, run, rounds=3)
 
 
 if __name__ == "__main__":
