@@ -187,10 +187,10 @@ class PackedLinear(nn.Module):
     call; this runs the same product on a weight reordered when the layer is built (what inductor's
     freezing pass does), so in bf16 the output equals ``nn.Linear``'s bit for bit. (In fp32 eager
     runs MKL's product instead, and the two agree only to rounding; the kit packs bf16 copies
-    only.) ``weight`` and ``bias``
-    stay as they were (other code may read them), so the weight is held twice. Inputs the packed
-    product cannot take (another device or dtype, no rows, or a graph that needs gradients) go
-    through ``F.linear``.
+    only.) ``weight`` and ``bias`` stay as they were (other code may read them), so the weight is
+    held twice. Inputs the packed product cannot take (another device or dtype, no rows, or a
+    graph that needs gradients) go through ``F.linear``. The packed weight is never copied or
+    pickled (oneDNN's opaque tensors cannot be): a copy packs its own weight again.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -199,6 +199,13 @@ class PackedLinear(nn.Module):
         self.register_parameter("weight", linear.weight)
         self.register_parameter("bias", linear.bias)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "packed"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)

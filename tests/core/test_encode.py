@@ -3,8 +3,10 @@ features close to fp32, the precision in the feature-cache key, in metrics.json 
 decoding overlapped with the forward pass, and the bf16 accuracy guard on the bundled sample."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import pickle
 import threading
 from pathlib import Path
 
@@ -179,6 +181,12 @@ def test_a_packed_linear_gives_nn_linears_output() -> None:
                     assert torch.equal(ours, theirs), (bias, tuple(x.shape))
                 else:
                     assert torch.allclose(ours, theirs, atol=1e-5), (bias, tuple(x.shape))
+    # a copy (deepcopy, pickle) packs its own weight again: oneDNN's opaque tensor cannot be copied
+    x = torch.randn(3, 48).to(packed.weight.dtype)
+    for clone in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert clone.packed is not packed.packed and clone.weight is not packed.weight
+        with torch.no_grad():
+            assert torch.equal(clone.weight, packed.weight) and torch.equal(clone(x), packed(x))
     # a graph that needs gradients goes through F.linear (the packed product has no backward)
     linear = torch.nn.Linear(48, 40)
     packed = PackedLinear(linear)
