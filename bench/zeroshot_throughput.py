@@ -27,7 +27,8 @@ Peers get the same batch size, decode workers, torch threads and precision (``--
 or ``bf16``: the pipeline's ``dtype`` and the kit's ``precision``). Rounds alternate the order
 (A B C, C B A, ...) so load drift hits all alike; each round of ``ZeroShotClassifier`` starts
 with an empty text-classifier cache (it encodes the labels once per round, the pipeline once per
-image). An unmeasured warm-up call of each comes first. Images/s is images over the wall-clock
+image) and keeps its frozen weights, as in use (``clear_cache(weights=False)``; before
+2026-12-06 every round also re-cast the weights, which a classifier in use does once). An unmeasured warm-up call of each comes first. Images/s is images over the wall-clock
 seconds of one full call; the ratio is of the medians over rounds. The kit's share of time in
 decoding and in the forward pass is reported. The 1-minute load average is recorded around
 every contender; above half the core count (1.0 on 2 cores) nothing is written (exit status 3).
@@ -122,20 +123,21 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
         contenders: dict[str, Callable[[], torch.Tensor]] = {
             "transformers_pipeline": lambda: pipeline_probabilities(
                 pipe(paths, candidate_labels=LABELS, batch_size=args.batch_size, num_workers=args.workers)),
-            "zeroshot_torch": lambda: (ours.clear_cache(), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
+            "zeroshot_torch": lambda: (ours.clear_cache(weights=False), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
         }
         if ours.encoder.packed_linears:  # a bf16 copy on a CPU: also time it with eager linear layers
             unpacked = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
                                                           workers=args.workers, precision=args.precision)
             unpacked.encoder.pack_linears = False
+            unpacked.clear_cache()  # the frozen copy again, unpacked
             contenders["zeroshot_torch_unpacked"] = lambda: (
-                unpacked.clear_cache(), unpacked.predict_proba(paths, LABELS, [TEMPLATE]))[1]
+                unpacked.clear_cache(weights=False), unpacked.predict_proba(paths, LABELS, [TEMPLATE]))[1]
         if args.decode_on_device:
             on_device = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
                                                            workers=args.workers, precision=args.precision,
                                                            decode_on_device=True)
             contenders["zeroshot_torch_device_decode"] = lambda: (
-                on_device.clear_cache(), on_device.predict_proba(paths, LABELS, [TEMPLATE]))[1]
+                on_device.clear_cache(weights=False), on_device.predict_proba(paths, LABELS, [TEMPLATE]))[1]
         export_seconds = None
         if args.precision == "fp32":
             export_seconds, onnx_path = timed(lambda: export_onnx(ours, LABELS, Path(tmp) / "clip.onnx", [TEMPLATE]))

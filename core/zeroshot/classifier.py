@@ -247,12 +247,14 @@ class ZeroShotClassifier:
             scale = float(self.model.logit_scale.exp())
         return PromptEnsembleHead(weights, scale, None if bias is None else float(bias.detach())).to(self.device)
 
-    def clear_cache(self) -> None:
+    def clear_cache(self, weights: bool = True) -> None:
         """Forget the cached text classifiers and re-cast the frozen weights (after changing the
-        model's weights)."""
+        model's weights); ``weights=False`` keeps the frozen weights and forgets only the label
+        classifiers (built again, in fp32, on the next call)."""
         self._heads.clear()
         self._refiners.clear()
-        self.encoder.refresh()
+        if weights:
+            self.encoder.refresh()
 
     # --- the image side ------------------------------------------------------------------------
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:

@@ -199,6 +199,22 @@ def test_text_classifier_is_computed_once_per_label_set(classifier, colour_squar
     classifier.clear_cache()
     classifier.predict_proba(paths, LABELS)
     assert len(calls) == 4
+    classifier.clear_cache(weights=False)
+    classifier.predict_proba(paths, LABELS)
+    assert len(calls) == 5
+
+
+def test_clear_cache_recasts_the_frozen_copy_unless_told_to_keep_it(colour_squares: Path) -> None:
+    classifier = ZeroShotClassifier(tiny_backbone(), device="cpu", precision="bf16")
+    paths = square_paths(colour_squares, 2)
+    first = classifier.predict_proba(paths, LABELS)
+    frozen = classifier.encoder.model
+    assert classifier.encoder.copied
+    classifier.clear_cache(weights=False)  # the label classifiers only: the same frozen copy
+    assert classifier.encoder.model is frozen and not classifier._heads
+    assert torch.equal(classifier.predict_proba(paths, LABELS), first)
+    classifier.clear_cache()  # a new copy cast from the model's current weights
+    assert classifier.encoder.model is not frozen
 
 
 def test_batching_gives_the_same_result_as_one_by_one(colour_squares: Path) -> None:
