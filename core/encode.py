@@ -39,6 +39,7 @@ import copy
 import functools
 import itertools
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -281,9 +282,14 @@ class FrozenEncoder:
             frozen = copy.deepcopy(self.source).to(self.device).requires_grad_(False)
         else:
             frozen = _cast_copy(self.source, self.dtype).to(self.device).eval()
-        if self.pack_linears and self.device.type == "cpu" and self.dtype == torch.bfloat16 \
-                and packed_linear_available(self.dtype):
-            self.packed_linears = pack_cpu_linears(frozen)
+        if self.pack_linears and self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            if packed_linear_available(self.dtype):
+                self.packed_linears = pack_cpu_linears(frozen)
+            elif _host_cpu_has_fast_bf16():  # a CPU that should pack: say why it does not
+                warnings.warn(f"this torch build ({torch.__version__}) cannot pack bf16 linear layers for oneDNN "
+                              "(torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise or oneDNN bf16 "
+                              "missing); they run eagerly: the same features, more slowly. Set "
+                              f"{PACKED_LINEAR_ENV}=0 to silence this.", stacklevel=3)
         return frozen
 
     def refresh(self) -> None:

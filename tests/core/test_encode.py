@@ -8,6 +8,7 @@ import csv
 import json
 import pickle
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,20 @@ def test_a_bf16_cpu_encoder_packs_its_copy_and_gives_the_same_features(monkeypat
     encoder.refresh()
     assert encoder.packed_linears == 0 and not any(isinstance(m, PackedLinear) for m in encoder.model.modules())
     assert FrozenEncoder(model, "bf16", pack_linears=False).packed_linears == 0
+
+
+def test_a_bf16_cpu_that_cannot_pack_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode_module, "packed_linear_available", lambda dtype: False)
+    model = tiny_backbone()
+    monkeypatch.setattr(encode_module, "_host_cpu_has_fast_bf16", lambda: True)  # a CPU that should pack
+    with pytest.warns(UserWarning, match="cannot pack bf16 linear layers.*DOMAINCLIP_CPU_PACKED_LINEAR=0"):
+        encoder = FrozenEncoder(model, "bf16")
+    assert encoder.packed_linears == 0
+    monkeypatch.setattr(encode_module, "_host_cpu_has_fast_bf16", lambda: False)  # bf16 chosen on another CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert FrozenEncoder(model, "bf16").packed_linears == 0
+        assert FrozenEncoder(model, "bf16", pack_linears=False).packed_linears == 0
 
 
 # --- the feature cache key ----------------------------------------------------------------------
