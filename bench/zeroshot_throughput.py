@@ -173,9 +173,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
             (probabilities["transformers_pipeline"].argmax(-1) == reference.argmax(-1)).float().mean()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "torch": torch.__version__},
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", *sys.argv]), "packed_linears": ours.encoder.packed_linears,
     }
-    result["packed_linears"] = ours.encoder.packed_linears
     if "zeroshot_torch_unpacked" in rates:
         result.update({
             "ratio_unpacked_vs_pipeline": rates["zeroshot_torch_unpacked"] / rates["transformers_pipeline"],
