@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
 
     from domainclip.core.encode import DTYPES
     from domainclip.core.zeroshot import OnnxZeroShotClassifier, ZeroShotClassifier, export_onnx
+    from domainclip.core.zeroshot.loading import load_model
 
     paths = test_images(args.images)
     load = LoadLog()
@@ -118,24 +119,25 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], LoadLog]:
         folder = save_vit_b32_clip(Path(tmp) / "clip-vit-b32")
         pipe = pipeline("zero-shot-image-classification", model=str(folder), device=args.device,
                         dtype=DTYPES[args.precision])
-        ours = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
-                                                  workers=args.workers, precision=args.precision)
+        loaded = load_model(folder)  # once: every kit contender wraps the same fp32 model
+        ours = ZeroShotClassifier.from_loaded(loaded, device=args.device, batch_size=args.batch_size,
+                                              workers=args.workers, precision=args.precision)
         contenders: dict[str, Callable[[], torch.Tensor]] = {
             "transformers_pipeline": lambda: pipeline_probabilities(
                 pipe(paths, candidate_labels=LABELS, batch_size=args.batch_size, num_workers=args.workers)),
             "zeroshot_torch": lambda: (ours.clear_cache(weights=False), ours.predict_proba(paths, LABELS, [TEMPLATE]))[1],
         }
         if ours.encoder.packed_linears:  # a bf16 copy on a CPU: also time it with eager linear layers
-            unpacked = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
-                                                          workers=args.workers, precision=args.precision)
+            unpacked = ZeroShotClassifier.from_loaded(loaded, device=args.device, batch_size=args.batch_size,
+                                                      workers=args.workers, precision=args.precision)
             unpacked.encoder.pack_linears = False
-            unpacked.clear_cache()  # the frozen copy again, unpacked
+            unpacked.clear_cache()  # its own frozen copy again, unpacked
             contenders["zeroshot_torch_unpacked"] = lambda: (
                 unpacked.clear_cache(weights=False), unpacked.predict_proba(paths, LABELS, [TEMPLATE]))[1]
         if args.decode_on_device:
-            on_device = ZeroShotClassifier.from_pretrained(folder, device=args.device, batch_size=args.batch_size,
-                                                           workers=args.workers, precision=args.precision,
-                                                           decode_on_device=True)
+            on_device = ZeroShotClassifier.from_loaded(loaded, device=args.device, batch_size=args.batch_size,
+                                                       workers=args.workers, precision=args.precision,
+                                                       decode_on_device=True)
             contenders["zeroshot_torch_device_decode"] = lambda: (
                 on_device.clear_cache(weights=False), on_device.predict_proba(paths, LABELS, [TEMPLATE]))[1]
         export_seconds = None
