@@ -59,7 +59,8 @@ PACKED_LINEAR_ENV = "DOMAINCLIP_CPU_PACKED_LINEAR"
 """``0``: keep a CPU bf16 encoder's ``nn.Linear`` layers as they are (no :class:`PackedLinear`)."""
 
 __all__ = ["CPU_BF16_ENV", "CPU_BF16_FLAGS", "DTYPES", "PACKED_LINEAR_ENV", "PRECISIONS", "FrozenEncoder",
-           "PackedLinear", "check_precision", "cpu_has_fast_bf16", "eval_mode", "model_device", "model_float_dtype",
+           "PackedLinear", "canonical_device", "check_precision", "cpu_has_fast_bf16", "env_switch", "eval_mode",
+           "model_device", "model_float_dtype",
            "pack_cpu_linears", "packed_linear_available", "resolve_precision"]
 
 
@@ -82,13 +83,29 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """
     path = Path(cpuinfo)
     if path == Path("/proc/cpuinfo"):
-        forced = os.environ.get(CPU_BF16_ENV)
-        if forced is not None:
-            if forced not in ("0", "1"):
-                raise ValueError(f"${CPU_BF16_ENV} must be 0 or 1, got {forced!r}")
-            return forced == "1"
-        return _host_cpu_has_fast_bf16()
+        forced = env_switch(CPU_BF16_ENV)
+        return _host_cpu_has_fast_bf16() if forced is None else forced
     return _flags_have_bf16(path)
+
+
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable: ``1`` -> True, ``0`` -> False, unset -> None; any other
+    value is an error (a misspelt ``false`` must not leave the switch silently on)."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """``device`` as its tensors report it: ``cuda`` -> ``cuda:0`` (the current GPU), ``cpu:0`` -> ``cpu``,
+    so that two names of one device compare equal."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return torch.empty(0, device=device).device if device.index is None else device
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,7 +193,7 @@ def packed_linear_available(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
-    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+    if not all(hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")):
         return False
     return dtype != torch.bfloat16 or bool(ops._is_mkldnn_bf16_supported())
 
@@ -189,9 +206,11 @@ class PackedLinear(nn.Module):
     freezing pass does), so in bf16 the output equals ``nn.Linear``'s bit for bit. (In fp32 eager
     runs MKL's product instead, and the two agree only to rounding; the kit packs bf16 copies
     only.) ``weight`` and ``bias`` stay as they were (other code may read them), so the weight is
-    held twice. Inputs the packed product cannot take (another device or dtype, no rows, or a
-    graph that needs gradients) go through ``F.linear``. The packed weight is never copied or
-    pickled (oneDNN's opaque tensors cannot be): a copy packs its own weight again.
+    held twice. A write to the weight (``load_state_dict``, an in-place update, ``.float()``) is
+    seen at the next call, which packs it again. Inputs the packed product cannot take (another
+    device or dtype, no rows, or a graph that needs gradients) go through ``F.linear``. The
+    packed weight is never copied or pickled (oneDNN's opaque tensors cannot be): a copy packs its
+    own weight again.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -199,19 +218,30 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_parameter("weight", linear.weight)
         self.register_parameter("bias", linear.bias)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self._pack()
+
+    def _weight_state(self) -> tuple[int, int, torch.dtype, torch.device]:
+        weight = self.weight
+        return weight.data_ptr(), weight._version, weight.dtype, weight.device
+
+    def _pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self._packed_state = self._weight_state()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key != "packed"}
+        return {key: value for key, value in self.__dict__.items() if key not in ("packed", "_packed_state")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self._pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type != "cpu" or x.dtype != self.weight.dtype or x.numel() == 0 or needs_grad:
+        if x.device.type != "cpu" or self.weight.device.type != "cpu" or x.dtype != self.weight.dtype \
+                or x.numel() == 0 or needs_grad:
             return F.linear(x, self.weight, self.bias)
+        if self._weight_state() != self._packed_state:  # the weight was written or replaced
+            self._pack()
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
@@ -243,7 +273,8 @@ class FrozenEncoder:
         precision: ``auto`` / ``fp32`` / ``bf16`` / ``fp16`` (see :func:`resolve_precision`).
         device: where to compute; default the model's device.
         pack_linears: pack the linear layers of a bf16 copy on a CPU (:class:`PackedLinear`, same
-            features); default: yes, unless :data:`PACKED_LINEAR_ENV` is ``0``. The attribute can
+            features); default: yes, unless :data:`PACKED_LINEAR_ENV` is ``0`` (``0`` or ``1``; any
+            other value is an error). The attribute can
             be changed; :meth:`refresh` applies it.
 
     When the resolved dtype is the model's own, the encoder runs the model itself (no copy);
@@ -257,8 +288,8 @@ class FrozenEncoder:
     def __init__(self, model: nn.Module, precision: str = "auto", device: str | torch.device | None = None,
                  pack_linears: bool | None = None):
         self.source = model
-        self.pack_linears = os.environ.get(PACKED_LINEAR_ENV, "1") != "0" if pack_linears is None else pack_linears
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.pack_linears = env_switch(PACKED_LINEAR_ENV) is not False if pack_linears is None else pack_linears
+        self.device = canonical_device(device) if device is not None else model_device(model)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = DTYPES[self.precision]
         self.packed_linears = 0

@@ -198,6 +198,40 @@ def test_a_packed_linear_gives_nn_linears_output() -> None:
         packed(torch.randn(2, 48, dtype=torch.float64))  # another dtype fails as nn.Linear would
 
 
+def test_a_packed_linear_follows_writes_to_its_weight() -> None:
+    torch.manual_seed(1)
+    dtype = torch.bfloat16 if packed_linear_available(torch.bfloat16) else torch.float32
+    linear = torch.nn.Linear(16, 12).to(dtype).requires_grad_(False)
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 16).to(dtype)
+    with torch.no_grad():
+        first = packed(x)
+        packed.load_state_dict({"weight": torch.randn(12, 16).to(dtype), "bias": linear.bias.clone()})  # in place
+        assert not torch.equal(packed(x), first)
+        assert torch.allclose(packed(x), torch.nn.functional.linear(x, packed.weight, packed.bias), atol=1e-2)
+        packed.weight.data = torch.zeros(12, 16, dtype=dtype)  # replaced, not written
+        assert torch.equal(packed(x), packed.bias.expand(5, -1))
+        packed.float()  # another dtype: packed again in it, not run on the stale packed weight
+        assert torch.equal(packed(x.float()), packed.bias.expand(5, -1))
+
+
+def test_the_packing_switch_takes_0_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_backbone()
+    monkeypatch.setenv(PACKED_LINEAR_ENV, "1")
+    assert FrozenEncoder(model, "bf16").pack_linears
+    monkeypatch.setenv(PACKED_LINEAR_ENV, "false")  # would have left packing on, silently
+    with pytest.raises(ValueError, match=r"^\$DOMAINCLIP_CPU_PACKED_LINEAR must be 0 or 1, got 'false'$"):
+        FrozenEncoder(model, "bf16")
+
+
+def test_two_names_of_the_models_device_need_no_copy() -> None:
+    model = tiny_backbone()
+    for name in ("cpu", "cpu:0", torch.device("cpu", 0)):
+        encoder = FrozenEncoder(model, "fp32", name)
+        assert not encoder.copied and encoder.device == torch.device("cpu"), name
+    assert ZeroShotClassifier(model, device="cpu:0", precision="fp32").encoder.copied is False
+
+
 def test_pack_cpu_linears_packs_plain_linears_once_and_leaves_attention_alone() -> None:
     shared = torch.nn.Linear(8, 8)
     attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
