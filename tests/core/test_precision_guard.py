@@ -66,6 +66,10 @@ def test_a_metric_moving_more_than_half_a_point_fails_even_with_full_agreement()
     moved = compare_decisions(reference, decisions([0, 1, 2], [0.1] * 3, acc1=0.506))
     assert moved["top1_agreement"] == 1.0 and moved["points_vs_fp32"]["acc1"] == pytest.approx(0.6)
     assert not moved["passed"]
+    # exactly half a point passes (100 * (0.495 - 0.5) computes as -0.5000000000000004)
+    at_limit = compare_decisions(reference, decisions([0, 1, 2], [0.1] * 3, acc1=0.495))
+    assert abs(at_limit["points_vs_fp32"]["acc1"]) > 0.5 and at_limit["passed"]
+    assert not compare_decisions(reference, decisions([0, 1, 2], [0.1] * 3, acc1=0.4949))["passed"]
     with pytest.raises(ValueError, match="made 3 and 2 decisions"):
         compare_decisions(reference, decisions([0, 1], [0.1, 0.1]))
 
@@ -92,6 +96,19 @@ def test_guard_compares_every_decision_of_each_task(tiny_model, colour_squares: 
     assert report["passed"] == all(report["results"][t]["bf16"]["passed"] for t in report["results"])
     table = format_guard(report)
     assert "squares_retrieval" in table and "skipped: task 'robustness'" in table
+
+
+def test_tasks_with_one_name_are_all_reported(tiny_model, colour_squares: Path) -> None:
+    unnamed = [{key: value for key, value in task.items() if key != "name"} for task in eval_tasks(colour_squares)]
+    tasks = tasks_of(colour_squares, [*unnamed, unnamed[0], {**unnamed[0], "refine_ties": True}])[2:]
+    report = run_precision_guard(tasks, tiny_model, ["bf16"])
+    path = str(colour_squares)
+    assert list(report["results"]) == [path, f"{path} [retrieval]", f"{path} [zeroshot]", f"{path} [zeroshot] #3"]
+    assert [entry["task"] for entry in report["results"].values()] == ["zeroshot", "retrieval", "zeroshot", "zeroshot"]
+    # the task's own refine_ties is reported, per task and for the report (the model card reads it)
+    assert [entry["refine_ties"] for entry in report["results"].values()] == [False, False, False, True]
+    assert report["refine_ties"] is True
+    assert run_precision_guard(tasks[:2], tiny_model, ["bf16"])["refine_ties"] is False
 
 
 def test_guard_refuses_fp32_auto_unknown_precisions_and_nothing_to_compare(tiny_model, colour_squares: Path) -> None:
