@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..encode import FrozenEncoder
+from ..encode import FrozenEncoder, canonical_device
 from ..eval import TieRefiner, build_zeroshot_classifier
 from ..token_merging import TokenMergingConfig, apply_token_merging, token_merging_key
 from .images import EncodeTiming, ImageInput, ImagePreparer, as_image_list, image_name
@@ -123,11 +123,22 @@ def _templates_key(templates: Templates) -> tuple:
     return ("shared", tuple(templates))
 
 
+def as_templates(templates: str | Templates) -> Templates:
+    """A template, a list of them or a ``{label: [prompts]}`` dict, as ``head`` takes them (one
+    string is one template, not a list of its characters)."""
+    if isinstance(templates, str):
+        return [templates]
+    if isinstance(templates, Mapping):
+        return {str(label): [prompts] if isinstance(prompts, str) else list(prompts)
+                for label, prompts in templates.items()}
+    return list(templates)
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
     """``None`` = the GPU when there is one, else the CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return canonical_device(device)
 
 
 class ZeroShotClassifier:
@@ -136,7 +147,8 @@ class ZeroShotClassifier:
     Args:
         model: a backbone (or a method's wrapper of one) with ``encode_image``, ``tokenize``,
             ``preprocess`` and ``logit_scale``.
-        templates: default prompt templates (``"a photo of a {}."``); ``classify`` may override.
+        templates: default prompts: a template with ``{}`` (``"a photo of a {}."``), a list of them,
+            or a ``{label: [prompts]}`` dict; ``classify`` may override.
         logits_factory: a trained method's ``logits_fn``, or None for the prompt ensemble.
         device: ``"cpu"``, ``"cuda"``, ...; None picks the GPU when there is one.
         batch_size: images per forward pass of the image tower.
@@ -157,7 +169,7 @@ class ZeroShotClassifier:
             counts them. ``encode_images`` (no labels, no decision) is not refined.
     """
 
-    def __init__(self, model: nn.Module, templates: Sequence[str] | None = None,
+    def __init__(self, model: nn.Module, templates: str | Templates | None = None,
                  logits_factory: LogitsFactory | None = None, device: str | torch.device | None = None,
                  batch_size: int = 32, workers: int = 2, source: str = "", method: str = "",
                  precision: str = "auto", token_merging: TokenMergingConfig | str | None = None,
@@ -170,7 +182,7 @@ class ZeroShotClassifier:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.encoder = FrozenEncoder(self.model, precision, self.device)
-        self.templates = list(templates) if templates else ["a photo of a {}."]
+        self.templates = as_templates(templates) if templates else ["a photo of a {}."]
         self.logits_factory = logits_factory
         self.batch_size = batch_size
         self.images = ImagePreparer(model.preprocess, workers, decode_on=self.device if decode_on_device else None)
@@ -218,16 +230,14 @@ class ZeroShotClassifier:
         loaded = LoadedModel(self.model, self.source, self.templates, self.logits_factory, self.method)
         return {**describe(loaded), "device": str(self.device), "precision": self.precision,
                 "refine_ties": self.refine_ties, "packed_linears": self.encoder.packed_linears,
-                "templates": list(self.templates),
+                "templates": dict(self.templates) if isinstance(self.templates, Mapping) else list(self.templates),
                 "preprocess": self.preprocess.to_dict(), "token_merging": token_merging_key(self.model)}
 
     # --- the text side: one head per (labels, templates), cached -------------------------------
     def head(self, labels: Sequence[str], templates: Templates | None = None) -> nn.Module:
         """Features -> probabilities for ``labels`` (built on first use, then from memory)."""
         labels = check_labels(labels)
-        templates = self.templates if templates is None else templates
-        if isinstance(templates, str):
-            templates = [templates]
+        templates = self.templates if templates is None else as_templates(templates)
         key = (tuple(labels), _templates_key(templates))
         if key not in self._heads:
             self._heads[key] = self._build_head(labels, templates)
@@ -250,7 +260,7 @@ class ZeroShotClassifier:
     def clear_cache(self, weights: bool = True) -> None:
         """Forget the cached text classifiers and re-cast the frozen weights (after changing the
         model's weights); ``weights=False`` keeps the frozen weights and forgets only the label
-        classifiers (built again, in fp32, on the next call)."""
+        classifiers and their tie-refinement calibration (built again on the next call)."""
         self._heads.clear()
         self._refiners.clear()
         if weights:

@@ -114,7 +114,10 @@ class ImagePreparer:
     ``decode_on`` (a device, e.g. ``"cuda"``) decodes JPEG files there instead, a batch at a time
     (``torchvision.io.decode_jpeg``: nvJPEG on a GPU), and resizes, crops and normalises them
     there with the same transform: the threads only read the files. Other inputs (PNG, PIL
-    images, tensors, multispectral readers) take the threads' path. A GPU decoder's pixels can
+    images, tensors, every file of a preprocessing with its own ``reader``, such as multispectral
+    ones) take the threads' path, and so does a JPEG that does not end at its end-of-image marker
+    or whose header PIL refuses (truncated files, decompression bombs): PIL then accepts or rejects
+    it exactly as on the default path. A GPU decoder's pixels can
     differ from libjpeg-turbo's (PIL's) by a few levels, so features differ slightly from the
     default path's (docs/zeroshot.md gives the measured difference); ``None`` (the default)
     decodes everything with PIL.
@@ -126,9 +129,6 @@ class ImagePreparer:
             raise ValueError(f"workers must be >= 0 (0 = decode in the calling thread), got {workers}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 batch, got {prefetch}")
-        if decode_on is not None and preprocess.reader:
-            raise ValueError(f"decode_on={decode_on!r} decodes JPEG files, but this preprocessing opens its files with "
-                             f"the reader {preprocess.reader!r}; leave decode_on unset")
         self.preprocess = preprocess
         self.transform: Callable[[Image.Image], torch.Tensor] = build_image_transform(preprocess, train=False)
         steps = getattr(self.transform, "transforms", [])
@@ -184,12 +184,12 @@ class ImagePreparer:
     def _timed_prepare(self, item: ImageInput, position: int, timing: EncodeTiming) -> torch.Tensor | JpegBytes:
         started = time.perf_counter()
         try:
-            if self.decode_on is not None and isinstance(item, (str, os.PathLike)):
+            if self.decode_on is not None and not self.preprocess.reader and isinstance(item, (str, os.PathLike)):
                 try:
                     contents = bytearray(Path(item).read_bytes())
                 except OSError as error:
                     raise ValueError(f"image {os.fspath(item)!r}: cannot read file: {error}") from None
-                if contents[:3] == JPEG_MAGIC:
+                if device_decodable_jpeg(contents):
                     return JpegBytes(item, contents)
                 return self._prepare_file(item, contents, pixels=True)  # read once, decoded by PIL
             return self.prepare(item, position, pixels=True)
@@ -227,15 +227,15 @@ class ImagePreparer:
                                 for position, item in enumerate(items[start:start + batch_size], start)])
 
         try:
-            for _ in range(self.prefetch + 1):
+            for _ in range(self.prefetch + 1):  # the first batch and ``prefetch`` ahead of it
                 submit_next()
             while pending:
                 futures = pending.popleft()
                 started = time.perf_counter()
                 prepared = [future.result() for future in futures]
                 timing.wait_s += time.perf_counter() - started
-                submit_next()
                 yield self._stack(prepared, timing)
+                submit_next()  # the consumer is done with that batch: keep ``prefetch`` queued ahead
         finally:
             for futures in pending:
                 for future in futures:
@@ -285,6 +285,21 @@ class ImagePreparer:
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+
+
+def device_decodable_jpeg(contents: bytes | bytearray) -> bool:
+    """Whether a file's bytes may go to the device's JPEG decoder: a JPEG that ends at its
+    end-of-image marker (a truncated file does not) and whose header PIL opens without complaint
+    (its decompression-bomb limit included). Anything else is left to PIL, which accepts or
+    rejects it exactly as the default path does."""
+    if contents[:3] != JPEG_MAGIC or contents.rstrip(b"\x00")[-2:] != JPEG_END:
+        return False
+    try:
+        with Image.open(io.BytesIO(contents)) as header:  # reads the header only
+            return header.format == "JPEG"
+    except Exception:  # any refusal: PIL's full decode on the default path names the error
+        return False
 
 
 @dataclass

@@ -403,16 +403,66 @@ def test_device_decoding_leaves_other_inputs_on_the_default_path(colour_squares:
     assert torch.allclose(classifier.predict_proba(jpegs, LABELS), plain, atol=1e-3)
 
 
-def test_device_decoding_names_a_broken_file_and_refuses_readers(tmp_path: Path, colour_squares: Path) -> None:
+def test_device_decoding_names_a_broken_file(tmp_path: Path, colour_squares: Path) -> None:
     backbone = tiny_backbone()
     good = square_paths(colour_squares, 1)[0]
-    broken = tmp_path / "cut.jpg"
-    broken.write_bytes(Path(good).read_bytes()[:40])  # a JPEG header, then nothing
+    contents = Path(good).read_bytes()
     preparer = ImagePreparer(backbone.preprocess, workers=2, decode_on="cpu")
-    with pytest.raises(ValueError, match=r"cut\.jpg.*cannot read image"):
-        list(preparer.batches([good, str(broken)], 2))
-    from dataclasses import replace
+    for name, cut in (("cut.jpg", contents[:40]), ("tail.jpg", contents[:-60])):  # no data / no end of image
+        broken = tmp_path / name
+        broken.write_bytes(cut)
+        with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}'.*cannot read image"):
+            list(preparer.batches([good, str(broken)], 2))
 
-    with pytest.raises(ValueError, match="decode_on='cpu' decodes JPEG files, but this preprocessing opens its files "
-                                         "with the reader"):
-        ImagePreparer(replace(backbone.preprocess, reader={"name": "geotiff"}), decode_on="cpu")
+
+def test_only_complete_jpegs_that_pil_accepts_go_to_the_device(tmp_path: Path, colour_squares: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from domainclip.core.zeroshot.images import device_decodable_jpeg
+
+    good = Path(square_paths(colour_squares, 1)[0]).read_bytes()
+    png = io.BytesIO()
+    Image.open(io.BytesIO(good)).save(png, format="PNG")
+    assert device_decodable_jpeg(good) and device_decodable_jpeg(good + b"\x00" * 8)  # padding after the end
+    assert not device_decodable_jpeg(good[:-60]) and not device_decodable_jpeg(good[:40])
+    assert not device_decodable_jpeg(png.getvalue()) and not device_decodable_jpeg(b"")
+    # a decompression bomb is refused by PIL's header check, so it gets the default path's error
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert not device_decodable_jpeg(good)
+    for decode_on in (None, "cpu"):
+        with pytest.raises(ValueError, match=r"0\.jpg'.*DecompressionBombError"):
+            list(ImagePreparer(tiny_backbone().preprocess, decode_on=decode_on).batches([str(colour_squares.parent /
+                                                                                              "img" / "0.jpg")], 1))
+
+
+def test_decode_threads_run_prefetch_batches_ahead(colour_squares: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from domainclip.core.zeroshot import images as images_module
+
+    submitted: list[int] = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, item, position, timing):  # noqa: ANN001
+            submitted.append(position)
+            return super().submit(fn, item, position, timing)
+
+    monkeypatch.setattr(images_module, "ThreadPoolExecutor", CountingPool)
+    paths = square_paths(colour_squares, 7)
+    batches = ImagePreparer(tiny_backbone().preprocess, workers=2, prefetch=2).batches(paths, 1)
+    next(batches)  # the caller holds batch 0: batches 1 and 2 are decoding, no more
+    assert submitted == [0, 1, 2]
+    next(batches)
+    assert submitted == [0, 1, 2, 3]
+    assert len(list(batches)) == 5 and submitted == list(range(7))
+
+
+def test_templates_may_be_one_string_or_a_dict_per_label(colour_squares: Path) -> None:
+    backbone, paths = tiny_backbone(), square_paths(colour_squares, 3)
+    listed = ZeroShotClassifier(backbone, templates=["a {} square"], device="cpu").predict_proba(paths, LABELS)
+    single = ZeroShotClassifier(backbone, templates="a {} square", device="cpu")
+    assert single.templates == ["a {} square"] and torch.equal(single.predict_proba(paths, LABELS), listed)
+    prompts = {label: [f"a {label} square", f"a {label} thing"] for label in LABELS}
+    per_label = ZeroShotClassifier(backbone, templates=prompts, device="cpu")
+    assert per_label.info()["templates"] == prompts
+    assert torch.equal(per_label.predict_proba(paths, LABELS),
+                       ZeroShotClassifier(backbone, device="cpu").predict_proba(paths, LABELS, templates=prompts))

@@ -16,6 +16,7 @@ from domainclip.core.data.transforms import build_image_transform
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train
 from domainclip.core.train.run_folder import RunFolder
+from domainclip.core.zeroshot import ImagePreparer
 
 rasterio = pytest.importorskip("rasterio", reason="rasterio (extra 'geo') is not installed")
 from domainclip.domains.remote_sensing.multispectral import BandStats, read_geotiff  # noqa: E402
@@ -140,6 +141,17 @@ def test_eval_transform_reads_bands_and_normalises(scenes: Path) -> None:
     batch = Collator()([dataset[0], dataset[1]])
     assert batch["images"].shape == (1, 4, SIZE, SIZE)
     assert batch["bad"] == [(str(path) + ".missing", "file not found")]
+
+
+def test_decoding_on_the_device_leaves_reader_files_to_the_reader(scenes: Path) -> None:
+    """``decode_on`` moves JPEG decoding only: a multispectral model's files keep its reader, the
+    same batches as without the option."""
+    paths = [str(path) for path in sorted(scenes.rglob("*.tif"))[:3]]
+    preprocess = PreprocessConfig(image_size=SIZE, mean=(500.0, 600.0, 700.0, 800.0), std=(100.0, 200.0, 300.0, 400.0),
+                                  reader={"name": "geotiff", "bands": ["B08", "B04", "B03", "B02"]})
+    default = torch.cat(list(ImagePreparer(preprocess, workers=2).batches(paths, 2)))
+    on_device = torch.cat(list(ImagePreparer(preprocess, workers=2, decode_on="cpu").batches(paths, 2)))
+    assert default.shape == (3, 4, SIZE, SIZE) and torch.equal(on_device, default)
 
 
 def test_bad_band_name_names_the_band_and_the_file(scenes: Path, tmp_path: Path) -> None:
