@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,8 @@ class Service:
                 form = await request.form(max_files=self.limits.max_images, max_fields=50,
                                           max_part_size=self.limits.max_body_bytes)
             except Exception as error:  # starlette's MultiPartException and malformed bodies
+                if "Too many files" in str(error):
+                    raise RequestError(413, f"more images than the limit of {self.limits.max_images}") from None
                 raise RequestError(400, f"malformed multipart body: {error}") from None
             fields: dict[str, Any] = {}
             files: dict[str, list[bytes]] = {}
@@ -146,6 +149,15 @@ class Service:
         futures = self.batcher.submit(tensors)
         rows = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         return np.stack(rows)
+
+    async def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` (a text encoding, a label head) in the batcher's thread, between image batches."""
+        return await asyncio.wrap_future(self.batcher.call(fn, *args))
+
+    async def images(self, fields: dict[str, Any], files: dict[str, list[bytes]], names: tuple[str, ...],
+                     many: bool) -> list[Image.Image]:
+        """:meth:`images_from` in a worker thread: decoding never blocks the event loop."""
+        return await anyio.to_thread.run_sync(self.images_from, fields, files, names, many)
 
     def images_from(self, fields: dict[str, Any], files: dict[str, list[bytes]], names: tuple[str, ...],
                     many: bool) -> list[Image.Image]:
@@ -207,15 +219,17 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def page() -> str:
         return PAGE_HTML
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Liveness and what is served: model pin, index size, batching counters."""
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
+        """Liveness (503 when the model thread has stopped) and what is served: model pin, index size,
+        batching counters."""
         fingerprint = service.encoder.fingerprint()
-        return {"status": "ok", "model": {"source": fingerprint["source"], "sha256": fingerprint["sha256"],
+        body = {"status": "ok" if service.batcher.alive else "stopped", "model": {"source": fingerprint["source"], "sha256": fingerprint["sha256"],
                                           "embed_dim": fingerprint["embed_dim"]},
                 "index": {"count": len(service.index)} if service.index is not None else None,
                 "batching": {"max_batch": service.batcher.max_batch, "max_wait_ms": service.settings.max_wait_ms,
                              "batches": service.batcher.batches, "images": service.batcher.items}}
+        return body if service.batcher.alive else JSONResponse(body, status_code=503)
 
     @app.post("/classify", openapi_extra=CLASSIFY_SCHEMA)
     async def classify(request: Request) -> list[dict[str, Any]]:
@@ -235,14 +249,17 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         labels = check_strings(parameters["candidate_labels"], "candidate_labels", limits.max_labels, limits)
         template = parameters.get("hypothesis_template")
         if template is not None:
-            if not isinstance(template, str) or "{}" not in template or len(template) > limits.max_label_chars:
+            if not isinstance(template, str) or "{}" not in template:
                 raise RequestError(422, "parameters.hypothesis_template: expected a string with one {} for the label")
-        images = service.images_from(fields, files, ("inputs", "image", "file"), many=False)
+            if len(template) > limits.max_label_chars:
+                raise RequestError(413, f"parameters.hypothesis_template: {len(template)} characters, more than the "
+                                        f"limit of {limits.max_label_chars}")
+        images = await service.images(fields, files, ("inputs", "image", "file"), many=False)
         if len(images) != 1:
             raise RequestError(422, "inputs: give exactly one image (base64 in JSON, or a multipart file 'inputs')")
         embeddings = await service.embed_images(images)
         templates = [template] if template else None
-        probabilities = await anyio.to_thread.run_sync(service.encoder.probabilities, embeddings, labels, templates)
+        probabilities = await service.on_model_thread(service.encoder.probabilities, embeddings, labels, templates)
         order = np.argsort(-probabilities[0], kind="stable")
         return [{"label": labels[j], "score": float(probabilities[0][j])} for j in order]
 
@@ -250,7 +267,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def embed(request: Request) -> dict[str, Any]:
         """L2-normalised embeddings of images (base64 list or multipart files) or of texts."""
         fields, files = await service.payload(request)
-        images = service.images_from(fields, files, ("images", "inputs"), many=True)
+        images = await service.images(fields, files, ("images", "inputs"), many=True)
         texts = fields.get("texts")
         if bool(images) == (texts is not None):
             raise RequestError(422, "give either 'images' (base64 list or files) or 'texts', not both or neither")
@@ -258,7 +275,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             vectors = await service.embed_images(images)
         else:
             texts = check_strings(texts if isinstance(texts, list) else [texts], "texts", limits.max_texts, limits)
-            vectors = await anyio.to_thread.run_sync(service.encoder.encode_texts, texts)
+            vectors = await service.on_model_thread(service.encoder.encode_texts, texts)
         return {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]),
                 "model_sha256": service.encoder.fingerprint()["sha256"]}
 
@@ -274,7 +291,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             raise RequestError(422, f"top_k: expected an integer, got {fields.get('top_k')!r}") from None
         if not 1 <= top_k <= limits.max_top_k:
             raise RequestError(422, f"top_k: must be between 1 and {limits.max_top_k}, got {top_k}")
-        images = service.images_from(fields, files, ("image",), many=False)
+        images = await service.images(fields, files, ("image",), many=False)
         text = fields.get("text")
         if bool(images) == (text is not None):
             raise RequestError(422, "give either 'text' or 'image', not both or neither")
@@ -282,7 +299,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             query = await service.embed_images(images)
         else:
             text = check_strings([text] if isinstance(text, str) else text, "text", 1, limits)[0]
-            query = await anyio.to_thread.run_sync(service.encoder.encode_texts, [text])
+            query = await service.on_model_thread(service.encoder.encode_texts, [text])
         hits = service.index.search_vectors(query, top_k)[0]
         return {"hits": [{**hit, "thumbnail": f"/thumbnail/{hit['id']}"} for hit in hits]}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,9 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 class ZeroShotClassifier:
     """Zero-shot image classification with any backbone or finished run of the kit.
 
+    The text side is cached: one head per (labels, templates), the ``max_cached_heads`` (64) most
+    recently used kept.
+
     Args:
         model: a backbone (or a method's wrapper of one) with ``encode_image``, ``tokenize``,
             ``preprocess`` and ``logit_scale``.
@@ -188,9 +192,11 @@ class ZeroShotClassifier:
         self.images = ImagePreparer(model.preprocess, workers, decode_on=self.device if decode_on_device else None)
         self.source, self.method = source, method
         self.last_timing = EncodeTiming()
-        self._heads: dict[tuple, nn.Module] = {}
+        self._heads: OrderedDict[tuple, nn.Module] = OrderedDict()  # least recently used first
         self.refine_ties = refine_ties
         self._refiners: dict[int, TieRefiner] = {}
+
+    max_cached_heads = 64
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
@@ -239,8 +245,13 @@ class ZeroShotClassifier:
         labels = check_labels(labels)
         templates = self.templates if templates is None else as_templates(templates)
         key = (tuple(labels), _templates_key(templates))
-        if key not in self._heads:
-            self._heads[key] = self._build_head(labels, templates)
+        if key in self._heads:
+            self._heads.move_to_end(key)
+            return self._heads[key]
+        self._heads[key] = self._build_head(labels, templates)
+        while len(self._heads) > self.max_cached_heads:  # a service sees any number of label sets
+            _, evicted = self._heads.popitem(last=False)
+            self._refiners.pop(id(evicted), None)
         return self._heads[key]
 
     def _build_head(self, labels: list[str], templates: Templates) -> nn.Module:

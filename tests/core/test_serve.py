@@ -109,6 +109,9 @@ def _bomb(side: int) -> bytes:
     ({"json": {"inputs": b64(png_bytes(RED)), "parameters": {"candidate_labels": ["a", "a"]}}}, 422, "repeated"),
     ({"json": {"inputs": b64(png_bytes(RED)), "parameters": {"candidate_labels": ["a"],
                                                              "hypothesis_template": "no slot"}}}, 422, "one {}"),
+    ({"json": {"inputs": b64(png_bytes(RED)), "parameters": {"candidate_labels": ["a"],
+                                                             "hypothesis_template": "{} " + "x" * 300}}},
+     413, "hypothesis_template: 303 characters, more than the limit of 300"),
     ({"content": b'{"inputs": ', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
     ({"content": json.dumps({"inputs": "A" * 400_000}).encode(), "headers": {"content-type": "application/json"}},
      413, "request body is larger than the limit of 300000"),
@@ -160,6 +163,82 @@ def test_micro_batcher_groups_concurrent_requests_and_survives_errors() -> None:
     results = [f.result(timeout=5) for f in unbatched.submit([torch.ones(1, 2, 2)] * 3)]
     assert sizes == [1, 1, 1] and len(results) == 3
     unbatched.close()
+
+
+def test_a_cancelled_request_never_stops_the_batcher() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def encode(batch: torch.Tensor) -> np.ndarray:
+        started.set()
+        release.wait(5)
+        return batch.flatten(1).sum(dim=1, keepdim=True).numpy()
+
+    batcher = MicroBatcher(encode, max_batch=4, max_wait_ms=0)
+    busy = batcher.submit([torch.ones(1, 2, 2)])[0]  # holds the thread in encode
+    assert started.wait(5)
+    queued = batcher.submit([torch.full((1, 2, 2), 2.0), torch.full((1, 2, 2), 3.0)])
+    assert queued[0].cancel()  # its client went away while it waited
+    release.set()
+    assert float(busy.result(timeout=5)[0]) == 4.0 and float(queued[1].result(timeout=5)[0]) == 12.0
+    assert batcher.alive and batcher.items == 2  # the cancelled image was not encoded
+    # model work other than images runs in the same thread, between batches, errors included
+    assert batcher.call(threading.current_thread).result(timeout=5).name == "micro-batcher"
+    with pytest.raises(ZeroDivisionError):
+        batcher.call(lambda: 1 / 0).result(timeout=5)
+    assert float(batcher.submit([torch.ones(1, 2, 2)])[0].result(timeout=5)[0]) == 4.0
+    batcher.close()
+    assert not batcher.alive
+    with pytest.raises(RuntimeError, match="the micro-batcher is stopped"):
+        batcher.call(print)
+
+
+def test_decoding_off_the_event_loop_and_text_on_the_model_thread(compact_encoder, monkeypatch) -> None:
+    import asyncio
+
+    from domainclip.core.serve import app as app_module
+
+    where: dict[str, set] = {"decode": set(), "text": set()}
+
+    def in_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    decode, encode_texts = app_module.decode_image, compact_encoder.encode_texts
+    monkeypatch.setattr(app_module, "decode_image", lambda *a: (where["decode"].add(in_loop()), decode(*a))[1])
+    monkeypatch.setattr(compact_encoder, "encode_texts",
+                        lambda texts: (where["text"].add(threading.current_thread().name), encode_texts(texts))[1])
+    with TestClient(create_app(compact_encoder, None, ServeSettings(max_batch=2, limits=LIMITS))) as plain:
+        assert plain.post("/embed", json={"images": [b64(png_bytes(RED))]}).status_code == 200
+        assert plain.post("/embed", json={"texts": ["red"]}).status_code == 200
+        answer = plain.post("/classify", json={"inputs": b64(png_bytes(RED)), "parameters": {"candidate_labels": ["r", "g"]}})
+        assert answer.status_code == 200
+        assert where == {"decode": {False}, "text": {"micro-batcher"}}
+        too_many = plain.post("/embed", files=[("images", (f"{i}.png", png_bytes(RED), "image/png")) for i in range(17)])
+        assert too_many.status_code == 413 and "more images than the limit of 16" in too_many.json()["error"]
+        service = plain.app.state.service
+        service.batcher.close()
+        stopped = plain.get("/health")
+        assert stopped.status_code == 503 and stopped.json()["status"] == "stopped"
+
+
+def test_the_label_heads_cache_keeps_the_most_recent(compact_encoder) -> None:
+    classifier = compact_encoder.classifier
+    classifier.clear_cache(weights=False)
+    image = [Image.open(io.BytesIO(png_bytes(RED)))]
+    try:
+        classifier.max_cached_heads = 3
+        for index in range(5):
+            classifier.predict_proba(image, [f"red {index}", "green"])
+        assert [key[0][0] for key in classifier._heads] == ["red 2", "red 3", "red 4"]
+        classifier.predict_proba(image, ["red 2", "green"])  # a hit moves it to the end
+        classifier.predict_proba(image, ["red 5", "green"])
+        assert [key[0][0] for key in classifier._heads] == ["red 4", "red 2", "red 5"]
+    finally:
+        del classifier.max_cached_heads
+        classifier.clear_cache(weights=False)
 
 
 def _free_port() -> int:
