@@ -118,7 +118,8 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
     first = sum(s.num_shards for s in manifest.sources)
     manifest.sources.append(SourceEntry(data=data, options=data_options, first_shard=first,
                                         num_shards=math.ceil(len(items) / manifest.shard_size),
-                                        total=len(items) + len(skipped)))
+                                        total=len(items) + len(skipped),
+                                        skipped=[[path, reason] for path, reason in skipped]))
     write_manifest(out, manifest)
     return manifest, len(manifest.sources) - 1
 
@@ -172,7 +173,8 @@ def finish_index(out: Path, manifest: IndexManifest, kind: str = "auto") -> dict
     shard_count = sum(s.num_shards for s in manifest.sources)
     counts = [shard_bad_items(out, n) for n in range(shard_count)]
     total_good = sum(total - len(bad) for bad, total in counts)
-    chosen = faiss_index.choose_kind(total_good, kind if kind != "auto" else manifest.faiss.get("requested", "auto"))
+    requested = kind if kind != "auto" else manifest.faiss.get("requested", "auto")  # --add keeps the first choice
+    chosen = faiss_index.choose_kind(total_good, requested)
     previous = manifest.faiss if (out / faiss_index.INDEX_FILE).is_file() else {}
     index, start_shard, count = None, 0, 0
     if previous.get("kind") == chosen and previous.get("shards", 0) <= shard_count and previous.get("count", -1) >= 0:
@@ -183,7 +185,11 @@ def finish_index(out: Path, manifest: IndexManifest, kind: str = "auto") -> dict
             index = None
     if index is None:
         index = faiss_index.new_index(chosen, int(manifest.model["embed_dim"]), manifest.dtype)
-    report = BadInputReport(total=sum(total for _, total in counts))
+    report = BadInputReport(total=sum(source.total for source in manifest.sources))
+    for source in manifest.sources:  # rows that never became items: counted and listed too
+        report.add_seen(len(source.skipped))
+        for path, reason in source.skipped:
+            report.add_bad(path, reason)
     temporary = out / f".{METADATA_FILE}.tmp"
     writer = pq.ParquetWriter(temporary, META_SCHEMA.insert(0, pa.field("id", pa.int64())))
     next_id = 0
@@ -209,7 +215,7 @@ def finish_index(out: Path, manifest: IndexManifest, kind: str = "auto") -> dict
     faiss_index.save_index(index, out)
     report.write_json(out / BAD_INPUTS_FILE)
     manifest.count, manifest.bad = int(index.ntotal), report.bad
-    manifest.faiss = {**faiss_index.describe_index(chosen), "requested": kind, "shards": shard_count, "count": int(index.ntotal)}
+    manifest.faiss = {**faiss_index.describe_index(chosen), "requested": requested, "shards": shard_count, "count": int(index.ntotal)}
     write_manifest(out, manifest)
     return {"index": str(out), "count": manifest.count, "bad": manifest.bad, "kind": chosen,
             "dim": int(manifest.model["embed_dim"]), "sources": [s.data for s in manifest.sources]}

@@ -10,6 +10,7 @@ tensor of the model (``tensors_sha256`` over the sorted state dict) plus its pre
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +34,21 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 
 def load_for_encoding(spec: str) -> LoadedModel:
     """MODEL of ``index`` / ``search`` / ``serve``: a run, an export or model folder, a model id,
-    ``compact_base``, or a base recipe (YAML path or bundled name such as ``remote_sensing/full``)."""
-    if spec.endswith(RECIPE_SUFFIXES) or (not Path(spec).exists() and _is_bundled_recipe(spec)):
+    ``compact_base``, or a base recipe (YAML path or bundled name such as ``remote_sensing/full``).
+
+    A local path is recorded as an absolute ``source`` (an index reloads its model from there, from
+    any working directory). A recipe's model is built under its ``train.seed``, so a method's new
+    parameters (LoRA's, a projector's) are the same at every load and the weights' hash with them.
+    """
+    local = Path(spec).expanduser()
+    source = str(local.absolute()) if local.exists() else spec
+    if spec.endswith(RECIPE_SUFFIXES) or (not local.exists() and _is_bundled_recipe(spec)):
         cfg = config_lib.load(RunConfig, resolve_recipe(spec), [])
-        model, _ = build_model(cfg)
-        return LoadedModel(model=model, source=spec, templates=list(cfg.data.train.templates or ["a photo of a {}."]))
-    return load_model(spec)
+        with torch.random.fork_rng(devices=[]):  # the model is built on the CPU
+            torch.default_generator.manual_seed(cfg.train.seed)
+            model, _ = build_model(cfg)
+        return LoadedModel(model=model, source=source, templates=list(cfg.data.train.templates or ["a photo of a {}."]))
+    return dataclasses.replace(load_model(spec), source=source) if local.exists() else load_model(spec)
 
 
 def _is_bundled_recipe(spec: str) -> bool:

@@ -4,8 +4,11 @@
   the file's parent folder when the folder holds one sub-folder per class (``root/<class>/*.jpg``),
   else none; no captions.
 * a manifest ``.csv`` / ``.jsonl`` / ``.parquet``: read by the kit's loaders (``image_key``,
-  ``caption_key``, ``label_key``, ``caption_separator`` as in training); a manifest without a
-  caption column is fine (the images are indexed without captions).
+  ``caption_key``, ``label_key``, ``caption_separator`` as in training). A CSV with neither a
+  caption column nor ``label_key`` lists uncaptioned images. Otherwise training's rules hold
+  (``core/data/sources.py``): with ``label_key`` and no caption column, the items get the label's
+  template captions (``a photo of a {label}.``); a JSONL or Parquet manifest without its caption
+  column and without ``label_key`` fails naming the column.
 * webdataset shards ``.tar`` (brace patterns ``shards/{0000..0099}.tar``): every sample with an
   image member; captions from its ``txt`` member, a label from ``cls``. The image is read
   straight from the tar at its offset; its ``path`` is ``SHARD.tar#MEMBER``.

@@ -31,8 +31,10 @@ class SourceEntry:
         options: the data options (format, keys) used to read it.
         first_shard: number of its first shard; its shards are ``first_shard .. first_shard + num_shards - 1``.
         num_shards: shards it is split into.
-        total: items it lists (good and unreadable).
+        total: items it lists (good and unreadable), the rows that could not become items included.
         complete: every shard is written.
+        skipped: ``[path, reason]`` of the rows that could not become items (a manifest row without
+            an image path); they are counted and listed in ``bad_inputs.json`` with the unreadable images.
     """
 
     data: str
@@ -41,6 +43,7 @@ class SourceEntry:
     num_shards: int
     total: int
     complete: bool = False
+    skipped: list[list[str]] = field(default_factory=list)
 
 
 @dataclass

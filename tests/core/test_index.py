@@ -147,6 +147,47 @@ def test_add_extends_the_index_and_rerunning_without_add_is_refused(kind: str, c
     assert again["count"] == 9 and again["kind"] == kind
 
 
+def test_rows_that_never_become_items_are_counted_and_listed(compact_encoder, tmp_path) -> None:
+    data = colour_data(tmp_path / "data", count=6)
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([*rows[:3], ",no image here,red", *rows[3:]]) + "\n")  # a row without an image path
+    summary = build_index(compact_encoder, str(data), tmp_path / "index",
+                          IndexOptions(**{**OPTIONS, "max_bad_fraction": 0.5}), DATA_OPTIONS)
+    assert (summary["count"], summary["bad"]) == (6, 2)  # the broken file and the row without a path
+    report = json.loads((tmp_path / "index" / "bad_inputs.json").read_text())
+    assert (report["total"], report["bad"]) == (8, 2) and len(report["items"]) == 2
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest.bad == 2 and manifest.sources[0].total == 8 and len(manifest.sources[0].skipped) == 1
+
+
+def test_add_keeps_the_index_kind_first_asked_for(compact_encoder, tmp_path) -> None:
+    out = tmp_path / "index"
+    build_index(compact_encoder, str(colour_data(tmp_path / "a", count=4)), out,
+                IndexOptions(**{**OPTIONS, "kind": "hnsw"}), DATA_OPTIONS)
+    for name in ("b", "c"):  # --add without --kind: the size alone would pick flat
+        summary = build_index(compact_encoder, str(colour_data(tmp_path / name, count=4)), out, IndexOptions(**OPTIONS),
+                              DATA_OPTIONS, add=True)
+        assert summary["kind"] == "hnsw" and read_manifest(out).faiss["requested"] == "hnsw"
+
+
+def test_a_recipe_model_loads_with_one_hash_and_an_absolute_source(colour_squares, tmp_path, monkeypatch) -> None:
+    import yaml
+
+    from domainclip.core.index import Encoder
+    from domainclip.core.index.encoding import load_for_encoding
+
+    from ..conftest import tiny_recipe
+
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs")
+    recipe["method"] = {"name": "lora", "rank": 4, "alpha": 8}  # new random parameters at every build
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    first, second = (Encoder.load("lora.yaml", device="cpu").fingerprint() for _ in range(2))
+    assert first["sha256"] == second["sha256"]
+    assert first["source"] == str(tmp_path / "lora.yaml")  # an index reloads it from any directory
+    assert load_for_encoding("compact_base").source == "compact_base"
+
+
 def test_float16_hnsw_index_and_webdataset_input(compact_encoder, tmp_path) -> None:
     tar_path = tmp_path / "shard-0000.tar"
     with tarfile.open(tar_path, "w") as archive:
