@@ -11,7 +11,10 @@ stay fp32: they are not consumed by a bf16 matmul, and keeping them fp32 keeps t
 and the normalisations in fp32 as autocast does. A frozen text tower whose features are cached
 stays fp32 too: it runs only to fill the cache, outside autocast, as in an autocast run. The
 forward still runs under autocast (norms, softmax and the loss in fp32), so the computed result is
-autocast's: the bf16 copy of a matrix equals what autocast would have cast it to.
+autocast's: the bf16 copy of a matrix equals what autocast would have cast it to. open_clip's text
+towers choose their residual stream's dtype from a block's weight (``get_cast_dtype``): that
+answer is pinned to what it was before the matrices became bf16, so the stream stays fp32 there
+too (``CustomTextCLIP`` towers and ``encode_text`` itself, not only the kit's trimmed path).
 
 Gradients reach the bf16 matrices (the micro-batches of an accumulated step add up there, as DDP
 reduces them) and are moved into fp32 master gradients before each optimizer step; clipping and
@@ -29,6 +32,16 @@ import torch
 from torch import nn
 
 PROJECTION_NAMES = ("proj", "text_projection")
+
+
+class _PinnedDtype:
+    """Stands in for an open_clip ``Transformer.get_cast_dtype`` (picklable, unlike a lambda)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self) -> torch.dtype:
+        return self.dtype
 
 
 def bf16_matrices(model: nn.Module, keep_fp32: Collection[str] = ()) -> list[tuple[str, nn.Parameter]]:
@@ -58,6 +71,9 @@ class MasterWeights:
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.names: list[str] = []
         self._master_of: dict[int, torch.Tensor] = {}
+        # the stream dtype open_clip reads from a block's weight, before that weight becomes bf16
+        self._pinned = [module for module in model.modules() if callable(getattr(module, "get_cast_dtype", None))]
+        dtypes = [module.get_cast_dtype() for module in self._pinned]
         for name, param in bf16_matrices(model, keep_fp32):
             master = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
             param.data = param.data.to(torch.bfloat16)
@@ -67,6 +83,8 @@ class MasterWeights:
         if not self.pairs:
             raise ValueError("train.bf16_weights: the model has no Linear / convolution / projection matrix to hold "
                              "in bf16")
+        for module, dtype in zip(self._pinned, dtypes):
+            module.get_cast_dtype = _PinnedDtype(dtype)
         self._full_precision = False
 
     def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,5 +127,7 @@ class MasterWeights:
         """End of training: the model keeps the fp32 masters for good."""
         for param, master in self.pairs:
             param.data = master.data
-        self.pairs = []
-        self._master_of = {}
+        for module in self._pinned:
+            if isinstance(module.__dict__.get("get_cast_dtype"), _PinnedDtype):
+                del module.get_cast_dtype  # the class's own method again
+        self.pairs, self._master_of, self._pinned = [], {}, []

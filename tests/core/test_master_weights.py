@@ -53,6 +53,40 @@ def test_the_matrices_are_held_in_bf16_and_the_rest_stays_fp32() -> None:
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("variant", ["clip", "custom_text", "untrimmed"])
+def test_every_open_clip_text_path_keeps_autocasts_fp32_stream(variant: str, tmp_path: Path) -> None:
+    """open_clip picks its text stream's dtype from a block's weight; bf16 weights must not make it bf16
+    (CustomTextCLIP towers, and CLIP's own encode_text when the kit cannot trim the padding)."""
+    import copy
+    import open_clip
+
+    name = "domainclip-tiny-vit"
+    if variant == "custom_text":
+        config = json.loads((Path(__file__).parents[2] / "core/backbones/model_configs" / f"{name}.json").read_text())
+        name = "domainclip-tiny-vit-custom-text-test"
+        (tmp_path / f"{name}.json").write_text(json.dumps({**config, "custom_text": True}))
+        open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(0)
+    reference = create_backbone(ModelConfig(kind="open_clip", name=name)).eval()
+    assert (type(reference.model).__name__ == "CustomTextCLIP") == (variant == "custom_text")
+    if variant == "untrimmed":
+        reference.model.attn_mask = None  # no causal mask: trimming is not exact, encode_text itself runs
+    ours = copy.deepcopy(reference)
+    masters = MasterWeights(ours)
+    tokens = reference.tokenize(["a red square", "a small blue square on a white ground"])
+    images = torch.randn(2, 3, 32, 32)
+    # with gradients, as in training (without them, nn.MultiheadAttention's fused inference path runs
+    # the fp32 reference in fp32 where autocast would not; evaluation uses the fp32 masters anyway)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours.encode_text(tokens, normalize=False), reference.encode_text(tokens, normalize=False))
+        assert torch.equal(ours.encode_image(images, normalize=False), reference.encode_image(images, normalize=False))
+    masters.release()
+    assert all("get_cast_dtype" not in module.__dict__ for module in ours.modules())
+    MasterWeights(ours)
+    assert {module.get_cast_dtype() for module in copy.deepcopy(ours).modules()  # a copy keeps the pin
+            if "get_cast_dtype" in module.__dict__} == {torch.float32}
+
+
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "full", "lock_text": True},
                                     {"name": "lora", "rank": 4, "alpha": 8}, {"name": "coop", "n_ctx": 2},
                                     {"name": "maple", "n_ctx": 2, "depth": 2}, {"name": "fare", "steps": 1}],
