@@ -285,10 +285,11 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         if service.index is None:
             raise RequestError(404, "no index is loaded: start the service with --index INDEX")
         fields, files = await service.payload(request)
-        try:
-            top_k = int(fields.get("top_k", 10))
-        except (TypeError, ValueError):
-            raise RequestError(422, f"top_k: expected an integer, got {fields.get('top_k')!r}") from None
+        raw_top_k = fields.get("top_k", 10)
+        try:  # an int, or its digits (multipart fields are strings); 2.9 is not silently 2
+            top_k = raw_top_k if isinstance(raw_top_k, int) and not isinstance(raw_top_k, bool) else int(str(raw_top_k))
+        except ValueError:
+            raise RequestError(422, f"top_k: expected an integer, got {raw_top_k!r}") from None
         if not 1 <= top_k <= limits.max_top_k:
             raise RequestError(422, f"top_k: must be between 1 and {limits.max_top_k}, got {top_k}")
         images = await service.images(fields, files, ("image",), many=False)

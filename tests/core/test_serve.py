@@ -79,6 +79,9 @@ def test_embed_and_search_and_thumbnails(client, compact_encoder) -> None:
     assert [hit["label"] for hit in hits] == ["green"] * 3 and hits[0]["thumbnail"] == f"/thumbnail/{hits[0]['id']}"
     by_image = client.post("/search", files={"image": ("q.png", png_bytes(RED), "image/png")}, data={"top_k": "2"})
     assert [hit["label"] for hit in by_image.json()["hits"]] == ["red", "red"]
+    for top_k in (2.9, "2.9", True, "two"):  # never silently rounded down
+        refused = client.post("/search", json={"text": "a green square", "top_k": top_k})
+        assert refused.status_code == 422 and "top_k: expected an integer" in refused.json()["error"], top_k
     thumb = client.get(hits[0]["thumbnail"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumb.content)).size == (40, 40)
