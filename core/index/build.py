@@ -98,6 +98,10 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
         manifest.check_model(fingerprint, out)
         for number, source in enumerate(manifest.sources):
             if source.data == data and source.options == data_options:
+                if not source.complete and source.precision and source.precision != fingerprint["precision"]:
+                    raise ValueError(f"{out}: the interrupted run encoded {data} in {source.precision}; resume it "
+                                     f"with --precision {source.precision} (this run resolves to "
+                                     f"{fingerprint['precision']}), so one source is not encoded in two precisions")
                 return manifest, number  # resume (or nothing left to do)
         if not add:
             raise FileExistsError(f"{out} already holds an index of {manifest.sources[0].data}; use --add to add "
@@ -118,7 +122,7 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
     first = sum(s.num_shards for s in manifest.sources)
     manifest.sources.append(SourceEntry(data=data, options=data_options, first_shard=first,
                                         num_shards=math.ceil(len(items) / manifest.shard_size),
-                                        total=len(items) + len(skipped),
+                                        total=len(items) + len(skipped), precision=fingerprint["precision"],
                                         skipped=[[path, reason] for path, reason in skipped]))
     write_manifest(out, manifest)
     return manifest, len(manifest.sources) - 1

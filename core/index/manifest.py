@@ -35,6 +35,8 @@ class SourceEntry:
         complete: every shard is written.
         skipped: ``[path, reason]`` of the rows that could not become items (a manifest row without
             an image path); they are counted and listed in ``bad_inputs.json`` with the unreadable images.
+        precision: the precision its images were encoded in (``--add`` may use another one; a
+            resumed run must use the same); "" in indexes made before it was recorded.
     """
 
     data: str
@@ -44,6 +46,7 @@ class SourceEntry:
     total: int
     complete: bool = False
     skipped: list[list[str]] = field(default_factory=list)
+    precision: str = ""
 
 
 @dataclass

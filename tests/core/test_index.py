@@ -160,6 +160,20 @@ def test_rows_that_never_become_items_are_counted_and_listed(compact_encoder, tm
     assert manifest.bad == 2 and manifest.sources[0].total == 8 and len(manifest.sources[0].skipped) == 1
 
 
+def test_each_source_records_its_precision_and_a_resume_keeps_it(compact_encoder, tmp_path) -> None:
+    from domainclip.core.index.manifest import write_manifest
+
+    data, out = colour_data(tmp_path / "data", count=4), tmp_path / "index"
+    build_index(compact_encoder, str(data), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
+    manifest = read_manifest(out)
+    assert manifest.sources[0].precision == compact_encoder.precision
+    other = "bf16" if compact_encoder.precision != "bf16" else "fp32"
+    manifest.sources[0].precision, manifest.sources[0].complete = other, False  # as if interrupted in another precision
+    write_manifest(out, manifest)
+    with pytest.raises(ValueError, match=rf"encoded .* in {other}; resume it with --precision {other}"):
+        build_index(compact_encoder, str(data), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
+
+
 def test_add_keeps_the_index_kind_first_asked_for(compact_encoder, tmp_path) -> None:
     out = tmp_path / "index"
     build_index(compact_encoder, str(colour_data(tmp_path / "a", count=4)), out,
