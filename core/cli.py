@@ -410,8 +410,11 @@ def _add_index_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     index.add_argument("--add", action="store_true", help="add DATA to the existing index at --out")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images")
-    index.add_argument("--shard-size", type=int, default=4096, help="images per committed shard (multiple of --batch-size)")
-    index.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding type")
+    index.add_argument("--shard-size", type=int, default=None,
+                       help="images per committed shard, a multiple of --batch-size (new index: default 4096; "
+                            "resume / --add: the index's own)")
+    index.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                       help="stored embedding type (new index: default float32; resume / --add: the index's own)")
     index.add_argument("--kind", default="auto", help="auto (flat up to 100,000 images, hnsw above), flat or hnsw")
     index.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more images are unreadable")
     index.add_argument("--image-key", default="", help="manifest column with the image path (default image)")

@@ -38,16 +38,21 @@ from .shards import META_SCHEMA, SHARD_DIR, is_committed, read_shard, shard_bad_
 
 METADATA_FILE = "metadata.parquet"
 BAD_INPUTS_FILE = "bad_inputs.json"
+DEFAULT_SHARD_SIZE = 4096
 
 
 @dataclass
 class IndexOptions:
-    """How ``build_index`` encodes (see ``domainclip index --help``)."""
+    """How ``build_index`` encodes (see ``domainclip index --help``).
+
+    ``shard_size`` and ``dtype`` belong to the index: None takes 4096 / ``float32`` for a new one
+    and the index's own when resuming or adding; a given value other than the index's is an error.
+    """
 
     batch_size: int = 64
     workers: int = 0
-    shard_size: int = 4096
-    dtype: str = "float32"
+    shard_size: int | None = None
+    dtype: str | None = None
     kind: str = "auto"
     max_bad_fraction: float = 0.01
     progress: bool = True
@@ -75,15 +80,32 @@ def build_index(encoder: Encoder, data: str, out: str | Path, options: IndexOpti
 
 
 def _check_options(options: IndexOptions) -> None:
-    if options.dtype not in DTYPES:
+    if options.dtype is not None and options.dtype not in DTYPES:
         raise ValueError(f"dtype {options.dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     for name in ("batch_size", "shard_size"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
-    if options.shard_size % options.batch_size:
-        raise ValueError(f"shard_size ({options.shard_size}) must be a multiple of batch_size ({options.batch_size}) "
-                         "so that every shard is encoded in the same batches")
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if options.shard_size is not None:
+        _check_batches(options.shard_size, options.batch_size)
     faiss_index.choose_kind(0, options.kind)
+
+
+def _check_batches(shard_size: int, batch_size: int) -> None:
+    if shard_size % batch_size:
+        raise ValueError(f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size}) "
+                         "so that every shard is encoded in the same batches")
+
+
+def _check_kept(out: Path, manifest: IndexManifest, options: IndexOptions) -> None:
+    """A resumed or extended index keeps its shard size and stored dtype."""
+    if options.shard_size is not None and options.shard_size != manifest.shard_size:
+        raise ValueError(f"{out} is written in shards of {manifest.shard_size} images; --shard-size "
+                         f"{options.shard_size} cannot change it (leave --shard-size out)")
+    if options.dtype is not None and options.dtype != manifest.dtype:
+        raise ValueError(f"{out} stores {manifest.dtype} embeddings; --dtype {options.dtype} cannot be added to it "
+                         "(leave --dtype out)")
+    _check_batches(manifest.shard_size, options.batch_size)
 
 
 def _absolute(data: str) -> str:
@@ -96,6 +118,7 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
     if manifest_path(out).is_file():
         manifest = read_manifest(out)
         manifest.check_model(fingerprint, out)
+        _check_kept(out, manifest, options)
         for number, source in enumerate(manifest.sources):
             if source.data == data and source.options == data_options:
                 if not source.complete and source.precision and source.precision != fingerprint["precision"]:
@@ -109,15 +132,15 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
         unfinished = [s.data for s in manifest.sources if not s.complete]
         if unfinished:
             raise ValueError(f"{out}: the run indexing {unfinished[0]} was interrupted; re-run that command first")
-        if manifest.dtype != options.dtype:
-            raise ValueError(f"{out} stores {manifest.dtype} embeddings; --dtype {options.dtype} cannot be added to it")
     else:
         if add:
             raise FileNotFoundError(f"--add: {out} is not an index yet (no manifest.json); build it without --add first")
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"--out {out} exists and is not an index; give a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
-        manifest = IndexManifest(model=fingerprint, dtype=options.dtype, shard_size=options.shard_size)
+        manifest = IndexManifest(model=fingerprint, dtype=options.dtype or "float32",
+                                 shard_size=options.shard_size or DEFAULT_SHARD_SIZE)
+        _check_batches(manifest.shard_size, options.batch_size)
     items, skipped = list_items(data, data_options)
     first = sum(s.num_shards for s in manifest.sources)
     manifest.sources.append(SourceEntry(data=data, options=data_options, first_shard=first,

@@ -174,6 +174,24 @@ def test_each_source_records_its_precision_and_a_resume_keeps_it(compact_encoder
         build_index(compact_encoder, str(data), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
 
 
+def test_resume_and_add_keep_the_indexs_shard_size_and_dtype(compact_encoder, tmp_path) -> None:
+    out = tmp_path / "index"
+    build_index(compact_encoder, str(colour_data(tmp_path / "a", count=4)), out,
+                IndexOptions(**{**OPTIONS, "dtype": "float16"}), DATA_OPTIONS)
+    plain = IndexOptions(batch_size=4, max_bad_fraction=0.2, progress=False)  # no shard size, no dtype: the index's
+    summary = build_index(compact_encoder, str(colour_data(tmp_path / "b", count=4)), out, plain, DATA_OPTIONS, add=True)
+    assert summary["count"] == 8 and read_shard(out, 1).embeddings.dtype == np.float16
+    for given, message in (({"shard_size": 16}, "shards of 8 images; --shard-size 16 cannot change it"),
+                           ({"dtype": "float32"}, "stores float16 embeddings; --dtype float32 cannot be added")):
+        with pytest.raises(ValueError, match=message):
+            build_index(compact_encoder, str(colour_data(tmp_path / "c", count=4)), out,
+                        IndexOptions(**{**OPTIONS, **given}), DATA_OPTIONS, add=True)
+    with pytest.raises(ValueError, match=r"shard_size \(8\) must be a multiple of batch_size \(3\)"):
+        build_index(compact_encoder, str(colour_data(tmp_path / "d", count=4)), out, IndexOptions(batch_size=3),
+                    DATA_OPTIONS, add=True)
+    assert read_manifest(out).shard_size == 8
+
+
 def test_add_keeps_the_index_kind_first_asked_for(compact_encoder, tmp_path) -> None:
     out = tmp_path / "index"
     build_index(compact_encoder, str(colour_data(tmp_path / "a", count=4)), out,
