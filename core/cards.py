@@ -459,11 +459,12 @@ def run_metadata(run_dir: str | Path, card: CardConfig | None = None) -> dict[st
 
 
 def _precision_guard(report: dict[str, Any]) -> dict[str, Any]:
-    """Per precision: passed, each task's top-1 agreement with fp32, and whether zero-shot near ties were
-    refined in fp32 (``domainclip precision-guard [--refine-ties]``)."""
+    """Per precision: passed, each task's top-1 agreement with fp32 (a list of ``{"dataset",
+    "top1_agreement"}``: task names and data paths are values, so the scrubber sees them), and
+    whether zero-shot near ties were refined in fp32 (``domainclip precision-guard [--refine-ties]``)."""
     return {precision: {"passed": all(entry[precision]["passed"] for entry in report["results"].values()),
-                        "top1_agreement": {name: entry[precision]["top1_agreement"]
-                                           for name, entry in report["results"].items()},
+                        "top1_agreement": [{"dataset": name, "top1_agreement": entry[precision]["top1_agreement"]}
+                                           for name, entry in report["results"].items()],
                         "refine_ties": bool(report.get("refine_ties", False))}
             for precision in report["precisions"]}
 
@@ -545,7 +546,7 @@ def _evaluation_text(meta: dict[str, Any]) -> str:
         delta = f"{change['metric']} {change['before']:.3f} → {change['after']:.3f}" if change else ""
         lines.append(f"| {entry['dataset']} | {entry['task']} | {values.get('n_images', values.get('n_samples', ''))} | {shown} | {delta} |")
     for precision, guard in meta.get("precision_guard", {}).items():
-        agreements = ", ".join(f"{name} {100 * value:.2f} %" for name, value in guard["top1_agreement"].items())
+        agreements = ", ".join(f"{row['dataset']} {100 * row['top1_agreement']:.2f} %" for row in guard["top1_agreement"])
         refined = (", zero-shot near ties re-decided in fp32, `domainclip precision-guard --refine-ties`"
                    if guard.get("refine_ties") else ", `domainclip precision-guard`")
         lines += ["", f"Precision guard ({precision} weights against fp32{refined}): "
@@ -611,9 +612,9 @@ def derived_limitations(meta: dict[str, Any]) -> list[str]:
             out.append(f"Trained on {d['shots']} examples per class of {d['name']} (few-shot): expect high variance.")
     for precision, guard in meta.get("precision_guard", {}).items():
         if not guard["passed"]:
-            worst = min(guard["top1_agreement"].items(), key=lambda kv: kv[1])
-            out.append(f"With the weights held in {precision}, {100 * (1 - worst[1]):.1f} % of the top-1 decisions "
-                       f"on {worst[0]} differ from fp32 (`domainclip precision-guard`); where decisions must match "
+            worst = min(guard["top1_agreement"], key=lambda row: row["top1_agreement"])
+            out.append(f"With the weights held in {precision}, {100 * (1 - worst['top1_agreement']):.1f} % of the "
+                       f"top-1 decisions on {worst['dataset']} differ from fp32 (`domainclip precision-guard`); where decisions must match "
                        f"fp32, refine near ties in fp32 (`refine_ties`, zero-shot classification) or encode "
                        f"with precision fp32.")
     for r in meta["retention"]:

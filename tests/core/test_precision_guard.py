@@ -141,8 +141,9 @@ def test_command_writes_the_report_and_the_card_states_it(colour_squares: Path, 
 
     meta = run_metadata(run_dir)
     for precision in ("bf16", "fp16"):
-        assert meta["precision_guard"][precision]["top1_agreement"] == pytest.approx(
-            {name: entry[precision]["top1_agreement"] for name, entry in report["results"].items()})
+        assert meta["precision_guard"][precision]["top1_agreement"] == [
+            {"dataset": name, "top1_agreement": pytest.approx(entry[precision]["top1_agreement"])}
+            for name, entry in report["results"].items()]
 
     # a guard that failed becomes a limitation with its share of changed decisions
     report["results"]["squares_retrieval"]["bf16"].update(top1_agreement=0.9775, passed=False)
@@ -159,3 +160,11 @@ def test_command_writes_the_report_and_the_card_states_it(colour_squares: Path, 
     assert ("Precision guard (bf16 weights against fp32, zero-shot near ties re-decided in fp32, "
             "`domainclip precision-guard --refine-ties`): failed") in card
     assert run_metadata(run_dir)["precision_guard"]["bf16"]["refine_ties"] is True
+
+    # a task named after a patient and study (or a path holding one) never reaches the card
+    named = {**report, "results": {"p10000032-s50414267": report["results"]["squares_retrieval"]}}
+    (run_dir / "precision_guard.json").write_text(json.dumps(named))
+    folder = write_card(run_dir, tmp_path / "card_named").parent
+    for written in folder.iterdir():
+        assert "p10000032" not in written.read_text(errors="replace"), written.name
+    assert "on [redacted] differ from fp32" in (folder / "README.md").read_text()
