@@ -174,9 +174,8 @@ class RunFolder:
                           f"it with domainclip eval {self.path}, or train.resume=never to train it again)",
                           file=sys.stderr, flush=True)
                     return step
-            if cfg.train.resume == "never":  # started over: no earlier checkpoint may be resumed later
-                summary.unlink(missing_ok=True)
-                shutil.rmtree(self.checkpoints, ignore_errors=True)
+            if cfg.train.resume == "never":  # started over: nothing of the earlier run may pass for this one's
+                self.forget_earlier_run()
         except BaseException:
             self.lock.release()
             raise
@@ -193,6 +192,21 @@ class RunFolder:
         if previous:
             self.say(f"took over {LOCK_FILE} left by a process that is gone ({_describe_holder(previous)})")
         return None
+
+    # what a finished (or interrupted) run leaves besides config.yaml and train.log
+    EARLIER_RUN_FILES = ("train_summary.json", "metrics.json", "bad_inputs.json", "logs/train_metrics.jsonl")
+    EARLIER_RUN_FOLDERS = ("checkpoints", "model")
+
+    def forget_earlier_run(self) -> None:
+        """``train.resume=never``: remove an earlier run's checkpoints, model, metrics, bad-input list
+        and precision-guard reports, so that the folder never pairs this config with another run's
+        weights or figures (``train.log`` keeps its history)."""
+        for name in self.EARLIER_RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for guard in self.path.glob("precision_guard*.json"):
+            guard.unlink()
+        for name in self.EARLIER_RUN_FOLDERS:
+            shutil.rmtree(self.path / name, ignore_errors=True)
 
     def release(self) -> None:
         """Give up the folder's lock (the end of ``train``, or an error)."""

@@ -58,6 +58,29 @@ def test_only_documented_keys_may_change_on_resume(tmp_path: Path) -> None:
     assert "eval" in RESUME_SAFE_KEYS and "train.log_every" in RESUME_SAFE_KEYS
 
 
+def test_starting_over_removes_everything_of_the_earlier_run(colour_squares: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = write_recipe(tmp_path, {**tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2),
+                                     "eval": squares_eval(colour_squares)})
+    assert cli_main(["train", str(recipe)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    (run / "precision_guard.json").write_text("{}")
+    assert {"model", "metrics.json", "bad_inputs.json", "train_summary.json"} <= {p.name for p in run.iterdir()}
+    # killed right after the folder is prepared for a new run: nothing of the first run is left to pass for it
+    from domainclip.core.train.run_folder import RunFolder
+
+    def killed(self, message: str) -> None:  # the new run's first log line
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "log", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["train", str(recipe), "train.resume=never", "train.lr=0.05"])
+    left = {p.relative_to(run).as_posix() for p in run.rglob("*")}
+    assert not left & {"model", "metrics.json", "bad_inputs.json", "train_summary.json", "checkpoints",
+                       "precision_guard.json", "logs/train_metrics.jsonl"}, left
+    assert "lr: 0.05" in (run / "config.yaml").read_text()
+
+
 def test_finished_run_rerun_changes_no_file(colour_squares: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     recipe = write_recipe(tmp_path, {**tiny_recipe(colour_squares, tmp_path / "runs", max_steps=3),
