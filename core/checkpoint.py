@@ -298,14 +298,23 @@ def begin_checkpoint(root: str | Path, step: int) -> Path:
 
 
 def commit_checkpoint(tmp: Path, step: int, keep: int = 2) -> Path:
-    """Move a fully written temporary folder into place, point ``latest`` at it, prune old ones."""
+    """Move a fully written temporary folder into place, point ``latest`` at it, prune old ones.
+
+    A checkpoint of the same step already in place is renamed aside (``.old-step_N``) and deleted
+    only once the new one is in place: a kill at any moment leaves one complete folder of that
+    step, which :func:`latest_checkpoint` finds.
+    """
     root = tmp.parent
     final = root / checkpoint_name(step)
+    aside = root / f".old-{final.name}"
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
     atomic_write_text(root / LATEST, final.name + "\n")
     if keep > 0:
         finished = sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -315,12 +324,25 @@ def commit_checkpoint(tmp: Path, step: int, keep: int = 2) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The folder ``latest`` points at, or ``None`` when there is no finished checkpoint."""
-    pointer = Path(root) / LATEST
+    """The folder ``latest`` points at, or ``None`` when there is no finished checkpoint.
+
+    When a kill interrupted the re-commit of that step (its folder moved aside, the new one not yet
+    in place), the folder moved aside is put back; when the folder is gone otherwise, the newest
+    finished ``step_*`` folder is taken instead of starting from scratch.
+    """
+    root = Path(root)
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    folder = Path(root) / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    folder = root / pointer.read_text().strip()
+    if folder.is_dir():
+        return folder
+    aside = root / f".old-{folder.name}"
+    if aside.is_dir():
+        os.replace(aside, folder)
+        return folder
+    finished = sorted(p for p in root.glob("step_*") if p.is_dir())
+    return finished[-1] if finished else None
 
 
 def write_json(path: str | Path, data: Any) -> None:

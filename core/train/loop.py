@@ -310,6 +310,7 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
         with full_precision():
             state = load_training_checkpoint(resume_from, accelerator, model, method, optimizer, scheduler, bad)
         run.say(f"resumed from step {state.global_step} ({resume_from})")
+    resumed_at = state.global_step
     if release_trainer_tensors_in_workers(data.loader, model, optimizer):
         run.log("data workers (forked) drop their inherited copy of the weights and optimizer state")
     if cfg.train.warmup_steps >= total_steps:
@@ -403,7 +404,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             state.batches_in_epoch = 0
     progress.close()
     run.log(f"waited {waits.total:.1f} s for data in {time.perf_counter() - started:.1f} s of training")
-    checkpoint()
+    if resume_from is None or state.global_step != resumed_at:  # a rerun of a finished loop saves nothing new
+        checkpoint()
     if masters is not None:
         masters.release()
     return unwrapped, state, bad, samples

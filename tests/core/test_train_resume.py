@@ -12,7 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from domainclip.core.checkpoint import latest_checkpoint
+from domainclip.core import checkpoint as checkpoint_module
+from domainclip.core.checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint
 
 from ..conftest import tiny_recipe
 
@@ -86,3 +87,46 @@ def test_resume_refuses_a_changed_recipe(recipes: dict[str, Path], tmp_path: Pat
     assert changed.returncode == 2
     assert "data.batch_size changed (8 -> 4)" in changed.stderr and "name=NEW_NAME" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_a_recommit_killed_at_any_moment_keeps_one_complete_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "checkpoints"
+    for step in (3, 6):
+        tmp = begin_checkpoint(root, step)
+        (tmp / "state.json").write_text(f"first {step}")
+        commit_checkpoint(tmp, step)
+    assert latest_checkpoint(root).name == "step_0000006"
+    # the same step saved again, killed between moving the old folder aside and putting the new one in
+    (begin_checkpoint(root, 6) / "state.json").write_text("second 6")
+    real_replace = checkpoint_module.os.replace
+    calls = []
+
+    def killed(source, target):  # noqa: ANN001
+        calls.append(Path(source).name)
+        if Path(source).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # stands in for SIGKILL
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        commit_checkpoint(root / ".tmp-step_0000006", 6)
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert calls == ["step_0000006", ".tmp-step_0000006"] and not (root / "step_0000006").exists()
+    found = latest_checkpoint(root)  # the folder moved aside is put back
+    assert found.name == "step_0000006" and (found / "state.json").read_text() == "first 6"
+    # a latest folder gone for another reason: the newest finished checkpoint, not a fresh start
+    import shutil
+
+    shutil.rmtree(found)
+    assert latest_checkpoint(root).name == "step_0000003"
+
+
+def test_a_rerun_after_the_final_checkpoint_saves_nothing_again(recipes: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "killed_after"
+    killed = run_cli(recipes["killed_after"], fault="after_save:6")  # the last step: killed before the summary
+    assert killed.returncode == -signal.SIGKILL and not (run_dir / "train_summary.json").exists()
+    final = run_dir / "checkpoints" / "step_0000006"
+    before = final.stat().st_ino
+    resumed = run_cli(recipes["killed_after"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert final.stat().st_ino == before and (run_dir / "train_summary.json").is_file()
