@@ -251,9 +251,13 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
         loader, dataset = build_train_loader(cfg, model, records, shuffle=False, augment=False)
         model = model.to(accelerator.device)
         summary = method.fit(model, loader, task)
-        state, bad, samples = TrainerState(), BadInputReport(total=len(dataset)), len(dataset)
+        # the images the fit could not read: counted, listed in bad_inputs.json and held to
+        # data.max_bad_fraction, as the SGD loop does
+        bad = BadInputReport.from_items(summary.pop("bad", []), seen=len(dataset), total=len(dataset))
+        state, samples = TrainerState(), len(dataset)
         trainable = method.trainable_parameter_count(model)
         run.log(f"method={cfg.method.name} fitted in closed form: {summary}")
+        bad.check(cfg.data.max_bad_fraction, total=len(dataset))
         unwrapped = model
     else:
         unwrapped, state, bad, samples = _sgd(cfg, accelerator, run, model, method, records)

@@ -306,6 +306,26 @@ def test_closed_form_fits_skip_count_and_list_bad_and_unlabelled_images(colour_s
     assert tip_model.cache_keys.shape == (22, 32) and tip_model.cache_values.sum(0).tolist() == [8.0, 6.0, 8.0]  # blue, green, red
 
 
+def test_a_closed_form_run_lists_its_unreadable_images_and_keeps_the_bad_limit(colour_squares: Path,
+                                                                               tmp_path: Path) -> None:
+    from domainclip.core.data import TooManyBadInputsError
+    from domainclip.core.run_config import RunConfig
+    from domainclip.core.train import train
+
+    for index in (2, 5):
+        (colour_squares.parent / "img" / f"{index}.jpg").write_bytes(b"not a jpeg")
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs")
+    recipe["method"] = {"name": "linear_probe", "c_values": [1.0], "val_fraction": 0.0, "cache_dir": str(tmp_path / "c")}
+    recipe["data"]["max_bad_fraction"] = 0.1
+    run_dir = train(config_lib.load(RunConfig, None, (), base=recipe)).run_dir
+    report = json.loads((run_dir / "bad_inputs.json").read_text())
+    assert (report["total"], report["bad"]) == (24, 2)
+    assert sorted(Path(item["path"]).name for item in report["items"]) == ["2.jpg", "5.jpg"]
+    recipe.update(name="strict", data={**recipe["data"], "max_bad_fraction": 0.05})  # 2 of 24 is more than 5 %
+    with pytest.raises(TooManyBadInputsError, match="2 of 24"):
+        train(config_lib.load(RunConfig, None, (), base=recipe))
+
+
 def test_linear_probe_one_shot_falls_back_to_the_configured_c_and_says_so(tmp_path: Path) -> None:
     from sklearn.linear_model import LogisticRegression
 
