@@ -222,7 +222,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
         node: Any = data
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):
-                node = node[int(part)]
+                node = node[_list_index(node, part, text, path[:i])]
                 continue
             if part not in node or node[part] is None:
                 node[part] = {}
@@ -230,10 +230,22 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
         if isinstance(node, list):
-            node[int(path[-1])] = value
+            node[_list_index(node, path[-1], text, path[:-1])] = value
         else:
             node[path[-1]] = value
     return data
+
+
+def _list_index(items: list, part: str, text: str, where: list[str]) -> int:
+    """``part`` as an index into ``items``, or a ``ConfigError`` naming the override and the list's length."""
+    name = ".".join(where) or "the list"
+    if not part.lstrip("-").isdigit():
+        raise ConfigError(f"override {text!r}: {name} is a list; index it with a number (0 to {len(items) - 1}), "
+                          f"got {part!r}")
+    index = int(part)
+    if not 0 <= index < len(items):
+        raise ConfigError(f"override {text!r}: {name} has {len(items)} item(s); index {index} is not one of them")
+    return index
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

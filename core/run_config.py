@@ -48,6 +48,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = load in the training process), got {self.num_workers}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -137,6 +139,18 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
+        for name in ("epochs", "max_steps", "save_every", "eval_every", "keep_checkpoints", "weight_decay", "eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1 (log every N optimizer steps), got {self.log_every}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be between 0 and 1 (the final lr as a share of train.lr), "
+                             f"got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
 
 
 EVAL_TASKS = ("zeroshot", "retrieval", "robustness")

@@ -61,6 +61,24 @@ def test_value_checks_name_the_key(tmp_path: Path) -> None:
         config_lib.load(RunConfig, write(tmp_path, {"data": {"max_bad_fraction": 2}}))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.max_steps=-3", "train.max_steps must be >= 0, got -3"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+    ("train.betas=[0.9]", r"train.betas must be two numbers in \[0, 1\)"),
+    ("train.min_lr_ratio=5", "train.min_lr_ratio must be between 0 and 1"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+    ("data.num_workers=-2", "data.num_workers must be >= 0"),
+    ("eval.1.name=x", r"override 'eval.1.name=x': eval has 1 item\(s\); index 1 is not one of them"),
+    ("eval.first.name=x", r"override 'eval.first.name=x': eval is a list; index it with a number \(0 to 0\)"),
+])
+def test_values_that_would_crash_or_train_nothing_are_refused_up_front(tmp_path: Path, override: str,
+                                                                         message: str) -> None:
+    path = write(tmp_path, {"eval": [{"name": "e", "task": "zeroshot"}]})
+    with pytest.raises(ConfigError, match=message):
+        config_lib.load(RunConfig, path, [override])
+
+
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = config_lib.load(RunConfig, write(tmp_path, {"name": "x", "method": {"name": "full", "layer_decay": 0.8},
                                                       "eval": [{"name": "e", "task": "retrieval"}]}))
