@@ -399,7 +399,8 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
                 checkpoint()
             if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not finished:
                 with full_precision():
-                    run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
+                    run.log_evaluation(run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step,
+                                                      method=method))
                 train_mode()
             if finished:
                 break

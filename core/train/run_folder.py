@@ -46,6 +46,7 @@ from ..run_config import RunConfig
 RESUME_SAFE_KEYS = ("name", "output_dir", "eval", "train.eval_every", "train.log_every", "train.progress",
                     "train.resume")
 LOCK_FILE = "train.lock"
+EVAL_METRICS_FILE = "eval_metrics.jsonl"  # in logs/: evaluations during training
 
 log = logging.getLogger("domainclip.train")
 
@@ -194,7 +195,8 @@ class RunFolder:
         return None
 
     # what a finished (or interrupted) run leaves besides config.yaml and train.log
-    EARLIER_RUN_FILES = ("train_summary.json", "metrics.json", "bad_inputs.json", "logs/train_metrics.jsonl")
+    EARLIER_RUN_FILES = ("train_summary.json", "metrics.json", "bad_inputs.json", "logs/train_metrics.jsonl",
+                         "logs/eval_metrics.jsonl")
     EARLIER_RUN_FOLDERS = ("checkpoints", "model")
 
     def forget_earlier_run(self) -> None:
@@ -223,14 +225,29 @@ class RunFolder:
             print(f"domainclip train: {message}", file=sys.stderr, flush=True)
 
     def truncate_metrics(self, step: int) -> None:
-        """Keep ``train_metrics.jsonl`` lines of steps <= ``step``: a resumed run logs the rest again."""
-        path = self.logs / "train_metrics.jsonl"
-        if not self.is_main or not path.is_file():
+        """Keep the ``train_metrics.jsonl`` and ``eval_metrics.jsonl`` lines of steps <= ``step``: a
+        resumed run logs the rest again."""
+        for name in ("train_metrics.jsonl", EVAL_METRICS_FILE):
+            path = self.logs / name
+            if not self.is_main or not path.is_file():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            if len(kept) != len(lines):
+                atomic_write_text(path, "".join(kept))
+
+    def log_evaluation(self, records: list[dict[str, Any]]) -> None:
+        """The records of an evaluation during training (``train.eval_every``), one JSON line each in
+        ``logs/eval_metrics.jsonl`` (``metrics.json`` holds the final evaluation)."""
+        if not self.is_main:
             return
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write_text(path, "".join(kept))
+        with open(self.logs / EVAL_METRICS_FILE, "a") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        for record in records:
+            shown = {key: round(value, 4) for key, value in record.get("metrics", {}).items()
+                     if isinstance(value, float)}
+            self.log(f"eval at step {record.get('step')}: {record.get('dataset')} ({record.get('task')}) {shown}")
 
     def progress_bar(self, total: int, initial: int, enabled: bool) -> tqdm.tqdm:
         return tqdm.tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,

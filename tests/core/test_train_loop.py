@@ -254,3 +254,17 @@ def test_auto_precision_follows_the_device_and_bf16_on_a_slow_cpu_warns(colour_s
     auto_weights["name"] = "auto_weights"
     log = (run(auto_weights).run_dir / "logs" / "train.log").read_text()
     assert "train.bf16_weights ignored: training runs in 'no' (train.precision=auto)" in log
+
+
+def test_evaluations_during_training_are_kept_with_their_step(colour_squares: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=4, eval_every=2)
+    recipe["eval"] = [{"name": "squares", "task": "zeroshot", "batch_size": 8,
+                       "data": {"format": "csv", "path": str(colour_squares), "label_key": "label",
+                                "caption_separator": "|", "templates": ["a {} square"]}}]
+    run_dir = train(config_lib.load(RunConfig, None, (), base=recipe)).run_dir
+    during = [json.loads(line) for line in (run_dir / "logs" / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [(record["step"], record["dataset"]) for record in during] == [(2, "squares")]  # step 4 is the final one
+    assert 0.0 <= during[0]["metrics"]["acc1"] <= 1.0
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert [record["step"] for record in final] == [4]
+    assert "eval at step 2: squares (zeroshot_classification)" in (run_dir / "logs" / "train.log").read_text()
