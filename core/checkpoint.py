@@ -69,11 +69,23 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     memory to the file, so saving needs no second copy of the state (the safetensors package
     builds the whole file in memory first; for a 151 M-parameter model and its AdamW state that
     is 1.8 GB more at every checkpoint). Tensors sharing storage are written separately; CPU
-    tensors that are already contiguous are not copied at all. The file is flushed to disk."""
+    tensors that are already contiguous are not copied at all. The file is written under a temporary
+    name, flushed to disk and then moved into place: a kill mid-write leaves the earlier file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_tensors(tensors, path, tmp, metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, tmp: Path, metadata: dict[str, str] | None) -> None:
     prepared = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     if sys.byteorder != "little":  # the format is little-endian; memory here is not: the package converts
-        save_file({name: tensor.clone() for name, tensor in prepared.items()}, str(path), metadata=metadata)
-        with open(path, "rb") as handle:
+        save_file({name: tensor.clone() for name, tensor in prepared.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         return
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -87,7 +99,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the format's own writer pads
-    with open(path, "wb") as handle:
+    with open(tmp, "wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         for tensor in prepared.values():
@@ -306,21 +318,38 @@ def commit_checkpoint(tmp: Path, step: int, keep: int = 2) -> Path:
     """
     root = tmp.parent
     final = root / checkpoint_name(step)
-    aside = root / f".old-{final.name}"
-    _fsync_dir(tmp)
-    if final.exists():
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    shutil.rmtree(aside, ignore_errors=True)
+    replace_folder(tmp, final)
     atomic_write_text(root / LATEST, final.name + "\n")
     if keep > 0:
         finished = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in finished[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the fully written folder ``new`` in place of ``final``, so that a kill at any moment
+    leaves one complete folder: the old one is renamed aside (``.old-NAME``) and deleted only once
+    the new one is in place; :func:`restore_folder` puts it back after a kill in between."""
+    aside = final.parent / f".old-{final.name}"
+    _fsync_dir(new)
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    os.replace(new, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_folder(final: Path) -> bool:
+    """After a kill inside :func:`replace_folder`: when ``final`` is missing and the folder moved
+    aside is there, put it back. ``True`` when ``final`` was restored."""
+    aside = final.parent / f".old-{final.name}"
+    if final.exists() or not aside.is_dir():
+        return False
+    os.replace(aside, final)
+    return True
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -335,11 +364,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     folder = root / pointer.read_text().strip()
-    if folder.is_dir():
-        return folder
-    aside = root / f".old-{folder.name}"
-    if aside.is_dir():
-        os.replace(aside, folder)
+    if folder.is_dir() or restore_folder(folder):
         return folder
     finished = sorted(p for p in root.glob("step_*") if p.is_dir())
     return finished[-1] if finished else None

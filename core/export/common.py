@@ -18,7 +18,7 @@ from typing import Any
 from .. import config as config_lib
 from ..backbones.base import Backbone
 from ..cards import scrub
-from ..checkpoint import atomic_write_text, require_safetensors
+from ..checkpoint import atomic_write_text, require_safetensors, restore_folder
 from ..methods import AdaptationMethod, build_method
 from ..run_config import RunConfig
 from ..train import load_trained
@@ -29,6 +29,7 @@ EXPORT_INFO_FILE = "domainclip_export.json"
 def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     """The resolved recipe and ``model/model.json`` of a finished run; a clear error otherwise."""
     run_dir = Path(run_dir)
+    restore_folder(run_dir / "model")  # a kill while training swapped its final weights in
     for needed in (run_dir / "config.yaml", run_dir / "model" / "model.json", run_dir / "model" / "trainable.safetensors"):
         if not needed.is_file():
             raise FileNotFoundError(f"{run_dir} is not a finished run folder: {needed} is missing")

@@ -21,8 +21,8 @@ FAULT_ENV = "DOMAINCLIP_FAULT"
 def fault_point(name: str, step: int) -> None:
     """SIGKILL this process when ``DOMAINCLIP_FAULT=name:step`` (crash-safety tests only).
 
-    Points: ``mid_save`` (half of checkpoint ``step`` written) and ``after_save`` (checkpoint
-    ``step`` committed). A real SIGKILL: no cleanup, no ``finally``, as a pre-empted job dies.
+    Points: ``mid_save`` (half of checkpoint ``step`` written), ``after_save`` (checkpoint
+    ``step`` committed) and ``mid_model_save`` (the final weights written, ``model.json`` not yet). A real SIGKILL: no cleanup, no ``finally``, as a pre-empted job dies.
     """
     if os.environ.get(FAULT_ENV) == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -264,7 +264,7 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
         trainable = method.trainable_parameter_count(unwrapped)  # prepare_data may have created some
     train_seconds = time.perf_counter() - started
 
-    run.save_model(unwrapped, method, cfg, task)
+    run.save_model(unwrapped, method, cfg, task, state.global_step)
     run.write_bad_inputs(bad, skipped_records=records.skipped if records is not None else [])
     metrics = run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
     add_retention(metrics, before)

@@ -34,12 +34,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from .. import config as config_lib
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import atomic_write_text, replace_folder, restore_folder, save_tensors
 from ..data.bad_inputs import BadInputReport
 from ..errors import UserError
 from ..eval import write_metrics
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
+from .checkpointing import fault_point
 
 # The only recipe keys that may differ between a run and its resume: they change what is evaluated,
 # logged or shown, never the weights. Any other difference would make "continue exactly" a lie.
@@ -163,6 +164,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         previous = self.lock.acquire()
         try:
+            restore_folder(self.path / "model")  # a kill while the final weights were swapped in
             saved = self.path / "config.yaml"
             summary = self.path / "train_summary.json"
             if saved.is_file() and cfg.train.resume != "never":
@@ -197,7 +199,7 @@ class RunFolder:
     # what a finished (or interrupted) run leaves besides config.yaml and train.log
     EARLIER_RUN_FILES = ("train_summary.json", "metrics.json", "bad_inputs.json", "logs/train_metrics.jsonl",
                          "logs/eval_metrics.jsonl")
-    EARLIER_RUN_FOLDERS = ("checkpoints", "model")
+    EARLIER_RUN_FOLDERS = ("checkpoints", "model", ".tmp-model", ".old-model")
 
     def forget_earlier_run(self) -> None:
         """``train.resume=never``: remove an earlier run's checkpoints, model, metrics, bad-input list
@@ -258,17 +260,25 @@ class RunFolder:
             with open(self.logs / "train_metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
 
-    def save_model(self, model, method: AdaptationMethod, cfg: RunConfig, task: TaskInfo) -> None:
-        """Final weights: only what the method trained, plus how to rebuild the rest."""
+    def save_model(self, model, method: AdaptationMethod, cfg: RunConfig, task: TaskInfo, step: int) -> None:
+        """Final weights: only what the method trained, plus how to rebuild the rest.
+
+        Written into ``.tmp-model/`` and swapped in whole (:func:`replace_folder`): a kill at any
+        moment leaves the earlier ``model/`` or the new one, never new weights beside an old
+        ``model.json`` or a truncated file."""
         if not self.is_main:
             return
-        folder = self.path / "model"
-        folder.mkdir(exist_ok=True)
-        save_tensors(method.trainable_state(model), folder / "trainable.safetensors")
-        method.save_artifacts(model, folder)
+        final, partial = self.path / "model", self.path / ".tmp-model"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+        save_tensors(method.trainable_state(model), partial / "trainable.safetensors")
+        method.save_artifacts(model, partial)
+        fault_point("mid_model_save", step)
         info = {"model": config_lib.to_dict(cfg.model), "method": config_lib.to_dict(cfg.method),
                 "backbone": model.config_dict(), "task": asdict(task)}
-        atomic_write_text(folder / "model.json", json.dumps(info, indent=2))
+        atomic_write_text(partial / "model.json", json.dumps(info, indent=2))
+        replace_folder(partial, final)
 
     def write_bad_inputs(self, bad: BadInputReport, skipped_records: list[tuple[str, str]] = ()) -> None:
         """``bad_inputs.json``: unreadable items of all processes, plus manifest rows not loaded."""

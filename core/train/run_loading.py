@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from .. import config as config_lib
 from ..backbones import Backbone, create_backbone
-from ..checkpoint import require_safetensors
+from ..checkpoint import require_safetensors, restore_folder
 from ..methods import AdaptationMethod, TaskInfo, build_method
 from ..methods.distill import set_run_loader
 from ..run_config import RunConfig
@@ -68,6 +68,7 @@ def load_trained(run_dir: str | Path) -> tuple[Backbone, AdaptationMethod, RunCo
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder ({config_file} is missing)")
     cfg = config_lib.load(RunConfig, config_file)
+    restore_folder(run_dir / "model")  # a kill while training swapped its final weights in
     weights = run_dir / "model" / "trainable.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir} has no finished model ({weights} is missing); did training complete?")

@@ -130,3 +130,65 @@ def test_a_rerun_after_the_final_checkpoint_saves_nothing_again(recipes: dict[st
     resumed = run_cli(recipes["killed_after"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert final.stat().st_ino == before and (run_dir / "train_summary.json").is_file()
+
+
+def test_a_kill_while_the_final_weights_are_saved_leaves_the_earlier_model_whole(recipes: dict[str, Path],
+                                                                                    tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "straight"
+    assert run_cli(recipes["straight"]).returncode == 0
+    reference = final_weights(run_dir)
+    (run_dir / "train_summary.json").unlink()  # as if killed after the model was saved, before the summary
+    model_inode = (run_dir / "model").stat().st_ino
+    killed = run_cli(recipes["straight"], fault="mid_model_save:6")
+    assert killed.returncode == -signal.SIGKILL
+    # the new weights went to .tmp-model; model/ is the earlier folder, untouched and complete
+    assert (run_dir / ".tmp-model" / "trainable.safetensors").is_file()
+    assert not (run_dir / ".tmp-model" / "model.json").exists()
+    assert (run_dir / "model").stat().st_ino == model_inode and (run_dir / "model" / "model.json").is_file()
+    got = final_weights(run_dir)
+    assert all(torch.equal(got[name], reference[name]) for name in reference)
+    resumed = run_cli(recipes["straight"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run_dir / ".tmp-model").exists() and not (run_dir / ".old-model").exists()
+    assert (run_dir / "model").stat().st_ino != model_inode  # swapped in whole
+    got = final_weights(run_dir)
+    assert all(torch.equal(got[name], reference[name]) for name in reference)
+
+
+def test_a_model_folder_swap_killed_between_its_renames_is_put_back(tmp_path: Path, monkeypatch) -> None:
+    final, new = tmp_path / "model", tmp_path / ".tmp-model"
+    final.mkdir()
+    (final / "model.json").write_text("earlier")
+    new.mkdir()
+    (new / "model.json").write_text("new")
+    real_replace = checkpoint_module.os.replace
+
+    def killed(source, target):  # noqa: ANN001
+        if Path(source) == new:
+            raise KeyboardInterrupt  # stands in for SIGKILL
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.replace_folder(new, final)
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert not final.exists() and (tmp_path / ".old-model" / "model.json").read_text() == "earlier"
+    assert checkpoint_module.restore_folder(final) and (final / "model.json").read_text() == "earlier"
+    assert not checkpoint_module.restore_folder(final)  # nothing left to put back
+    checkpoint_module.replace_folder(new, final)
+    assert (final / "model.json").read_text() == "new" and not (tmp_path / ".old-model").exists()
+
+
+def test_a_weights_file_written_again_is_never_left_half_written(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "trainable.safetensors"
+    checkpoint_module.save_tensors({"w": torch.ones(4)}, path)
+
+    def killed(fd: int) -> None:  # the new bytes are in the temporary file when the kill comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.save_tensors({"w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_file(str(path))["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["trainable.safetensors"]
