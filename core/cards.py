@@ -258,8 +258,19 @@ IDENTIFIER_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"[-_#:]?\d+",  # patient12345, sub-01, study6, MRN:123
     r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/.]\d{1,2}[/.]\d{2,4}",  # full dates
     r"[^@\s]+@[^@\s]+\.[a-z]{2,}",  # e-mail addresses
+    r"[a-z]{2,}\^",  # a DICOM person name: Doe^John, DOE^JOHN^^^
 ))
 PUNCTUATION = "()[]{}<>,;:\"'`"
+MONTH = (r"(?:january|february|march|april|may|june|july|august|september|october|november|december"
+         r"|jan|feb|mar|apr|jun|jul|aug|sept|sep|oct|nov|dec)\b\.?")
+# identifiers that span words, redacted in the running text before it is split into words (the
+# group ``keep``, where there is one, stays)
+PHRASE_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    # the number after an identifying noun: "patient 1234", "MRN: 0012", "subject no. 7", "accession # 88"
+    r"(?P<keep>\b(?:patient|subject|mrn|accession|pid|nhs|ssn|dob)(?:\s+(?:no\.?|number|id))?\s*[:#-]?\s+)\d+",
+    r"\b\d{1,2}(?:st|nd|rd|th)?[-\s./]*%s[-\s./,]*\d{2,4}\b" % MONTH,  # 04-Mar-2019, 4 March 2019
+    r"\b%s\s*\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}\b" % MONTH,  # March 4, 2019
+))
 
 
 def looks_like_path(token: str) -> bool:
@@ -279,10 +290,14 @@ def is_identifier(token: str) -> bool:
 
 
 def scrub_text(text: str) -> tuple[str, int]:
-    """``text`` with every identifier-like word replaced by ``[redacted]``, and how many were."""
+    """``text`` with every identifier-like word or phrase replaced by ``[redacted]``, and how many were."""
+    phrase_hits = 0
+    for pattern in PHRASE_PATTERNS:
+        text, found = pattern.subn(lambda match: (match.groupdict().get("keep") or "") + REDACTED, text)
+        phrase_hits += found
     words = re.split(r"(\s+)", text)
     hits = sum(1 for w in words if is_identifier(w))
-    return ("".join(REDACTED if is_identifier(w) else w for w in words), hits) if hits else (text, 0)
+    return "".join(REDACTED if is_identifier(w) else w for w in words), hits + phrase_hits
 
 
 def scrub(value: Any, keep: tuple[str, ...] = ()) -> tuple[Any, int]:

