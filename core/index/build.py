@@ -7,6 +7,7 @@ Layout of the folder::
     metadata.parquet   one row per indexed image (row i = FAISS id i): path, captions, label, ...
     index.faiss        the search index (flat or hnsw, see faiss_index.py)
     bad_inputs.json    the unreadable images with their reasons (as training's bad_inputs.json)
+    index.lock         while an ``index`` process writes the folder (one writer at a time)
 
 Streaming: items are listed (paths only), then encoded one shard at a time through a DataLoader
 (``workers`` processes decode and resize); a shard's embeddings are written and dropped before
@@ -16,11 +17,12 @@ with the same files as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 from ..data.bad_inputs import BadInputReport
 from ..data.dataset import Collator
+from ..folder_lock import FolderLock
 from . import faiss_index
 from .encoding import Encoder
 from .items import Item, ItemDataset, list_items
@@ -38,6 +41,7 @@ from .shards import META_SCHEMA, SHARD_DIR, is_committed, read_shard, shard_bad_
 
 METADATA_FILE = "metadata.parquet"
 BAD_INPUTS_FILE = "bad_inputs.json"
+LOCK_FILE = "index.lock"  # while an index process writes the folder: its pid, host and start time
 DEFAULT_SHARD_SIZE = 4096
 
 
@@ -66,17 +70,36 @@ def build_index(encoder: Encoder, data: str, out: str | Path, options: IndexOpti
     out = Path(out)
     data = _absolute(data)
     fingerprint = encoder.fingerprint()
-    manifest, source_number = _open_or_start(out, data, data_options or {}, fingerprint, options, add)
-    source = manifest.sources[source_number]
-    if not source.complete:
-        items, skipped = list_items(source.data, source.options)
-        if len(items) + len(skipped) != source.total:
-            raise ValueError(f"data {source.data} now lists {len(items) + len(skipped)} items, but the interrupted "
-                             f"index run listed {source.total}; it changed since. Remove {out} and index again.")
-        _encode_source(encoder, out, manifest, source_number, items, skipped, options)
-        source.complete = True
-        write_manifest(out, manifest)
-    return finish_index(out, manifest, options.kind)
+    with _writer_lock(out):
+        manifest, source_number = _open_or_start(out, data, data_options or {}, fingerprint, options, add)
+        source = manifest.sources[source_number]
+        if not source.complete:
+            items, skipped = list_items(source.data, source.options)
+            if len(items) + len(skipped) != source.total:
+                raise ValueError(f"data {source.data} now lists {len(items) + len(skipped)} items, but the "
+                                 f"interrupted index run listed {source.total}; it changed since. Remove {out} "
+                                 "and index again.")
+            _encode_source(encoder, out, manifest, source_number, items, skipped, options)
+            source.complete = True
+            write_manifest(out, manifest)
+        return finish_index(out, manifest, options.kind)
+
+
+@contextlib.contextmanager
+def _writer_lock(out: Path) -> Iterator[None]:
+    """One ``index`` process per folder: two writing the same shards and manifest would corrupt
+    both. A folder this call created is removed again if nothing but the lock was written."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out / LOCK_FILE, "index", "wait for it or stop it (a killed run's lock is taken over), "
+                      "or index into another --out folder")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _check_options(options: IndexOptions) -> None:
@@ -135,7 +158,7 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
     else:
         if add:
             raise FileNotFoundError(f"--add: {out} is not an index yet (no manifest.json); build it without --add first")
-        if out.exists() and any(out.iterdir()):
+        if any(path.name != LOCK_FILE for path in out.iterdir()):
             raise FileExistsError(f"--out {out} exists and is not an index; give a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
         manifest = IndexManifest(model=fingerprint, dtype=options.dtype or "float32",

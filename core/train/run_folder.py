@@ -16,14 +16,10 @@ Resuming continues a run only under the recipe it was started with, except the k
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import shutil
-import socket
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,7 @@ from ..checkpoint import atomic_write_text, replace_folder, restore_folder, save
 from ..data.bad_inputs import BadInputReport
 from ..errors import UserError
 from ..eval import write_metrics
+from ..folder_lock import FolderLock, describe_holder
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
 from .checkpointing import fault_point
@@ -56,78 +53,11 @@ class RunFolderError(UserError, ValueError):
     """The run folder cannot be written: another process holds it, or it holds another recipe."""
 
 
-class RunLock:
-    """One writer per run folder: ``train.lock``, held with ``flock`` while a process trains.
-
-    The kernel drops an ``flock`` when its process dies, even by SIGKILL, so a lock file left by a
-    killed run is simply taken over; the file's JSON (pid, host, start time) only names the holder
-    in the error a second process gets. On release the file is removed (a finished run keeps none).
-    """
+class RunLock(FolderLock):
+    """One writer per run folder: ``train.lock``, held while a process trains (see :class:`FolderLock`)."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.fd: int | None = None
-
-    def acquire(self) -> dict[str, Any]:
-        """Take the lock or raise :class:`RunFolderError` naming the live holder; returns the
-        previous (dead) holder's record, ``{}`` when there was none."""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd, wait=2.0)
-                os.close(fd)
-                raise RunFolderError(
-                    f"{self.path.parent} is being written by another train process ({_describe_holder(holder)}); "
-                    f"wait for it, stop it, or train under another name=...") from None
-            try:  # a holder that finished may have removed the file between our open and flock
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        previous = _read_holder(fd)
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
-        self.fd = fd
-        return previous
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        self.path.unlink(missing_ok=True)  # still holding the lock: nobody can take the old file now
-        os.close(self.fd)
-        self.fd = None
-
-
-def _read_holder(fd: int, wait: float = 0.0) -> dict[str, Any]:
-    """The JSON record in a lock file, ``{}`` when there is none.
-
-    A holder takes the ``flock`` before it writes its record, so an empty or half-written file
-    may simply be a record not written yet: wait up to ``wait`` s for it to appear.
-    """
-    deadline = time.monotonic() + wait
-    while True:
-        text = os.pread(fd, 65536, 0).decode(errors="replace")
-        if text:
-            try:
-                record = json.loads(text)
-                return record if isinstance(record, dict) else {}
-            except ValueError:
-                pass
-        if time.monotonic() >= deadline:
-            return {}
-        time.sleep(0.05)
-
-
-def _describe_holder(holder: dict[str, Any]) -> str:
-    if not holder:
-        return "pid unknown"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+        super().__init__(path, "train", "wait for it, stop it, or train under another name=...", RunFolderError)
 
 
 class RunFolder:
@@ -193,7 +123,7 @@ class RunFolder:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         if previous:
-            self.say(f"took over {LOCK_FILE} left by a process that is gone ({_describe_holder(previous)})")
+            self.say(f"took over {LOCK_FILE} left by a process that is gone ({describe_holder(previous)})")
         return None
 
     # what a finished (or interrupted) run leaves besides config.yaml and train.log

@@ -261,3 +261,26 @@ def test_too_many_unreadable_images_stop_the_run(compact_encoder, tmp_path) -> N
     with pytest.raises(TooManyBadInputsError, match="1 of 7 data items were bad"):
         build_index(compact_encoder, str(data), tmp_path / "index", IndexOptions(**{**OPTIONS, "max_bad_fraction": 0.05}),
                     DATA_OPTIONS)
+
+
+def test_a_second_index_process_on_the_same_folder_is_refused(compact_encoder, tmp_path) -> None:
+    from domainclip.core.folder_lock import FolderBusyError, FolderLock
+
+    data = colour_data(tmp_path / "data", count=6)
+    out = tmp_path / "index"
+    out.mkdir()
+    holder = FolderLock(out / "index.lock", "index", "")
+    holder.acquire()  # another open file description: flock treats it as another process
+    try:
+        with pytest.raises(FolderBusyError, match=rf"{out} is being written by another index process "
+                                                  rf"\(pid {os.getpid()} on .*or index into another --out folder"):
+            build_index(compact_encoder, str(data), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
+        assert [p.name for p in out.iterdir()] == ["index.lock"]  # nothing written beside the holder's lock
+    finally:
+        holder.release()
+    summary = build_index(compact_encoder, str(data), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
+    assert summary["count"] == 6 and not (out / "index.lock").exists()
+    # a refused --add on a folder that is no index leaves no empty folder behind
+    with pytest.raises(FileNotFoundError, match="is not an index yet"):
+        build_index(compact_encoder, str(data), tmp_path / "new", IndexOptions(**OPTIONS), DATA_OPTIONS, add=True)
+    assert not (tmp_path / "new").exists()
