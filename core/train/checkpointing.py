@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch import nn
 
@@ -59,6 +60,8 @@ def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accel
     accelerator.wait_for_everyone()
     rng_tensors, rng_meta = ckpt.capture_rng()
     rank = accelerator.process_index
+    # every process's own report: each resumes its own, and the end of the run merges them once
+    reports = gather_object([bad.to_dict()]) if accelerator.num_processes > 1 else [bad.to_dict()]
     ckpt.save_tensors(rng_tensors, tmp / f"rng_{rank}.safetensors")
     ckpt.write_json(tmp / f"rng_{rank}.json", rng_meta)
     if accelerator.is_main_process:
@@ -72,7 +75,11 @@ def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accel
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
             ckpt.write_json(tmp / "scaler.json", scaler.state_dict())
-        ckpt.write_json(tmp / "trainer_state.json", {**asdict(state), "bad_inputs": bad.to_dict(),
+        merged = BadInputReport(total=bad.total)
+        for report in reports:
+            merged.merge(BadInputReport.from_dict(report))
+        ckpt.write_json(tmp / "trainer_state.json", {**asdict(state), "bad_inputs": merged.to_dict(),
+                                                     "bad_inputs_by_process": reports,
                                                      "num_processes": accelerator.num_processes})
     accelerator.wait_for_everyone()
     final = root / ckpt.checkpoint_name(state.global_step)
@@ -100,5 +107,9 @@ def load_training_checkpoint(folder: Path, accelerator: Accelerator, model: nn.M
         scaler.load_state_dict(ckpt.read_json(folder / "scaler.json"))
     rank = accelerator.process_index
     ckpt.restore_rng(load_file(str(folder / f"rng_{rank}.safetensors")), ckpt.read_json(folder / f"rng_{rank}.json"))
-    bad.merge(BadInputReport.from_dict(meta["bad_inputs"]))
+    per_process = meta.get("bad_inputs_by_process")
+    if per_process is not None:
+        bad.merge(BadInputReport.from_dict(per_process[rank]))
+    elif accelerator.is_main_process:  # a checkpoint from before per-process reports: the main process's only
+        bad.merge(BadInputReport.from_dict(meta["bad_inputs"]))
     return TrainerState(meta["global_step"], meta["epoch"], meta["batches_in_epoch"])

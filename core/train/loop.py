@@ -321,8 +321,11 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
         run.say(f"warning: train.warmup_steps={cfg.train.warmup_steps} is at or past the {total_steps} total steps, "
                 f"so the learning rate never reaches train.lr={cfg.train.lr}; lower train.warmup_steps",
                 level=logging.WARNING)
-    for path, reason in unreadable:  # found while caching; the batches no longer open these files
-        bad.add_bad(path, reason)
+    if resume_from is None and accelerator.is_main_process:
+        # found while caching (every process found the same; a checkpoint already holds them);
+        # the batches no longer open these files
+        for path, reason in unreadable:
+            bad.add_bad(path, reason)
     # steps after the checkpoint were logged by the killed run and are logged again now: drop them
     run.truncate_metrics(state.global_step)
     if cfg.train.tensorboard:

@@ -97,3 +97,41 @@ def test_two_processes_train_like_one(variant: str, colour_squares: Path, tmp_pa
             {k: v for k, v in one_retrieval.items() if k.startswith("reranked_")})
     if variant == "distill":
         assert len(list((runs / "cache_two").rglob("shard-*"))) >= 2  # one cache, written once, read by both
+
+
+def test_two_processes_killed_and_resumed_list_every_bad_input_once(colour_squares: Path, tmp_path: Path) -> None:
+    """Each process's bad-input report is checkpointed and resumed (a checkpoint held only the main
+    process's, which every process then merged: its counts doubled and the other's were lost)."""
+    if not ACCELERATE.exists():
+        pytest.skip(f"no accelerate launcher at {ACCELERATE}")
+    with open(colour_squares, "a") as handle:
+        for i in range(6):
+            (colour_squares.parent / "img" / f"broken{i}.jpg").write_text("not an image")
+            handle.write(f"img/broken{i}.jpg,a red square,red\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("DOMAINCLIP_FAULT", None)
+
+    def launch(name: str, fault: str = "") -> subprocess.CompletedProcess:
+        recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=6, save_every=3, cpu=True)
+        recipe["name"], recipe["data"]["batch_size"], recipe["data"]["max_bad_fraction"] = name, 4, 0.5
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        return subprocess.run(
+            [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+             "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train",
+             str(tmp_path / f"{name}.yaml")],
+            env={**env, "DOMAINCLIP_FAULT": fault} if fault else env, capture_output=True, text=True, timeout=300)
+
+    straight = launch("straight")
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    assert launch("killed", fault="after_save:3").returncode != 0
+    state = json.loads((tmp_path / "runs" / "killed" / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    by_process = state["bad_inputs_by_process"]
+    assert len(by_process) == 2 and all(report["bad"] > 0 for report in by_process)  # both met broken images
+    resumed = launch("killed")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    reports = [json.loads((tmp_path / "runs" / name / "bad_inputs.json").read_text()) for name in ("straight", "killed")]
+    assert reports[0]["seen"] == 6 * 8 and reports[0]["bad"] >= 2  # 6 steps of 2 x 4 items, good and bad
+    for key in ("seen", "bad", "occurrences", "total"):
+        assert reports[1][key] == reports[0][key], key
+    assert sorted(item["path"] for item in reports[1]["items"]) == sorted(item["path"] for item in reports[0]["items"])
