@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from torch.utils.data import DataLoader
 
 from .. import config as config_lib
@@ -397,6 +397,7 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
                           "train/data_wait_s": waits.since_last_read()}
                 accelerator.log(values, step=state.global_step)
                 run.log_metrics(state.global_step, values)
+                _check_bad_inputs_of_all_processes(bad, accelerator, cfg.data.max_bad_fraction, data.size)
             finished = state.global_step >= total_steps
             if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and not finished:
                 checkpoint()
@@ -411,12 +412,26 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
+    _check_bad_inputs_of_all_processes(bad, accelerator, cfg.data.max_bad_fraction, data.size)
     run.log(f"waited {waits.total:.1f} s for data in {time.perf_counter() - started:.1f} s of training")
     if resume_from is None or state.global_step != resumed_at:  # a rerun of a finished loop saves nothing new
         checkpoint()
     if masters is not None:
         masters.release()
     return unwrapped, state, bad, samples
+
+
+def _check_bad_inputs_of_all_processes(bad: BadInputReport, accelerator: Accelerator, max_fraction: float,
+                                       total: int | None) -> None:
+    """``data.max_bad_fraction`` against the bad inputs of all processes together: each process
+    checks its own at every batch, but sees only its share of the data, so N processes alone
+    would let N times the limit through. Every process gets the same answer, so all stop together."""
+    if accelerator.num_processes == 1:
+        return
+    merged = BadInputReport(total=total)
+    for report in gather_object([bad.to_dict()]):
+        merged.merge(BadInputReport.from_dict(report))
+    merged.check(max_fraction, total=total)
 
 
 class DataWaits:

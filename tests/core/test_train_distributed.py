@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -135,3 +136,30 @@ def test_two_processes_killed_and_resumed_list_every_bad_input_once(colour_squar
     for key in ("seen", "bad", "occurrences", "total"):
         assert reports[1][key] == reports[0][key], key
     assert sorted(item["path"] for item in reports[1]["items"]) == sorted(item["path"] for item in reports[0]["items"])
+
+
+def test_two_processes_stop_when_their_bad_inputs_together_pass_the_limit(colour_squares: Path,
+                                                                         tmp_path: Path) -> None:
+    """6 of 30 items broken, limit 10 %: in 4 steps (batches drop their last partial one) the two
+    processes meet 4 different broken items (13 %), neither alone more than 3 (10 %), so only their
+    reports together stop the run."""
+    if not ACCELERATE.exists():
+        pytest.skip(f"no accelerate launcher at {ACCELERATE}")
+    with open(colour_squares, "a") as handle:
+        for i in range(6):
+            (colour_squares.parent / "img" / f"broken{i}.jpg").write_text("not an image")
+            handle.write(f"img/broken{i}.jpg,a red square,red\n")
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=4, cpu=True)
+    recipe["data"]["batch_size"], recipe["data"]["max_bad_fraction"] = 4, 0.1
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("DOMAINCLIP_FAULT", None)
+    launched = subprocess.run(
+        [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train", str(tmp_path / "two.yaml")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode != 0
+    assert re.search(r"4 of 30 data items were bad \(13\.33%\), more than the limit 10\.00%", launched.stderr), \
+        launched.stderr[-3000:]
+    assert not (tmp_path / "runs" / "tiny" / "model").exists()
