@@ -100,28 +100,39 @@ def test_two_processes_train_like_one(variant: str, colour_squares: Path, tmp_pa
         assert len(list((runs / "cache_two").rglob("shard-*"))) >= 2  # one cache, written once, read by both
 
 
+def add_broken_images(manifest: Path, count: int) -> None:
+    """``count`` unreadable files appended to the colour squares' manifest."""
+    with open(manifest, "a") as handle:
+        for i in range(count):
+            (manifest.parent / "img" / f"broken{i}.jpg").write_text("not an image")
+            handle.write(f"img/broken{i}.jpg,a red square,red\n")
+
+
+def launch_two(recipe: dict, path: Path, fault: str = "") -> subprocess.CompletedProcess:
+    """``recipe`` written to ``path`` and trained by 2 CPU processes (gloo), killed at ``fault`` if given."""
+    if not ACCELERATE.exists():
+        pytest.skip(f"no accelerate launcher at {ACCELERATE}")
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("DOMAINCLIP_FAULT", None)
+    if fault:
+        env["DOMAINCLIP_FAULT"] = fault
+    return subprocess.run(
+        [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train", str(path)],
+        env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_two_processes_killed_and_resumed_list_every_bad_input_once(colour_squares: Path, tmp_path: Path) -> None:
     """Each process's bad-input report is checkpointed and resumed (a checkpoint held only the main
     process's, which every process then merged: its counts doubled and the other's were lost)."""
-    if not ACCELERATE.exists():
-        pytest.skip(f"no accelerate launcher at {ACCELERATE}")
-    with open(colour_squares, "a") as handle:
-        for i in range(6):
-            (colour_squares.parent / "img" / f"broken{i}.jpg").write_text("not an image")
-            handle.write(f"img/broken{i}.jpg,a red square,red\n")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop("DOMAINCLIP_FAULT", None)
+    add_broken_images(colour_squares, 6)
 
     def launch(name: str, fault: str = "") -> subprocess.CompletedProcess:
         recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=6, save_every=3, cpu=True)
         recipe["name"], recipe["data"]["batch_size"], recipe["data"]["max_bad_fraction"] = name, 4, 0.5
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-        return subprocess.run(
-            [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-             "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train",
-             str(tmp_path / f"{name}.yaml")],
-            env={**env, "DOMAINCLIP_FAULT": fault} if fault else env, capture_output=True, text=True, timeout=300)
+        return launch_two(recipe, tmp_path / f"{name}.yaml", fault)
 
     straight = launch("straight")
     assert straight.returncode == 0, straight.stderr[-4000:]
@@ -143,22 +154,10 @@ def test_two_processes_stop_when_their_bad_inputs_together_pass_the_limit(colour
     """6 of 30 items broken, limit 10 %: in 4 steps (batches drop their last partial one) the two
     processes meet 4 different broken items (13 %), neither alone more than 3 (10 %), so only their
     reports together stop the run."""
-    if not ACCELERATE.exists():
-        pytest.skip(f"no accelerate launcher at {ACCELERATE}")
-    with open(colour_squares, "a") as handle:
-        for i in range(6):
-            (colour_squares.parent / "img" / f"broken{i}.jpg").write_text("not an image")
-            handle.write(f"img/broken{i}.jpg,a red square,red\n")
+    add_broken_images(colour_squares, 6)
     recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=4, cpu=True)
     recipe["data"]["batch_size"], recipe["data"]["max_bad_fraction"] = 4, 0.1
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop("DOMAINCLIP_FAULT", None)
-    launched = subprocess.run(
-        [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-         "--main_process_port", str(free_port()), "-m", "domainclip.core.cli", "train", str(tmp_path / "two.yaml")],
-        env=env, capture_output=True, text=True, timeout=300)
+    launched = launch_two(recipe, tmp_path / "two.yaml")
     assert launched.returncode != 0
     assert re.search(r"4 of 30 data items were bad \(13\.33%\), more than the limit 10\.00%", launched.stderr), \
         launched.stderr[-3000:]
