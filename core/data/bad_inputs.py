@@ -102,13 +102,14 @@ class BadInputReport:
         """Bad share with the report's own ``total`` (see ``fraction_of``)."""
         return self.fraction_of()
 
-    def check(self, max_fraction: float, total: int | None = None) -> None:
+    def check(self, max_fraction: float, total: int | None = None, key: str = CONFIG_KEY) -> None:
         """Raise ``TooManyBadInputsError`` when the bad share exceeds ``max_fraction``.
 
         Without a known total, nothing is judged before ``MIN_SEEN_FOR_STREAM`` items were seen.
+        ``key`` names the setting in the message (``--max-bad-fraction`` for ``domainclip index``).
         """
         if not 0.0 <= max_fraction <= 1.0:
-            raise ValueError(f"{CONFIG_KEY} must be between 0 and 1, got {max_fraction}")
+            raise ValueError(f"{key} must be between 0 and 1, got {max_fraction}")
         total = total if total is not None else self.total
         if total is None and self.seen < MIN_SEEN_FOR_STREAM:
             return
@@ -121,8 +122,8 @@ class BadInputReport:
         more = f" and {self.bad - len(shown)} more" if self.bad > len(shown) else ""
         raise TooManyBadInputsError(
             f"{self.bad} of {denominator} data items were bad ({fraction:.2%}), more than the limit "
-            f"{max_fraction:.2%} ({CONFIG_KEY}={max_fraction}). First bad items: {listing}{more}. "
-            f"Fix or remove these files, or raise {CONFIG_KEY}."
+            f"{max_fraction:.2%} ({key}={max_fraction}). First bad items: {listing}{more}. "
+            f"Fix or remove these files, or raise {key}."
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ METADATA_FILE = "metadata.parquet"
 BAD_INPUTS_FILE = "bad_inputs.json"
 LOCK_FILE = "index.lock"  # while an index process writes the folder: its pid, host and start time
 DEFAULT_SHARD_SIZE = 4096
+MAX_BAD_OPTION = "--max-bad-fraction"
 
 
 @dataclass
@@ -132,7 +133,8 @@ def _check_kept(out: Path, manifest: IndexManifest, options: IndexOptions) -> No
 
 
 def _absolute(data: str) -> str:
-    return data if "://" in data or data.startswith("pipe:") else str(Path(data).expanduser().absolute())
+    """A local DATA as one absolute path (``..`` collapsed): the same data always names the same source."""
+    return data if "://" in data or data.startswith("pipe:") else os.path.abspath(Path(data).expanduser())
 
 
 def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerprint: dict[str, Any],
@@ -143,7 +145,7 @@ def _open_or_start(out: Path, data: str, data_options: dict[str, Any], fingerpri
         manifest.check_model(fingerprint, out)
         _check_kept(out, manifest, options)
         for number, source in enumerate(manifest.sources):
-            if source.data == data and source.options == data_options:
+            if _absolute(source.data) == data and source.options == data_options:
                 if not source.complete and source.precision and source.precision != fingerprint["precision"]:
                     raise ValueError(f"{out}: the interrupted run encoded {data} in {source.precision}; resume it "
                                      f"with --precision {source.precision} (this run resolves to "
@@ -189,9 +191,10 @@ def _encode_source(encoder: Encoder, out: Path, manifest: IndexManifest, source_
         report.add_seen(total)
         for path, reason in bad:
             report.add_bad(path, reason)
-        report.check(options.max_bad_fraction)
+        report.check(options.max_bad_fraction, key=MAX_BAD_OPTION)
         bar.update(len(chunk))
     bar.close()
+    report.check(options.max_bad_fraction, key=MAX_BAD_OPTION)  # a source with no items has no shards
 
 
 def _encode_shard(encoder: Encoder, out: Path, number: int, chunk: list[Item], start: int, source_number: int,

@@ -13,11 +13,14 @@
   image member; captions from its ``txt`` member, a label from ``cls``. The image is read
   straight from the tar at its offset; its ``path`` is ``SHARD.tar#MEMBER``.
 
-Rows that cannot become items (a manifest row without an image path) are listed as bad inputs.
+Rows that cannot become items (a manifest row without an image path, a file whose name is not
+valid UTF-8) are listed as bad inputs. Compressed tar shards are refused (offsets into them are
+not offsets into the file).
 """
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ from ..data.sources import IMAGE_EXTENSIONS, DataSourceConfig, load_records
 from ..data.webdataset import STREAM_IMAGE_KEYS, expand_shard_pattern
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 DATA_OPTIONS = ("image_key", "caption_key", "label_key", "caption_separator")
 
 
@@ -53,8 +57,11 @@ def list_items(data: str, options: dict[str, Any] | None = None) -> tuple[list[I
         raise ValueError(f"unknown data options {unknown}; valid: {list(DATA_OPTIONS)}")
     path = Path(data)
     if path.is_dir():
-        return _folder_items(path), []
-    if ".tar" in data:
+        return _folder_items(path)
+    if data.lower().endswith(COMPRESSED_TAR_SUFFIXES):
+        raise ValueError(f"data {data!r}: compressed tar shards cannot be indexed (images are read straight from "
+                         f"the tar at their offset); decompress them first, e.g. gunzip, to plain .tar shards")
+    if data.endswith(".tar"):
         return _tar_items(data), []
     if path.suffix.lower() in MANIFEST_FORMATS:
         return _manifest_items(path, options)
@@ -63,14 +70,26 @@ def list_items(data: str, options: dict[str, Any] | None = None) -> tuple[list[I
     raise ValueError(f"data {data!r}: expected an image folder, a .csv/.jsonl/.parquet manifest or .tar shards")
 
 
-def _folder_items(root: Path) -> list[Item]:
+def _folder_items(root: Path) -> tuple[list[Item], list[tuple[str, str]]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    # a name that is not valid UTF-8 cannot be stored in the metadata (nor sent by the service)
+    skipped = [(os.fsencode(p).decode("utf-8", "backslashreplace"), "file name is not valid UTF-8; rename it")
+               for p in files if not _is_utf8(str(p))]
+    files = [p for p in files if _is_utf8(str(p))]
     class_folders = all(p.parent.parent == root for p in files)
     classes = sorted({p.parent.name for p in files}) if class_folders else []
     return [Item(str(p), label=p.parent.name if class_folders else "",
-                 label_index=classes.index(p.parent.name) if class_folders else -1) for p in files]
+                 label_index=classes.index(p.parent.name) if class_folders else -1) for p in files], skipped
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _manifest_items(path: Path, options: dict[str, Any]) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -83,6 +102,8 @@ def _manifest_items(path: Path, options: dict[str, Any]) -> tuple[list[Item], li
     else:
         columns = None
     if columns is not None and cfg.caption_key not in columns and not cfg.label_key:
+        if options.get("caption_key"):  # asked for by name: a misspelling must not drop every caption
+            raise KeyError(f"{path}: no column {cfg.caption_key!r} (--caption-key); columns: {columns}")
         return _caption_free_csv(path, cfg, columns)
     records = load_records(cfg)
     names = records.class_names
@@ -151,7 +172,7 @@ def open_item(item: Item) -> Image.Image:
     """The item's image, decoded to RGB, or ``BadImageError`` with the reason."""
     if item.span is None:
         return open_rgb_image(item.path)
-    tar_path = item.path.split("#", 1)[0]
+    tar_path = split_tar_path(item.path)[0]
     offset, size = item.span
     try:
         with open(tar_path, "rb") as handle:
@@ -162,10 +183,22 @@ def open_item(item: Item) -> Image.Image:
     return open_rgb_image(io.BytesIO(data))
 
 
+def split_tar_path(path: str) -> tuple[str, str]:
+    """``SHARD.tar#MEMBER`` -> (``SHARD.tar``, ``MEMBER``): the first ``.tar#`` whose left side is a
+    file (folders and member names may hold ``#`` too); ``(path, "")`` for a plain file."""
+    start = 0
+    while (found := path.find(".tar#", start)) >= 0:
+        tar_path = path[:found + 4]
+        if Path(tar_path).is_file():
+            return tar_path, path[found + 5:]
+        start = found + 1
+    return path, ""
+
+
 def open_indexed_path(path: str) -> Image.Image:
     """An image named by an index's metadata ``path`` (a file, or ``SHARD.tar#MEMBER``)."""
-    if "#" in path and path.split("#", 1)[0].endswith(".tar") and Path(path.split("#", 1)[0]).is_file():
-        tar_path, member = path.split("#", 1)
+    tar_path, member = split_tar_path(path)
+    if member:
         with tarfile.open(tar_path) as archive:
             try:
                 data = archive.extractfile(member).read()

@@ -2,10 +2,13 @@
 
 ``SearchIndex.open(folder, encoder)`` refuses an encoder whose weights or preprocessing differ
 from the ones the index was built with (:class:`ModelMismatchError`): their embeddings live in
-different spaces and the answers would be meaningless, not merely worse.
+different spaces and the answers would be meaningless, not merely worse. While an ``--add`` is
+unfinished (running, killed, or stopped by too many bad images), the index as it was before it
+is searched, with a warning.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from .encoding import Encoder
 from .items import open_indexed_path
 from .manifest import IndexManifest, read_manifest
 
+log = logging.getLogger("domainclip.index")
 
 class SearchIndex:
     """A finished index folder, loaded: FAISS index + metadata rows + the encoder that matches it."""
@@ -35,7 +39,7 @@ class SearchIndex:
         folder = Path(folder)
         manifest = read_manifest(folder)
         unfinished = [s.data for s in manifest.sources if not s.complete]
-        if unfinished or not manifest.faiss:
+        if not manifest.faiss:
             raise ValueError(f"index {folder} is not finished ({unfinished[0] if unfinished else 'no FAISS index'}); "
                              f"re-run the `domainclip index` command that was interrupted")
         if encoder is None:
@@ -46,6 +50,9 @@ class SearchIndex:
         if len(metadata) != index.ntotal:
             raise ValueError(f"index {folder}: {METADATA_FILE} has {len(metadata)} rows but index.faiss "
                              f"{index.ntotal} vectors; re-run `domainclip index` to rebuild them")
+        if unfinished:  # an --add that stopped (killed, or too many bad images): the index before it still serves
+            log.warning("index %s: adding %s did not finish; searching the %d images indexed before it (re-run "
+                        "that `domainclip index --add` to finish it)", folder, unfinished[0], index.ntotal)
         return cls(folder, manifest, index, metadata, encoder)
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ from domainclip.core.index import (IndexOptions, ModelMismatchError, SearchIndex
                                    plot_grid, read_manifest)
 from domainclip.core.index.shards import read_shard
 
-from .index_fixtures import DATA_OPTIONS, colour_data
+from .index_fixtures import DATA_OPTIONS, colour_data, png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = dict(batch_size=4, shard_size=8, max_bad_fraction=0.2, progress=False)
@@ -221,7 +221,8 @@ def test_a_recipe_model_loads_with_one_hash_and_an_absolute_source(colour_square
 
 
 def test_float16_hnsw_index_and_webdataset_input(compact_encoder, tmp_path) -> None:
-    tar_path = tmp_path / "shard-0000.tar"
+    (tmp_path / "run#2").mkdir()
+    tar_path = tmp_path / "run#2" / "shard-0000.tar"  # a '#' in the folder too: the member starts after '.tar#'
     with tarfile.open(tar_path, "w") as archive:
         for i, colour in enumerate([(220, 10, 10), (10, 220, 10), (10, 10, 220), (220, 10, 10)]):
             for name in (f"{i:04d}.png", f"{i:04d}.txt"):
@@ -258,7 +259,7 @@ def test_too_many_unreadable_images_stop_the_run(compact_encoder, tmp_path) -> N
     from domainclip.core.data import TooManyBadInputsError
 
     data = colour_data(tmp_path / "data", count=6)
-    with pytest.raises(TooManyBadInputsError, match="1 of 7 data items were bad"):
+    with pytest.raises(TooManyBadInputsError, match=r"1 of 7 data items were bad .*\(--max-bad-fraction=0.05\)"):
         build_index(compact_encoder, str(data), tmp_path / "index", IndexOptions(**{**OPTIONS, "max_bad_fraction": 0.05}),
                     DATA_OPTIONS)
 
@@ -284,3 +285,49 @@ def test_a_second_index_process_on_the_same_folder_is_refused(compact_encoder, t
     with pytest.raises(FileNotFoundError, match="is not an index yet"):
         build_index(compact_encoder, str(data), tmp_path / "new", IndexOptions(**OPTIONS), DATA_OPTIONS, add=True)
     assert not (tmp_path / "new").exists()
+
+
+def test_data_is_read_as_what_it_is_whatever_its_name_holds(compact_encoder, tmp_path) -> None:
+    data = colour_data(tmp_path / "data", count=4)
+    odd_name = data.with_name("photos.targets.csv")  # '.tar' inside a manifest's name
+    odd_name.write_text(data.read_text())
+    assert build_index(compact_encoder, str(odd_name), tmp_path / "a", IndexOptions(**OPTIONS),
+                       DATA_OPTIONS)["count"] == 4
+    # the same manifest named another way is the same source: resumed (here: done), not indexed twice
+    again = build_index(compact_encoder, str(tmp_path / "data" / "img" / ".." / "photos.targets.csv"), tmp_path / "a",
+                        IndexOptions(**OPTIONS), DATA_OPTIONS)
+    assert again["count"] == 4 and len(read_manifest(tmp_path / "a").sources) == 1
+    (tmp_path / "s-0000.tar.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"compressed tar shards cannot be indexed .* to plain .tar shards"):
+        build_index(compact_encoder, str(tmp_path / "s-0000.tar.gz"), tmp_path / "b", IndexOptions(**OPTIONS))
+    with pytest.raises(KeyError, match=r"no column 'captoin' \(--caption-key\); columns: \['image', 'caption', 'label'\]"):
+        build_index(compact_encoder, str(data), tmp_path / "c", IndexOptions(**OPTIONS), {"caption_key": "captoin"})
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_not_fatal(compact_encoder, tmp_path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in (b"red.png", b"caf\xe9.png"):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+            handle.write(png_bytes((220, 20, 20)))
+    summary = build_index(compact_encoder, str(folder), tmp_path / "index",
+                          IndexOptions(**{**OPTIONS, "max_bad_fraction": 0.5}))
+    assert (summary["count"], summary["bad"]) == (1, 1)
+    report = json.loads((tmp_path / "index" / "bad_inputs.json").read_text())
+    assert report["items"] == [{"path": str(folder / "caf\\xe9.png"),
+                                "reason": "file name is not valid UTF-8; rename it"}]
+
+
+def test_an_add_that_fails_leaves_the_index_before_it_searchable(compact_encoder, tmp_path, caplog) -> None:
+    from domainclip.core.data import TooManyBadInputsError
+
+    out = tmp_path / "index"
+    build_index(compact_encoder, str(colour_data(tmp_path / "a", count=4)), out, IndexOptions(**OPTIONS), DATA_OPTIONS)
+    no_images = tmp_path / "b.csv"
+    no_images.write_text("image,note\n,first\n,second\n")  # a list of images in which no row names one
+    with pytest.raises(TooManyBadInputsError, match="2 of 2 data items were bad"):  # no shards, still judged
+        build_index(compact_encoder, str(no_images), out, IndexOptions(**OPTIONS), add=True)
+    with caplog.at_level("WARNING", logger="domainclip.index"):
+        index = SearchIndex.open(out, compact_encoder)
+    assert len(index) == 4 and f"adding {no_images} did not finish; searching the 4 images" in caplog.text
+    assert index.search_text("a red square", top_k=1)[0]["label"] == "red"
