@@ -32,6 +32,11 @@ from .limits import Limits, RequestError, check_strings, decode_base64, decode_i
 from .page import PAGE_HTML
 
 THUMBNAIL_SIZE = 256
+DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (answered 499, which nobody reads)."""
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Service:
 
     def __init__(self, encoder: Encoder, index: SearchIndex | None, settings: ServeSettings):
         self.encoder, self.index, self.settings, self.limits = encoder, index, settings, settings.limits
+        encoder.fingerprint()  # computed (a text forward pass) now, never on the event loop beside the batcher
         self.batcher = MicroBatcher(encoder.encode_batch, settings.max_batch, settings.max_wait_ms)
 
     async def payload(self, request: Request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
@@ -143,12 +149,23 @@ class Service:
             raise RequestError(422, "body must be a JSON object")
         return fields, {}
 
-    async def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        """Decoded images -> (N, D) embeddings through the micro-batcher."""
+    async def embed_images(self, images: list[Image.Image], request: Request | None = None) -> np.ndarray:
+        """Decoded images -> (N, D) embeddings through the micro-batcher.
+
+        With ``request``, a client that disconnects while its images wait cancels them (the batcher
+        skips cancelled images) and :class:`ClientGone` is raised: nobody is left to answer.
+        """
         tensors = [await anyio.to_thread.run_sync(self.encoder.prepare, image) for image in images]
         futures = self.batcher.submit(tensors)
-        rows = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
-        return np.stack(rows)
+        waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
+        while request is not None and not waiting.done():
+            await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+            if not waiting.done() and await request.is_disconnected():
+                waiting.cancel()
+                for future in futures:
+                    future.cancel()
+                raise ClientGone()
+        return np.stack(await waiting)
 
     async def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` (a text encoding, a label head) in the batcher's thread, between image batches."""
@@ -202,6 +219,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def refused(_request: Request, error: RequestError) -> JSONResponse:
         return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(ClientGone)
+    async def gone(_request: Request, _error: ClientGone) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(ValueError)
     async def invalid(_request: Request, error: ValueError) -> JSONResponse:
@@ -257,7 +278,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         images = await service.images(fields, files, ("inputs", "image", "file"), many=False)
         if len(images) != 1:
             raise RequestError(422, "inputs: give exactly one image (base64 in JSON, or a multipart file 'inputs')")
-        embeddings = await service.embed_images(images)
+        embeddings = await service.embed_images(images, request)
         templates = [template] if template else None
         probabilities = await service.on_model_thread(service.encoder.probabilities, embeddings, labels, templates)
         order = np.argsort(-probabilities[0], kind="stable")
@@ -272,7 +293,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         if bool(images) == (texts is not None):
             raise RequestError(422, "give either 'images' (base64 list or files) or 'texts', not both or neither")
         if images:
-            vectors = await service.embed_images(images)
+            vectors = await service.embed_images(images, request)
         else:
             texts = check_strings(texts if isinstance(texts, list) else [texts], "texts", limits.max_texts, limits)
             vectors = await service.on_model_thread(service.encoder.encode_texts, texts)
@@ -297,11 +318,11 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         if bool(images) == (text is not None):
             raise RequestError(422, "give either 'text' or 'image', not both or neither")
         if images:
-            query = await service.embed_images(images)
+            query = await service.embed_images(images, request)
         else:
             text = check_strings([text] if isinstance(text, str) else text, "text", 1, limits)[0]
             query = await service.on_model_thread(service.encoder.encode_texts, [text])
-        hits = service.index.search_vectors(query, top_k)[0]
+        hits = (await anyio.to_thread.run_sync(service.index.search_vectors, query, top_k))[0]  # off the event loop
         return {"hits": [{**hit, "thumbnail": f"/thumbnail/{hit['id']}"} for hit in hits]}
 
     @app.get("/thumbnail/{image_id}", responses={200: {"content": {"image/jpeg": {}}}})

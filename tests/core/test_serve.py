@@ -195,6 +195,64 @@ def test_a_cancelled_request_never_stops_the_batcher() -> None:
         batcher.call(print)
 
 
+def test_a_client_that_leaves_while_its_images_wait_is_never_encoded(compact_encoder, monkeypatch) -> None:
+    import asyncio
+
+    started, release, encoded = threading.Event(), threading.Event(), []
+    encode_batch = compact_encoder.encode_batch
+
+    def slow(images: torch.Tensor) -> np.ndarray:  # the first request holds the model until released
+        encoded.append(len(images))
+        started.set()
+        release.wait(10)
+        return encode_batch(images)
+
+    monkeypatch.setattr(compact_encoder, "encode_batch", slow)
+    app = create_app(compact_encoder, None, ServeSettings(max_batch=1, max_wait_ms=0, limits=LIMITS))
+    body = json.dumps({"images": [b64(png_bytes(RED))]}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/embed", "query_string": b"", "http_version": "1.1",
+             "scheme": "http", "server": ("test", 80), "client": ("client", 1), "root_path": "",
+             "asgi": {"version": "3.0"},
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def scenario() -> tuple[int, list[int]]:
+        busy = asyncio.ensure_future(asgi_post(app, scope, body))
+        assert await asyncio.to_thread(started.wait, 10)
+        gone = await asyncio.wait_for(asyncio.gather(*(asgi_post(app, scope, body, leaves=True) for _ in range(2))), 10)
+        release.set()
+        return await asyncio.wait_for(busy, 10), list(gone)
+
+    try:
+        assert asyncio.run(scenario()) == (200, [499, 499])
+        assert encoded == [1]  # the two queued images of the clients that left were skipped
+        assert asyncio.run(asgi_post(app, scope, body)) == 200 and encoded == [1, 1]  # the batcher goes on
+    finally:
+        app.state.service.batcher.close()
+
+
+async def asgi_post(app, scope: dict, body: bytes, leaves: bool = False) -> int:
+    """``body`` posted straight to the ASGI ``app``; the client disconnects after sending it when
+    ``leaves``, else stays connected. Returns the response status."""
+    import asyncio
+
+    sent, delivered = [], []
+
+    async def receive() -> dict:
+        if not delivered:
+            delivered.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        if leaves:
+            return {"type": "http.disconnect"}
+        await asyncio.Event().wait()  # still connected: nothing more arrives
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(dict(scope), receive, send)
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
 def test_decoding_off_the_event_loop_and_text_on_the_model_thread(compact_encoder, monkeypatch) -> None:
     import asyncio
 
