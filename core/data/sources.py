@@ -16,8 +16,8 @@ Choices (documented here because ``DataSourceConfig``'s docstring is shared with
   the JSON's folder itself that holds the first record's file; if none does, ``images/`` when it
   exists, else the JSON's folder (missing files then show up as bad items when loading).
   A record's ``filepath`` (COCO releases) is joined in front of its ``filename``.
-* folders: ``path`` is the root holding one folder per class; when ``split`` is set and
-  ``path/<split>`` is a folder, that folder is the root (``chest_xray/{train,test}/<class>``).
+* folders: ``path`` is the root holding one folder per class; when ``split`` is set,
+  ``path/<split>`` is the root (``chest_xray/{train,test}/<class>``) and must be a folder.
   ``image_root`` is not used. Files that are not images and sub-folders inside class folders
   are listed in ``RecordSet.skipped``.
 * label_csv: the image column is ``image_key`` when the CSV has it, else ``path``; the label
@@ -387,7 +387,7 @@ def load_jsonl(cfg: DataSourceConfig) -> RecordSet:
     rows: list[dict[str, Any]] = []
     names: list[str] = []
     columns: dict[str, None] = {}
-    with open(manifest, encoding="utf-8") as handle:
+    with open(manifest, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of the JSON
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -469,7 +469,7 @@ def load_karpathy(cfg: DataSourceConfig) -> RecordSet:
     """Karpathy caption JSON: ``{"images": [{"filename", "split", "sentences": [{"raw"}]}]}``."""
     manifest = existing_path(cfg)
     try:
-        with open(manifest, encoding="utf-8") as handle:
+        with open(manifest, encoding="utf-8-sig") as handle:
             data = json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"{manifest}: not valid JSON ({error})") from error
@@ -504,7 +504,12 @@ def load_karpathy(cfg: DataSourceConfig) -> RecordSet:
 def load_folders(cfg: DataSourceConfig) -> RecordSet:
     """``root/<class>/*.{jpg,...}``; every template on the class's natural name is a caption."""
     root = existing_path(cfg, want_dir=True)
-    if cfg.split and (root / cfg.split).is_dir():
+    if cfg.split:
+        if not (root / cfg.split).is_dir():
+            folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise ValueError(f"split {cfg.split!r} (config key 'split'): {root / cfg.split} is not a folder; a "
+                             f"folders source with a split reads <path>/<split>/<class>/ (folders in {root}: "
+                             f"{folders}); leave split empty to read {root} itself as the class folders")
         root = root / cfg.split
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:

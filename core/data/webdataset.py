@@ -146,7 +146,8 @@ class WebImageTextStream(torch.utils.data.IterableDataset):
         if "txt" not in sample:
             return {"bad": (name, f"sample has no txt caption; keys: {present}"), "index": index}
         try:
-            captions = [line.strip() for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
+            # one caption per "\n" line (not str.splitlines: \r, \x85 or \u2028 inside a caption are not breaks)
+            captions = [line.strip() for line in sample["txt"].decode("utf-8").split("\n") if line.strip()]
             label = int(sample["cls"].decode("utf-8").strip()) if "cls" in sample else -1
         except (UnicodeDecodeError, ValueError) as error:
             return {"bad": (name, f"bad txt/cls entry: {error}"), "index": index}
@@ -181,16 +182,23 @@ class WebImageTextStream(torch.utils.data.IterableDataset):
         yield from output
 
 
+# first bytes of gzip, bzip2, xz and zstd streams
+COMPRESSION_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
 class _TailTracker:
     """Read-through wrapper remembering whether the stream ended and its last bytes.
 
     Python's ``tarfile`` treats a header cut short at the end of a stream as the end of the
     archive, silently dropping the rest of a truncated shard; a complete tar ends in zero blocks,
-    so a stream that reached its end on non-zero bytes was truncated.
+    so a stream that reached its end on non-zero bytes was truncated. A compressed shard
+    (``.tar.gz`` and the like) is not judged here: its last bytes are the compressor's, never zero,
+    and its decompressor reports a cut itself.
     """
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.head = b""
         self.tail = b""
         self.reached_end = False
 
@@ -198,6 +206,8 @@ class _TailTracker:
         data = self.stream.read(size)
         if not data or (size is not None and size > 0 and len(data) < size):
             self.reached_end = True
+        if len(self.head) < 6:
+            self.head = (self.head + data)[:6]
         self.tail = (self.tail + data)[-512:]
         return data
 
@@ -205,7 +215,8 @@ class _TailTracker:
         self.stream.close()
 
     def truncated(self) -> bool:
-        return self.reached_end and self.tail.strip(b"\0") != b""
+        compressed = self.head.startswith(COMPRESSION_MAGIC)
+        return self.reached_end and not compressed and self.tail.strip(b"\0") != b""
 
 
 def _shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
@@ -390,7 +401,7 @@ def write_shards(
                 Path(shards[-1]).parent.mkdir(parents=True, exist_ok=True)
                 writer = wds.TarWriter(shards[-1] + ".tmp", encoder=False, mtime=0)
             sample = {"__key__": f"{index:09d}", extension: payload,
-                      "txt": "\n".join(c.replace("\n", " ") for c in record.captions).encode("utf-8")}
+                      "txt": "\n".join(" ".join(c.splitlines()) for c in record.captions).encode("utf-8")}
             if record.label >= 0:
                 sample["cls"] = str(record.label).encode("utf-8")
             writer.write(sample)

@@ -151,7 +151,7 @@ def _tar_items(pattern: str) -> list[Item]:
             member = sample.get("image")
             if member is None:
                 continue
-            captions = [line for line in sample.get("txt", "").splitlines() if line.strip()]
+            captions = [line.strip() for line in sample.get("txt", "").split("\n") if line.strip()]
             label = sample.get("cls", "")
             items.append(Item(f"{url}#{member.name}", captions, label,
                               int(label) if label.lstrip("-").isdigit() else -1,

@@ -186,6 +186,20 @@ def test_folders_split_selects_a_subfolder(data: fake.FakeData, tmp_path: Path) 
     loaded = load_records(DataSourceConfig(format="folders", path=str(tmp_path), split="test"))
     assert sorted(r.label for r in loaded.records) == [0, 0, 1]
     assert all(f"{os.sep}test{os.sep}" in r.image for r in loaded.records)
+    # a split that is no folder there is an error, not the split folders read as classes
+    with pytest.raises(ValueError, match=r"split 'val' \(config key 'split'\): .*val is not a folder; .*"
+                                         r"\(folders in .*: \['test', 'train'\]\)"):
+        load_records(DataSourceConfig(format="folders", path=str(tmp_path), split="val"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "karpathy"])
+def test_json_files_may_start_with_a_byte_order_mark(data: fake.FakeData, tmp_path: Path, fmt: str) -> None:
+    source = getattr(data, fmt)
+    marked = source.with_name(f"bom-{source.name}")
+    marked.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    options = {"label_key": "label"} if fmt == "jsonl" else {}
+    assert load_records(DataSourceConfig(format=fmt, path=str(marked), **options)).records == \
+        load_records(DataSourceConfig(format=fmt, path=str(source), **options)).records
 
 
 # --- errors -----------------------------------------------------------------------------------------

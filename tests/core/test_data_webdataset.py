@@ -159,3 +159,36 @@ def test_stream_length_needs_num_samples(shards) -> None:
         len(stream)
     with pytest.raises(ValueError, match="resampled streams are endless"):
         build_webdataset(DataSourceConfig(format="webdataset", path=result.pattern), TRANSFORM, resampled=True)
+
+
+def test_captions_with_unusual_line_breaks_stay_one_caption(tmp_path: Path) -> None:
+    data = fake.make_fake_dataset(tmp_path / "data")
+    image = Path(data.root / fake.ROWS[0].image)
+    result = write_shards(RecordSet([ImageTextRecord(str(image), ["a\u2028b", "c\r\nd", "x\x85y"], 0)]),
+                          str(tmp_path / "out" / "s-%04d.tar"))
+    with tarfile.open(result.shards[0]) as tar:  # three captions, three lines
+        assert tar.extractfile("000000000.txt").read().decode().split("\n") == ["a b", "c d", "x y"]
+    other = tmp_path / "other.tar"  # a shard from another writer: only "\n" separates captions
+    with tarfile.open(other, "w") as tar:
+        for name, payload in [("k.jpg", image.read_bytes()), ("k.txt", "a\u2028b\nsecond".encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    items = read_all(build_webdataset(DataSourceConfig(format="webdataset", path=str(other)), TRANSFORM, train=False), 0)
+    assert [item["caption"] for item in items] == ["a\u2028b"]
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_gzipped_shards_read_whole_and_a_cut_one_is_reported(shards, tmp_path: Path, cut: bool) -> None:
+    import gzip
+
+    _, result = shards
+    packed = gzip.compress(Path(result.shards[0]).read_bytes())
+    shard = tmp_path / "train-0000.tar.gz"
+    shard.write_bytes(packed[: len(packed) // 2] if cut else packed)
+    items = read_all(build_webdataset(DataSourceConfig(format="webdataset", path=str(shard)), TRANSFORM, train=False), 0)
+    shard_errors = [item["bad"][1] for item in items if "bad" in item and item["bad"][0] == str(shard)]
+    if cut:
+        assert len(shard_errors) == 1 and shard_errors[0].startswith("unreadable shard: ReadError: unexpected end of data")
+    else:
+        assert shard_errors == [] and [item["index"] for item in items if "bad" not in item] == [0, 1]
