@@ -155,6 +155,9 @@ def group_metrics(logits: torch.Tensor, labels: torch.Tensor, groups: Sequence[s
         raise ValueError(f"{sum(1 for g in groups if not g)} of {len(groups)} images have no group id")
     probabilities = torch.softmax(logits.detach().double(), dim=1)
     scores, targets = group_scores(probabilities, labels, groups, aggregate, k, label_rule)
+    if scores.shape[1] == 2:  # positive at s >= 0.5: an exact tie [0.5, 0.5] goes to the positive class
+        tie = scores[:, 0] == scores[:, 1]
+        scores[tie, 0] -= 1e-6  # above float32 rounding at 0.5, which the metrics compute in
     metrics = classification_metrics(scores, targets, class_names)
     result: dict[str, Any] = {f"{prefix}_{key}": metrics[key] for key in GROUP_METRIC_KEYS if key in metrics}
     result[f"{prefix}_aggregate"] = aggregate if aggregate != "topk_mean" else f"topk_mean (k={k})"

@@ -112,7 +112,11 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a ``metrics.json`` written by ``write_metrics``."""
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
-        records = json.load(handle)
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); expected the list of result records that "
+                             "domainclip eval writes (run it again to rewrite the file)") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of result records, got {type(records).__name__}")
     return records

@@ -361,8 +361,12 @@ def evaluate_zeroshot(
     class_names = list(class_names)
     logits, encoded, labels = zeroshot_logits(model, loader, class_names, templates, accelerator,
                                               text_batch_size, logits_fn, precision, refine_ties)
-    indices = encoded.indices if encoded.indices is not None else torch.arange(labels.shape[0])
     labelled = labels >= 0
+    needs_indices = (group_config is not None and group_config.aggregate) or not bool(labelled.all())
+    if encoded.indices is None and encoded.bad and needs_indices:
+        raise ValueError("the loader skipped bad items but its batches carry no 'indices', so images cannot be "
+                         "matched to their groups or dataset positions (the kit's ImageTextDataset provides them)")
+    indices = encoded.indices if encoded.indices is not None else torch.arange(labels.shape[0])
     metrics = classification_metrics(logits, labels[labelled], class_names)
     if group_config is not None and group_config.aggregate:
         metrics.update(_group_metrics(logits, labels[labelled], indices[labelled], groups, class_names, group_config))

@@ -150,7 +150,9 @@ class ZeroShotClassifier:
 
     Args:
         model: a backbone (or a method's wrapper of one) with ``encode_image``, ``tokenize``,
-            ``preprocess`` and ``logit_scale``.
+            ``preprocess`` and ``logit_scale``. The classifier takes it over: it is moved to
+            ``device``, put in eval mode and, with ``token_merging``, given that schedule; pass
+            ``copy.deepcopy(model)`` to keep training the original.
         templates: default prompts: a template with ``{}`` (``"a photo of a {}."``), a list of them,
             or a ``{label: [prompts]}`` dict; ``classify`` may override.
         logits_factory: a trained method's ``logits_fn``, or None for the prompt ensemble.

@@ -151,9 +151,10 @@ class ImagePreparer:
                     raise ValueError(f"image #{position}: a float tensor is taken as preprocessed and must have shape "
                                      f"({channels}, {size}, {size}), got {tuple(item.shape)}; pass raw pixels as uint8")
                 return item.float()
-            if item.dtype != torch.uint8 or item.ndim != 3:
-                raise ValueError(f"image #{position}: a raw-pixel tensor must be uint8 (C, H, W), got {item.dtype} "
-                                 f"of shape {tuple(item.shape)}")
+            if item.dtype != torch.uint8 or item.ndim != 3 or item.shape[0] not in (1, 3, 4):
+                hint = " (channels last? use tensor.permute(2, 0, 1))" if item.ndim == 3 and item.shape[-1] in (1, 3, 4) else ""
+                raise ValueError(f"image #{position}: a raw-pixel tensor must be uint8 (C, H, W) with C = 1, 3 or 4, "
+                                 f"got {item.dtype} of shape {tuple(item.shape)}{hint}")
             from torchvision.transforms.functional import to_pil_image
 
             item = to_pil_image(item)

@@ -58,8 +58,10 @@ def export_onnx(classifier: ZeroShotClassifier, labels: Sequence[str], path: str
                 templates: Templates | None = None, opset: int = 18) -> Path:
     """Write ``classifier``'s image tower + head for ``labels`` to ``path`` (an ``.onnx`` file).
 
-    The batch axis is dynamic. Returns the path. The probabilities equal
-    ``classifier.predict_proba`` up to float rounding (the tests check <= 1e-4).
+    The batch axis is dynamic. Returns the path. The graph holds the weights in fp32: its
+    probabilities equal ``predict_proba`` of a classifier with ``precision="fp32"`` up to float
+    rounding (the tests check <= 1e-4); a bf16 / fp16 classifier differs from them by its own
+    rounding.
     """
     onnx = _require("onnx")
     labels = check_labels(labels)

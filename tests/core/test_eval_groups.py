@@ -62,6 +62,20 @@ def test_group_metrics_hand_computed(aggregate: str) -> None:
     assert not [key for key in metrics if key.startswith("volume_") and key.endswith(("acc5", "n_samples"))]
 
 
+def test_a_two_class_group_scored_exactly_one_half_is_positive() -> None:
+    metrics = group_metrics(binary_logits([0.5, 0.2]), torch.tensor([1, 0]), ["g", "h"], CLASSES, "max", prefix="vol")
+    assert metrics["vol_confusion_matrix"] == [[1, 0], [0, 1]] and metrics["vol_acc1"] == 1.0
+
+
+def test_groups_need_dataset_indices_when_the_loader_skipped_items(colour_squares: Path) -> None:
+    model = tiny_model()
+    batches = [{"images": torch.zeros(2, 3, 32, 32), "labels": torch.tensor([0, 1]), "captions": ["a", "b"],
+                "bad": [("lost.jpg", "cannot read image")]}]  # a loader without "indices"
+    with pytest.raises(ValueError, match="skipped bad items but its batches carry no 'indices'"):
+        evaluate_zeroshot(model, batches, CLASSES, ["a {}"], groups=["A", "A", "B"],
+                          group_config=GroupEvalConfig(aggregate="max", name="volume"))
+
+
 def test_group_label_rules_and_multiclass_aggregation() -> None:
     assert group_label([0, 1, 0], "any", 2) == 1 and group_label([0, 0], "any", 2) == 0
     assert group_label([2, 1, 1, 2], "majority", 3) == 1  # tie -> lower class index

@@ -90,3 +90,9 @@ def test_write_metrics_rejects_records_without_the_benchmark_keys(tmp_path: Path
     with pytest.raises(ValueError, match=r"^write_metrics takes a list of records; wrap a single record in a list$"):
         write_metrics(tmp_path / "metrics.json", benchmark_json("t", {}, "d", "m"))
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_damaged_metrics_file_is_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text('[{"dataset": "d", ')
+    with pytest.raises(ValueError, match=r"metrics\.json: not valid JSON \(Expecting"):
+        read_metrics(tmp_path / "metrics.json")
