@@ -97,7 +97,14 @@ def load_model(path_or_id: str | Path, pretrained: str = "", revision: str = "")
     if path.is_dir() and is_run_folder(path):
         return _load_run(path)
     cfg = model_config_for(str(path) if path.is_dir() else text, pretrained, revision)
-    return LoadedModel(model=create_backbone(cfg), source=text)
+    try:
+        return LoadedModel(model=create_backbone(cfg), source=text)
+    except OSError as error:
+        if path.exists() or text.count("/") != 1:
+            raise
+        # "runs/my_run" mistyped reads as a hub id: say that the local folder is missing too
+        raise OSError(f"model {text!r}: there is no local folder {path.absolute()}, and as a hub id it could not be "
+                      f"loaded: {error}") from error
 
 
 def _load_run(run_dir: Path) -> LoadedModel:

@@ -284,6 +284,19 @@ def test_errors_name_what_is_wrong(classifier, colour_squares: Path, tmp_path: P
         ZeroShotClassifier.from_pretrained(str(tmp_path / "missing_model"))
 
 
+def test_a_mistyped_relative_run_path_says_the_folder_is_missing(tmp_path: Path, monkeypatch) -> None:
+    from domainclip.core.zeroshot import loading
+
+    def offline(cfg):  # noqa: ANN001 - what the hub loader raises without a network
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(loading, "create_backbone", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=rf"model 'runz/my_run': there is no local folder {tmp_path}/runz/my_run, and as "
+                                      r"a hub id it could not be loaded: We couldn't connect"):
+        loading.load_model("runz/my_run")
+
+
 # --- command line -------------------------------------------------------------------------------
 def test_cli_prints_json_and_csv(tmp_path: Path, colour_squares: Path, capsys: pytest.CaptureFixture) -> None:
     backbone = tiny_backbone(seed=5)
