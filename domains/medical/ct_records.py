@@ -2,9 +2,11 @@
 
 A manifest CSV lists volumes, one per row: ``image`` (NIfTI file or DICOM series folder; the
 column is ``image_key``), optional ``label_map`` (organ label map on the same grid),
-``label_names`` (JSON ``{id: name}``, TotalSegmentator's ``labels_total.json`` layout),
-``split`` and ``slices`` (``start:stop``, a block of axial indices: one volume can give a train
-block and a test block of contiguous slices, which leak less than a random slice split).
+``label_names`` (JSON ``{id: name}``, TotalSegmentator's ``labels_total.json`` layout; required
+with a ``label_map``, and every organ id captioned must have a name: a missing column, an empty
+cell or an unnamed id is an error naming the manifest line), ``split`` and ``slices``
+(``start:stop``, a block of axial indices within the volume, else an error: one volume can give a
+train block and a test block of contiguous slices, which leak less than a random slice split).
 Relative paths start at the manifest's folder (or ``image_root``).
 
 Every record carries a group id for volume-level evaluation (``eval[].groups``): ``row<line>``,
@@ -32,6 +34,7 @@ from domainclip.core.data.sources import DataSourceConfig, existing_path, image_
 from .ct import (DEFAULT_WINDOWS, axial_slice, load_volume, organ_caption, readable_organ, sample_slices, slab_25d,
                  window_channels)
 from .pixel_cache import cached_paths, load_sidecar, save_rendering
+from .privacy import safe_item
 from .prompts import CT_TEMPLATES
 
 CORE_DEFAULT_TEMPLATES = DataSourceConfig().templates
@@ -90,7 +93,9 @@ def parse_block(text: str, where: str) -> tuple[int, int] | None:
 
 def volume_slices(volume_path: str, options: SliceOptions, block: tuple[int, int] | None = None) -> list[tuple[int, Path]]:
     """``(z, cached PNG)`` of every sampled slice of one volume (within ``block``); the volume is
-    read only when a slice is not cached yet."""
+    read only when a slice is not cached yet. A ``block`` reaching past the volume's last slice is
+    a ``ValueError`` (naming the volume by pseudonym, the block and the slice count), never a
+    silently shorter block."""
     hu = None
     depth_png = cached_paths("ct_depth", volume_path)[1]
     if depth_png.is_file():
@@ -100,6 +105,9 @@ def volume_slices(volume_path: str, options: SliceOptions, block: tuple[int, int
         depth = hu.shape[2]
         depth_png.parent.mkdir(parents=True, exist_ok=True)
         depth_png.write_text(json.dumps({"depth": depth}))
+    if block and block[1] > depth:
+        raise ValueError(f"slices {block[0]}:{block[1]} reach past the end of {safe_item(volume_path, 'volume')}, "
+                         f"which has {depth} axial slices (valid blocks lie within 0:{depth})")
     paths = []
     for z in sample_slices(depth, options.stride):
         if block and not block[0] <= z < block[1]:
@@ -140,6 +148,12 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
         label_path = row.get("label_map", "").strip()
         if organ and not label_path:
             raise ValueError(f"{name}: label_key {organ!r} needs a 'label_map' column value")
+        if label_path and "label_names" not in columns:
+            raise KeyError(f"{name}: a 'label_map' needs a 'label_names' column (JSON {{id: organ}}, e.g. "
+                           f"TotalSegmentator's labels_total.json) to name the organs; columns: {columns}")
+        if label_path and not row["label_names"].strip():
+            raise ValueError(f"{name}: 'label_names' is empty; a 'label_map' needs its organ names "
+                             f"(JSON {{id: organ}}, e.g. TotalSegmentator's labels_total.json)")
         try:
             pngs = volume_slices(volume_path, options, parse_block(row.get("slices", ""), name))
             labels = load_volume(os.path.join(root, label_path), labels=True).array if label_path else None
@@ -148,7 +162,7 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
         if labels is None:
             records += [ImageTextRecord(str(p), ["an axial CT slice."], group=group) for _, p in pngs]
             continue
-        label_names = read_label_names(os.path.join(root, row["label_names"].strip())) if row.get("label_names") else {}
+        label_names = read_label_names(os.path.join(root, row["label_names"].strip()))
         if organ and organ not in label_names.values():
             raise ValueError(f"{name}: organ {organ!r} (config key 'label_key') is not in the label names")
         last = pngs[-1][0] if pngs else -1
@@ -157,8 +171,13 @@ def load_ct_slices(cfg: DataSourceConfig, options: SliceOptions = SliceOptions()
         for z, png in pngs:
             plane = axial_slice(labels, z)
             ids, counts = np.unique(plane, return_counts=True)
-            by_size = [label_names.get(int(i), str(int(i))) for i, c in sorted(zip(ids, counts), key=lambda p: -p[1])
-                       if int(i) != 0 and c >= options.min_voxels]
+            kept = [int(i) for i, c in sorted(zip(ids, counts), key=lambda p: -p[1])
+                    if int(i) != 0 and c >= options.min_voxels]
+            unnamed = sorted(i for i in kept if i not in label_names)
+            if unnamed:
+                raise ValueError(f"{name}: label id(s) {unnamed} of the label map (axial slice {z}) have no name in "
+                                 f"its 'label_names' file")
+            by_size = [label_names[i] for i in kept]
             captions = [organ_caption(by_size, t) for t in templates]
             label = index["present" if organ in by_size else "absent"] if organ else -1
             records.append(ImageTextRecord(str(png), captions, label, group))

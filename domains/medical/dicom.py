@@ -4,10 +4,10 @@
 
 1. Stored values (8, 12 or 16 bits, signed or not) become float; the modality LUT (``Rescale
    Slope`` / ``Intercept``) is applied.
-2. Grey-level mapping, first that applies: an explicit ``window=(center, width)``; the file's
-   VOI LUT sequence (scaled by the LUT's output bit depth); the file's first ``WindowCenter`` /
-   ``WindowWidth`` (linear, or sigmoid when ``VOILUTFunction`` says so); otherwise the image's
-   own minimum..maximum.
+2. Grey-level mapping of the rescaled values, first that applies: an explicit
+   ``window=(center, width)``; the file's VOI LUT sequence (scaled by the LUT's output bit
+   depth); the file's first ``WindowCenter`` / ``WindowWidth`` (linear, or sigmoid when
+   ``VOILUTFunction`` says so); otherwise the image's own minimum..maximum.
 3. ``MONOCHROME1`` (bright = low values) is inverted so bone is always bright.
 
 :func:`read_dicom` opens a file and returns the pixels plus :func:`privacy.technical_metadata`
@@ -77,8 +77,10 @@ def min_max(values: np.ndarray) -> np.ndarray:
     return np.zeros_like(values, dtype=np.float32) if high <= low else ((values - low) / (high - low)).astype(np.float32)
 
 
-def voi_lut_grey(stored: np.ndarray, dataset: Any) -> np.ndarray:
-    """Stored values through the first VOI LUT, scaled by the LUT's output bits to [0, 1].
+def voi_lut_grey(values: np.ndarray, dataset: Any) -> np.ndarray:
+    """Modality-LUT output (values after Rescale Slope / Intercept, PS3.3 C.11.2) through the first
+    VOI LUT, scaled by the LUT's output bits to [0, 1]. Values below the first mapped value get the
+    first entry, values past the table the last; non-integer values are floored.
 
     Done here rather than by ``pydicom.pixels.apply_voi``, which indexes the table with an array
     of the *output* type: an 8-bit LUT with more than 256 entries (12-bit input) wraps the
@@ -99,7 +101,7 @@ def voi_lut_grey(stored: np.ndarray, dataset: Any) -> np.ndarray:
         table = np.atleast_1d(np.asarray(raw, dtype=np.int64))  # US: a pydicom MultiValue (or one int)
     if len(table) < count:
         raise BadImageError(f"VOI LUT holds {len(table)} entries, its descriptor says {count}")
-    index = np.clip(np.asarray(stored, dtype=np.int64) - first, 0, count - 1)
+    index = np.clip(np.floor(np.asarray(values, dtype=np.float64)).astype(np.int64) - first, 0, count - 1)
     grey = table[:count].astype(np.float64)[index] / (2**bits - 1)
     return np.clip(grey, 0, 1).astype(np.float32)
 
@@ -118,7 +120,7 @@ def decode_dicom(dataset: Any, window: tuple[float, float] | None = None, use_vo
     if window is not None:
         grey = apply_window(values, float(window[0]), float(window[1]))
     elif use_voi and "VOILUTSequence" in dataset:
-        grey = voi_lut_grey(stored, dataset)
+        grey = voi_lut_grey(values, dataset)  # after the modality LUT, like the window (PS3.3 C.11.2)
     elif use_voi and dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
         grey = apply_window(values, _first(dataset.WindowCenter), _first(dataset.WindowWidth),
                             str(dataset.get("VOILUTFunction", "LINEAR")))

@@ -92,8 +92,15 @@ def parse_report(text: str, deid_policy: str = "drop") -> Report:
 
 
 def report_from_columns(findings: str | None, impression: str | None, deid_policy: str = "drop") -> Report:
-    """A report whose sections are already separate columns (IU X-ray ``reports.csv``)."""
-    return parse_report(f"FINDINGS: {findings or ''}\nIMPRESSION: {impression or ''}", deid_policy)
+    """A report whose sections are already separate columns (IU X-ray ``reports.csv``).
+
+    Each column is cleaned as a whole (``clean_text``) and never split again at header words: a
+    column such as ``"Chest  Comparison: There is ..."`` stays the findings, all of it.
+    """
+    report = Report(findings=clean_text(findings, deid_policy), impression=clean_text(impression, deid_policy))
+    report.sections = {name: text for name, text in (("findings", report.findings), ("impression", report.impression))
+                       if text}
+    return report
 
 
 def section_counts(reports: Iterable[Report]) -> dict[str, int]:
@@ -111,7 +118,7 @@ def section_counts(reports: Iterable[Report]) -> dict[str, int]:
 
 def read_iu_reports(path: str | Path, deid_policy: str = "drop") -> list[tuple[dict[str, str], Report]]:
     """The rows of an IU X-ray ``reports.csv`` (report_id, image_path, findings, impression, ...)
-    with their parsed reports."""
+    with their reports (``report_from_columns``: each column cleaned, not re-split)."""
     rows, _, columns = read_csv_rows(Path(path))
     missing = [c for c in ("findings", "impression") if c not in columns]
     if missing:

@@ -136,3 +136,45 @@ def test_written_dicom_series_gives_hu_in_slice_order_and_no_header(tmp_path: Pa
     for path in (tmp_path / "cache").rglob("*"):
         if path.is_file():
             assert not [s for s in PHI_STRINGS if s.encode() in path.read_bytes()], path
+
+
+def test_ct_label_map_needs_names_for_every_captioned_organ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           medical_io) -> None:
+    """Organ captions come from ``label_names``: without them the kit must fail, not caption "5, 2"."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    manifest = write_ct_set(tmp_path / "ct", depth=4)
+    manifest.write_text("image,label_map\nct.nii.gz,seg.nii.gz\n")  # no label_names column
+    with pytest.raises(KeyError, match=r"manifest.csv:2: a 'label_map' needs a 'label_names' column .*"
+                                       r"columns: \['image', 'label_map'\]"):
+        load_records(DataSourceConfig(format="ct_slices", path=str(manifest)))
+    manifest.write_text("image,label_map,label_names\nct.nii.gz,seg.nii.gz,\n")  # column present, cell empty
+    with pytest.raises(ValueError, match=r"manifest.csv:2: 'label_names' is empty; a 'label_map' needs its organ"):
+        load_records(DataSourceConfig(format="ct_slices", path=str(manifest)))
+    (tmp_path / "ct" / "liver_only.json").write_text('{"5": "liver"}')  # the kidney (id 2) has no name
+    manifest.write_text("image,label_map,label_names\nct.nii.gz,seg.nii.gz,liver_only.json\n")
+    with pytest.raises(ValueError, match=r"manifest.csv:2: label id\(s\) \[2\] of the label map \(axial slice 0\) "
+                                         r"have no name"):
+        load_records(DataSourceConfig(format="ct_slices", path=str(manifest)))
+    manifest.write_text("image,label_map,label_names\nct.nii.gz,seg.nii.gz,labels.json\n")
+    records = load_records(DataSourceConfig(format="ct_slices", path=str(manifest)))
+    assert [r.captions[0] for r in records] == ["an axial CT slice showing liver and right kidney."] * 2 + [
+        "an axial CT slice showing right kidney."] * 2
+
+
+@pytest.mark.parametrize("block", ["6:10", "9:12"])
+def test_ct_slice_block_past_the_volume_end_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        medical_io, block: str) -> None:
+    """A block overlapping (6:10) or beyond (9:12) an 8-slice volume must not quietly give fewer slices."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    folder = tmp_path / f"{PHI_STRINGS[2]}_scan"  # a folder named like a patient ID
+    write_ct_set(folder, depth=8)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,label_map,label_names,slices\n{folder.name}/ct.nii.gz,{folder.name}/seg.nii.gz,"
+                        f"{folder.name}/labels.json,0:8\n{folder.name}/ct.nii.gz,{folder.name}/seg.nii.gz,"
+                        f"{folder.name}/labels.json,{block}\n")
+    with pytest.raises(ValueError, match=rf"m.csv:3: slices {block} reach past the end of volume:[0-9a-f]{{32}}, "
+                                         r"which has 8 axial slices \(valid blocks lie within 0:8\)") as error:
+        load_records(DataSourceConfig(format="ct_slices", path=str(manifest)))
+    assert not [s for s in PHI_STRINGS if s in str(error.value)]
+    manifest.write_text(f"image,slices\n{folder.name}/ct.nii.gz,3:8\n")  # a block ending at the last slice is fine
+    assert len(load_records(DataSourceConfig(format="ct_slices", path=str(manifest)))) == 5

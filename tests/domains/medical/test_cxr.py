@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from domainclip.core.data.sources import DataSourceConfig, load_records
 from domainclip.core.data.transforms import build_train_transform
 from domainclip.domains.medical.labels import read_label_csv
 from domainclip.domains.medical.prompts import clinical_name, finding_phrase, findings_caption
-from domainclip.domains.medical.reports import clean_text, parse_report, section_counts
+from domainclip.domains.medical.reports import (clean_text, parse_report, read_iu_reports, report_from_columns,
+                                                section_counts)
 from domainclip.domains.medical.transforms import CXRAugment, CXRAugmentd
 from domainclip.domains.medical.privacy import CACHE_ENV
 
@@ -54,6 +56,30 @@ def test_voi_lut_sequence_is_applied(tmp_path: Path, pydicom) -> None:
     pixels = np.array([[0, 1024], [2048, 4095]])
     grey, _ = read_dicom(write_dicom(tmp_path / "lut.dcm", pixels, window=(10.0, 5.0), voi_lut=lut))
     np.testing.assert_allclose(grey, lut[pixels] / 65535.0, atol=1e-6)  # the LUT wins over the window
+
+
+@pytest.mark.parametrize(("slope", "intercept", "first"), [(1.0, -1024.0, -1024), (2.0, 10.0, 12)])
+def test_voi_lut_indexes_rescaled_values_like_pydicom(tmp_path: Path, pydicom, slope: float, intercept: float,
+                                                      first: int) -> None:
+    """PS3.3 C.11.2: the VOI LUT maps the modality-LUT output (after slope / intercept), not stored values."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from domainclip.domains.medical.dicom import decode_dicom
+
+    lut = np.array([0, 32768, 48824, 65535])
+    pixels = np.array([[0, 1], [2, 3]])
+    dataset = pydicom.dcmread(write_dicom(tmp_path / "ct.dcm", pixels, slope=slope, intercept=intercept, voi_lut=lut))
+    # first mapped value in rescaled units (signed: LUT Descriptor is US or SS)
+    dataset.VOILUTSequence[0].add_new(0x00283002, "SS", [len(lut), first, 16])
+    with warnings.catch_warnings():  # pydicom notes that the rescaled values are floats
+        warnings.simplefilter("ignore", UserWarning)
+        reference = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset) / 65535.0
+    grey = decode_dicom(dataset)
+    np.testing.assert_allclose(grey, reference, atol=1e-6)
+    rescaled = pixels * slope + intercept
+    np.testing.assert_allclose(grey, lut[np.clip(rescaled - first, 0, 3).astype(int)] / 65535.0, atol=1e-6)
+    if first == -1024:
+        np.testing.assert_allclose(grey.ravel(), [0.0, 0.5, 48824 / 65535, 1.0], atol=1e-5)
 
 
 def test_eight_bit_voi_lut_stored_as_ow_words(tmp_path: Path, pydicom) -> None:
@@ -153,6 +179,28 @@ def test_iu_reports_format_on_real_reports() -> None:
     records = load_records(DataSourceConfig(format="iu_reports", path=str(SHARED / "iu_xray_reports" / "reports.csv")))
     assert len(records) + len(records.skipped) == 3826
     assert not any("XXXX" in c for r in records for c in r.captions)
+    # the columns are cleaned whole: a header word inside a column (CXR206's findings start
+    # "Chest  Comparison: ...") must not cut the findings short
+    for row, report in read_iu_reports(SHARED / "iu_xray_reports" / "reports.csv"):
+        assert report.findings == clean_text(row["findings"]) and report.impression == clean_text(row["impression"])
+
+
+def test_iu_report_columns_are_not_resplit_at_header_words(tmp_path: Path) -> None:
+    findings = ("Chest  Comparison: There is a 2.6 cm masslike density over the lingula. No pleural effusion is seen. "
+                "Pelvis and left hip There is an impacted fracture. History: none given. Femur Intact.")
+    impression = "Chest. 1. Left lower lobe nodule. Findings: stable. Conclusion: fracture left hip."
+    report = report_from_columns(findings, impression)
+    assert report.findings == ("Chest Comparison: There is a 2.6 cm masslike density over the lingula. No pleural "
+                               "effusion is seen. Pelvis and left hip There is an impacted fracture. History: none "
+                               "given. Femur Intact.")
+    assert report.impression == "Chest. Left lower lobe nodule. Findings: stable. Conclusion: fracture left hip."
+    assert report.sections == {"findings": report.findings, "impression": report.impression}
+    assert report.captions() == [report.impression, report.findings]
+    assert report_from_columns("", "No XXXX seen.").sections == {}  # nothing left: no empty sections
+    (tmp_path / "reports.csv").write_text(f'report_id,image_path,findings,impression\nCXR206,a.png,"{findings}",'
+                                          f'"{impression}"\n')
+    records = load_records(DataSourceConfig(format="iu_reports", path=str(tmp_path / "reports.csv")))
+    assert records[0].captions == [report.impression, report.findings]
 
 
 def test_clinical_names_and_prompts() -> None:
