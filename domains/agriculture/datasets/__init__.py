@@ -5,7 +5,7 @@ Importing this package registers the data formats ``plantvillage``, ``plantvilla
 """
 from __future__ import annotations
 
-from .formats import core_source, leaf_classes, load_leaf_records, relabel
+from .formats import core_source, dataset_class_names, leaf_classes, load_leaf_records, relabel
 from .plantvillage import PlantVillage
 
-__all__ = ["PlantVillage", "core_source", "leaf_classes", "load_leaf_records", "relabel"]
+__all__ = ["PlantVillage", "core_source", "dataset_class_names", "leaf_classes", "load_leaf_records", "relabel"]

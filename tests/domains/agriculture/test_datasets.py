@@ -10,7 +10,7 @@ from domainclip.core.data.sources import DataSourceConfig, load_records
 from domainclip.domains.agriculture import LEAF_TEMPLATES, parse_class_name
 from domainclip.domains.agriculture.datasets import PlantVillage
 
-from .make_fake_data import CLASSES, write_plantvillage
+from .make_fake_data import APPLE, CLASSES, write_plantvillage
 
 from ...conftest import shared_data_root  # noqa: E402
 
@@ -69,20 +69,89 @@ def test_layouts_folders_and_csv_file(tmp_path: Path) -> None:
         load_records(DataSourceConfig(format="plantvillage", path=str(root / "test.csv"), split="test"))
 
 
-def test_class_name_overrides(tmp_path: Path) -> None:
+def test_class_name_overrides(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = write_plantvillage(tmp_path / "pv", per_class=1)
     names = load_records(DataSourceConfig(format="plantvillage_disease", path=str(root), split="test",
                                           class_names={"healthy": "a leaf without disease"})).class_names
     assert names[-1] == "a leaf without disease"
-    with pytest.raises(ValueError, match=r"class_names keys \['rust'\] are not disease classes"):
-        load_records(DataSourceConfig(format="plantvillage_disease", path=str(root), split="test",
-                                      class_names={"rust": "x"}))
     full = load_records(DataSourceConfig(format="plantvillage", path=str(root), split="test",
                                          class_names={"Apple___healthy": "no disease, healthy"}))
     assert full.class_names[-1] == "no disease, healthy" and full.class_names[0] == "an apple leaf with apple scab"
-    with pytest.raises(ValueError, match=r"class_names keys \['Apple___Blackrot'\] are not full classes"):
+    # a key in no file of the data is kept as a class of its own (core label_csv behaviour), with a warning
+    with caplog.at_level("WARNING", logger="domainclip.domains.agriculture"):
+        typo = load_records(DataSourceConfig(format="plantvillage", path=str(root), split="test",
+                                             class_names={"Apple___Blackrot": "typo"}))
+    assert typo.raw_class_names == ["Apple___Apple_scab", "Apple___Black_rot", "Apple___Blackrot",
+                                    "Apple___Cedar_apple_rust", "Apple___healthy"]
+    assert typo.class_names[2] == "typo" and sorted({r.label for r in typo}) == [0, 1, 3, 4]
+    assert "['Apple___Blackrot'] are not full classes of this data" in caplog.text
+    rust = load_records(DataSourceConfig(format="plantvillage_disease", path=str(root), split="test",
+                                         class_names={"rust": "x"}))
+    assert rust.raw_class_names == ["apple scab", "black rot", "cedar apple rust", "healthy", "rust"]
+    with pytest.raises(ValueError, match=r"class_names keys \['Apple___Black_rot'\] are full class names, "
+                                         r"but disease classes are keyed by disease words"):
+        load_records(DataSourceConfig(format="plantvillage_disease", path=str(root), split="test",
+                                      class_names={"Apple___Black_rot": "x"}))
+    with pytest.raises(ValueError, match="class_names key 'healthy_leaf': class name 'healthy_leaf' is not in"):
         load_records(DataSourceConfig(format="plantvillage", path=str(root), split="test",
-                                      class_names={"Apple___Blackrot": "typo"}))  # was silently a new class
+                                      class_names={"healthy_leaf": "x"}))
+
+
+def _drop_class(manifest: Path, raw: str) -> None:
+    """Remove every row of class ``raw`` from a ``path,label`` CSV."""
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(line for line in lines if not line.rstrip().endswith("," + raw)))
+
+
+@pytest.mark.parametrize("attribute", ["full", "crop", "disease"])
+def test_splits_number_classes_alike_when_a_split_lacks_a_class(tmp_path: Path, attribute: str) -> None:
+    fmt = {"full": "plantvillage", "crop": "plantvillage_crop", "disease": "plantvillage_disease"}[attribute]
+    root = write_plantvillage(tmp_path / "pv", list(CLASSES), per_class=2)
+    _drop_class(root / "test.csv", "Apple___Apple_scab")  # "apple scab" is then absent from test
+    _drop_class(root / "test.csv", "Grape___Black_rot")  # and the grape crop
+    (root / "notes.csv").write_text("author,year\nme,2024\n")  # not a split manifest: ignored
+    train = load_records(DataSourceConfig(format=fmt, path=str(root), split="train"))
+    test = load_records(DataSourceConfig(format=fmt, path=str(root), split="test"))
+    assert len(test) == 2 * (len(CLASSES) - 2)
+    assert test.raw_class_names == train.raw_class_names and test.class_names == train.class_names
+    label = {"full": {"Apple___Black_rot": 1, "Apple___healthy": 3, "Tomato___healthy": 5},
+             "crop": {"Apple___Black_rot": 0, "Apple___healthy": 0, "Tomato___healthy": 2},
+             "disease": {"Apple___Black_rot": 1, "Apple___healthy": 3, "Tomato___healthy": 3}}[attribute]
+    for records in (train, test):
+        for record in records:
+            raw = Path(record.image).parent.name
+            if raw in label:
+                assert record.label == label[raw], (raw, record.label)
+    # with class_names listing every class (the core remedy) the numbering is the same
+    keys = {"full": list(CLASSES), "crop": ["apple", "grape", "tomato"],
+            "disease": ["apple scab", "black rot", "cedar apple rust", "healthy"]}[attribute]
+    named = load_records(DataSourceConfig(format=fmt, path=str(root), split="test",
+                                          class_names={key: key.upper() for key in keys}))
+    assert named.raw_class_names == train.raw_class_names and named.class_names == [k.upper() for k in keys]
+    assert [r.label for r in named] == [r.label for r in test]
+    # a single split file (no other split to look at) keeps every class_names key as a class
+    alone = load_records(DataSourceConfig(format=fmt, path=str(root / "test.csv"),
+                                          class_names={key: key.upper() for key in keys}))
+    assert alone.raw_class_names == train.raw_class_names and [r.label for r in alone] == [r.label for r in test]
+    data = PlantVillage(str(root), "test", label_attribute=attribute)
+    assert data.class_names == train.class_names and [r.label for r in data.records] == [r.label for r in test]
+
+
+def test_split_folders_number_classes_alike(tmp_path: Path) -> None:
+    root = write_plantvillage(tmp_path / "pv", per_class=1)
+    for split in ("train", "test"):
+        for raw in APPLE:
+            if split == "test" and raw == "Apple___Apple_scab":
+                continue
+            (root / split / raw).mkdir(parents=True)
+            (root / split / raw / "leaf.png").write_bytes((root / "images" / raw / "test_0.png").read_bytes())
+    for name in ("train.csv", "test.csv"):
+        (root / name).unlink()
+    (root / "extras" / "misc").mkdir(parents=True)  # a sibling folder that is not a split: ignored
+    train = load_records(DataSourceConfig(format="plantvillage", path=str(root), split="train"))
+    test = load_records(DataSourceConfig(format="plantvillage", path=str(root), split="test"))
+    assert train.raw_class_names == test.raw_class_names == APPLE
+    assert [r.label for r in train] == [0, 1, 2, 3] and [r.label for r in test] == [1, 2, 3]
 
 
 def test_dataset_samples_carry_both_attributes(tmp_path: Path) -> None:

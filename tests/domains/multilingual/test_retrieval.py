@@ -54,6 +54,55 @@ def test_load_parallel_keeps_complete_images(tmp_path: Path) -> None:
         load_parallel(tmp_path)
 
 
+def _with_splits_and_chinese(folder: Path) -> Path:
+    """``write_parallel`` data whose copy 1 is split ``test``, plus ``captions.zh.jsonl`` rows without a split."""
+    path = write_parallel(folder, copies=2, english_only=1)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        if row["image"].startswith("images/1_"):
+            row["split"] = "test"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    chinese = [{"image": row["image"], "captions": {"zh": [f"图片 {row['image']}"]}} for row in rows]
+    chinese.append({"image": "images/only_zh.png", "captions": {"zh": ["只有中文"]}})  # in no main row
+    (folder / "captions.zh.jsonl").write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chinese), encoding="utf-8")
+    return path
+
+
+def test_added_language_rows_take_the_split_of_the_main_file(tmp_path: Path) -> None:
+    path = _with_splits_and_chinese(tmp_path / "m30k")
+    folder = path.parent
+    train = load_parallel(folder, languages=["en", "zh"], holdout="", split="train")
+    assert [Path(image).name for image in train.images] == [f"0_{n}.png" for n in range(len(SCENES))]
+    assert train.captions["zh"][1] == "图片 images/0_1.png" and train.captions["en"][1] == "a dog runs on green grass"
+    assert train.skipped == 1 and train.skipped_images == [(str(folder / "images" / "only_zh.png"),
+                                                            "no row gives it a 'split' (asked split='train')")]
+    test = load_parallel(folder, languages=["en", "zh"], holdout="", split="test")
+    assert [Path(image).name for image in test.images] == [f"1_{n}.png" for n in range(len(SCENES))]
+    extra = load_parallel(folder, languages=["en", "zh"], holdout="", split="extra")
+    assert [Path(image).name for image in extra.images] == ["extra_0.png"]
+    # the added file's own split wins over the main file's
+    zh_file = folder / "captions.zh.jsonl"
+    rows = [json.loads(line) for line in zh_file.read_text(encoding="utf-8").splitlines()]
+    rows[0]["split"] = "test"
+    zh_file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert len(load_parallel(folder, languages=["en", "zh"], holdout="", split="train").images) == len(SCENES) - 1
+    # no split filter: every image with both languages, the zh-only one counted
+    every = load_parallel(folder, languages=["en", "zh"], holdout="")
+    assert len(every.images) == 2 * len(SCENES) + 1 and every.skipped_images == [
+        (str(folder / "images" / "only_zh.png"), "no caption in ['en']")]
+
+
+def test_caption_files_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = _with_splits_and_chinese(tmp_path / "m30k")
+    expected = load_parallel(path.parent, languages=["en", "de", "zh"], holdout="")
+    for file in (path, path.parent / "captions.zh.jsonl"):
+        file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf{")
+    with_bom = load_parallel(path.parent, languages=["en", "de", "zh"], holdout="")
+    assert with_bom == expected and len(with_bom.images) == 2 * len(SCENES)
+
+
 def test_evaluate_languages_with_tiny_model(tmp_path: Path) -> None:
     path = write_parallel(tmp_path / "m30k", copies=3)
     data = load_parallel(path, holdout="")
