@@ -2,8 +2,10 @@
 
 :func:`dicom_records` takes any ``RecordSet`` whose images may be DICOM files (``.dcm``,
 ``.dicom``, or any file with the ``DICM`` magic) and returns one whose DICOM images are replaced
-by their cached renderings (``pixel_cache.py``); PNG and JPEG images pass through unchanged and
-become three channels once, in core's loader (grey ``L`` -> RGB). Unreadable DICOM files, files
+by their cached renderings (``pixel_cache.py``); PNG and JPEG images keep their pixels but are
+named pseudonymously (``pixel_cache.pseudonymous_image``: a hard link or copy in the cache, so
+no patient folder of their path reaches a record) and become three channels once, in core's
+loader (grey ``L`` -> RGB). URLs and archive members are read as they are. Unreadable DICOM files, files
 of an unwanted view and files flagged ``BurnedInAnnotation = YES`` (text burnt into the pixels
 may name the patient) are listed in ``RecordSet.skipped`` under a pseudonym, never their path.
 """
@@ -19,7 +21,7 @@ from domainclip.core.data.records import ImageTextRecord, RecordSet
 from domainclip.core.data.sources import IMAGE_EXTENSIONS
 
 from .dicom import check_views, read_dicom
-from .pixel_cache import cached_paths, load_sidecar, save_rendering
+from .pixel_cache import cached_paths, load_sidecar, pseudonymous_image, save_rendering
 from .privacy import safe_item
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -64,8 +66,11 @@ def dicom_records(record_set: RecordSet, views: tuple[str, ...] | list[str] = ()
     records: list[ImageTextRecord] = []
     skipped = list(record_set.skipped)
     for record in record_set.records:
-        if not is_dicom(record.image):
+        if "://" in record.image or "::" in record.image:  # URLs and archive members: read as they are
             records.append(record)
+            continue
+        if not is_dicom(record.image):  # PNG / JPEG: the same pixels under a pseudonymous name
+            records.append(dataclasses.replace(record, image=str(pseudonymous_image(record.image, root))))
             continue
         try:
             png, meta = render_dicom(record.image, window, root)

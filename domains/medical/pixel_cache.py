@@ -6,6 +6,8 @@ once by the medical readers and written as 8-bit PNG files to the medical cache
 only technical metadata (view position, photometric interpretation, bits, size). Nothing else is
 written: no source path, no file name, no identifying attribute. The records the kit trains on
 point at these PNG files, so run folders, ``bad_inputs.json`` and feature caches see only hashes.
+PNG and JPEG sources are not re-encoded: :func:`pseudonymous_image` gives them a pseudonymous
+name in the cache (a hard link, or a copy), for the same reason.
 
 Writes are atomic (core ``atomic_write_bytes``), so concurrent processes cannot leave half files.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,29 @@ def cached_paths(kind: str, source: str | os.PathLike[str], *key: object,
     name = pseudonym(source, kind, RENDER_VERSION, *key)
     folder = cache_root(root) / kind
     return folder / f"{name}.png", folder / f"{name}.json"
+
+
+def pseudonymous_image(source: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """A PNG / JPEG source under a pseudonymous name: ``<cache>/image/<pseudonym><suffix>``.
+
+    A hard link to the file (no bytes copied, and unlike a symbolic link it stores no path), or a
+    byte copy when the cache is on another file system. Records then name this file, so a patient
+    folder in the source path (CheXpert's ``patient00001/study1/view1_frontal.jpg``, MIMIC's
+    ``p10/p10000032/``) reaches no record, skip list, log or feature cache. For a missing source
+    the returned file does not exist either: the loader reports it missing under the pseudonym.
+    """
+    name = pseudonym(source, "image", RENDER_VERSION)
+    dest = cache_root(root) / "image" / f"{name}{Path(source).suffix.lower()}"
+    if dest.is_file() or not os.path.isfile(source):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.link(source, temporary)
+    except OSError:  # another file system (or one without hard links)
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, dest)
+    return dest
 
 
 def save_rendering(array: np.ndarray, meta: dict[str, Any], png: Path, sidecar: Path) -> None:

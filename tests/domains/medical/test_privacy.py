@@ -90,3 +90,41 @@ def test_training_run_card_and_caches_hold_no_patient_identifier(
     # the test data does hold the identifiers (the check above could fail)
     assert leaks_in(tmp_path / "data")
     assert PHI["PatientID"] in str(manifest.read_text())
+
+
+def test_jpeg_and_png_records_are_named_by_pseudonym_and_keep_their_pixels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from domainclip.core.data.bad_inputs import TooManyBadInputsError, check_paths_exist
+    from domainclip.core.data.dataset import ImageTextDataset
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "medical_cache"))
+    root = tmp_path / "CheXpert-v1.0"
+    rows = ["Path,Cardiomegaly,Edema"]
+    for number in range(3):  # CheXpert's layout: the patient's id in the folder name
+        image = root / "train" / f"patient0004{number}" / "study1" / "view1_frontal.jpg"
+        image.parent.mkdir(parents=True)
+        Image.fromarray(np.full((24, 24), 40 * number, np.uint8)).save(image)
+        rows.append(f"train/patient0004{number}/study1/view1_frontal.jpg,1,0")
+    rows.append("train/patient00049/study1/view1_frontal.jpg,0,1")  # listed, but not on disk
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    records = load_records(DataSourceConfig(format="chexpert", path=str(root / "train.csv"), image_root=str(root)))
+    assert len(records) == 4 and "patient0004" not in repr(records)
+    assert all(Path(r.image).parent == tmp_path / "medical_cache" / "image" for r in records)
+    for number, record in enumerate(records.records[:3]):  # the same file (a hard link here), the same pixels
+        source = root / "train" / f"patient0004{number}" / "study1" / "view1_frontal.jpg"
+        assert os.path.samefile(record.image, source)
+    again = load_records(DataSourceConfig(format="chexpert", path=str(root / "train.csv"), image_root=str(root)))
+    assert [r.image for r in again] == [r.image for r in records]  # stable names, nothing written twice
+    assert len(list((tmp_path / "medical_cache" / "image").iterdir())) == 3
+    # the missing image is reported under its pseudonym, in the up-front check and by the loader
+    with pytest.raises(TooManyBadInputsError) as error:
+        check_paths_exist([r.image for r in records], 0.1, "data.train", str(root), "data.train.image_root")
+    assert "patient0004" not in str(error.value) and "1 of 4 image paths" in str(error.value)
+    dataset = ImageTextDataset(records, lambda image: image, train=False)
+    bad = dataset[3]["bad"]
+    assert bad[0] == records.records[3].image and "patient0004" not in repr(bad)
