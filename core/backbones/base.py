@@ -166,8 +166,11 @@ class HFTokenize:
         self.keys = keys
 
     def __call__(self, texts: list[str]) -> Tokens:
+        # the mask is always asked for (a tokenizer saved with model_input_names=["input_ids"], as
+        # SigLIP's are, would leave it out): FILIP and token features need the padding marked even
+        # where the model itself attends to the padding
         encoded = self.tokenizer(list(texts), padding="max_length" if self.pad_to_max else True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+                                 max_length=self.max_length, return_tensors="pt", return_attention_mask=True)
         return {key: encoded[key] for key in self.keys if key in encoded}
 
 

@@ -43,7 +43,8 @@ class ModelConfig:
             towers, e.g. the compact base); empty for none.
         preprocess: overrides for the weights' preprocessing (``image_size``, ``mean``, ``std``,
             ``interpolation``, ``resize_mode``); normally empty: preprocessing travels with weights.
-        context_length: maximum text tokens (0 = the model's own).
+        context_length: maximum text tokens (0 = the model's own: a sentence-transformers text encoder's
+            max_seq_length, 256 for all-MiniLM-L6-v2; else the tokenizer's limit, at most 512).
         input: a registered input adapter that changes what the image tower reads, as
             ``{name: <adapter>, ...options}`` (e.g. ``multispectral`` from the remote-sensing
             domain: N bands of GeoTIFFs, see docs/remote_sensing.md); empty = RGB images.

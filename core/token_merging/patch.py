@@ -69,7 +69,7 @@ class TowerMerging:
             return self.constant(self.cfg.r, tokens)
         full = self.flops([0] * len(self.blocks), tokens, width)
         largest = (tokens - self.protected) // 2
-        for r in range(1, largest + 1):
+        for r in range(0, largest + 1):  # flop_ratio 1.0: r = 0, nothing merged
             schedule = self.constant(r, tokens)
             if self.flops(schedule, tokens, width) <= self.cfg.flop_ratio * full:
                 return schedule

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from domainclip.core import config as config_lib
-from domainclip.core.backbones import ModelConfig, create_backbone
+from domainclip.core.backbones import ModelConfig, create_backbone, model_config_from_folder
 from domainclip.core.cli import main
 from domainclip.core.data.transforms import build_image_transform
 from domainclip.core.export import export_formats, export_run, load_adapter, weights_sha256
@@ -195,6 +195,9 @@ def test_hf_export_loads_in_transformers_and_the_pipeline_with_the_kits_numbers(
                                                 **({"padding": "max_length", "max_length": 64} if family == "siglip"
                                                    else {"padding": True}))
     assert torch.equal(tokens["input_ids"], kit.tokenize(TEXTS)["input_ids"])
+    # reloaded by the kit, the export marks padding as the run did (SigLIP's saved tokenizer omits the mask)
+    reloaded = create_backbone(model_config_from_folder(out))
+    assert torch.equal(reloaded.tokenize(TEXTS)["attention_mask"], kit.tokenize(TEXTS)["attention_mask"])
     pixels = AutoImageProcessor.from_pretrained(out)(images=pil_images(), return_tensors="pt")["pixel_values"]
     kit_image, kit_text = kit_embeddings(kit, pixels, TEXTS)
     with torch.no_grad():

@@ -59,7 +59,7 @@ def test_token_features_of_every_family_match_the_pooled_path(tmp_path: Path) ->
             assert features.tokens.ndim == 3 and features.tokens.shape[-1] == model.embed_dim, name
             assert features.mask.shape == features.tokens.shape[:2] and features.mask.dtype == torch.bool, name
             check_pooling(features)
-        assert text.mask.sum(1).tolist()[0] < text.mask.sum(1).tolist()[1] or name in ("hf_siglip", "siglip2"), name
+        assert text.mask.sum(1).tolist()[0] < text.mask.sum(1).tolist()[1], name  # padding is marked (SigLIP too)
         torch.testing.assert_close(out["image_tokens"], F.normalize(image.tokens, dim=-1))
         torch.testing.assert_close(out["text_features"], F.normalize(text.pooled, dim=-1))
         assert out["text_token_mask"].equal(text.mask)
@@ -223,3 +223,49 @@ def test_kit_modules_are_imported_at_module_level() -> None:
                     if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("domainclip")):
                         deferred.append(f"{path.relative_to(REPO)}:{inner.lineno}")
     assert not deferred, deferred
+
+
+def test_average_pooled_timm_tokens_are_normalised_like_the_pooled_feature() -> None:
+    from ..tiny_models import tiny_dual
+
+    model = tiny_dual(vision_kwargs={"img_size": 32, "patch_size": 8, "depth": 2, "global_pool": "avg"})
+    trunk = model.vision.trunk
+    assert isinstance(trunk.norm, torch.nn.Identity) and not isinstance(trunk.fc_norm, torch.nn.Identity)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.encode_image_tokens(images)
+        expected = model.image_projection(trunk.fc_norm(trunk.forward_features(images)))
+    torch.testing.assert_close(features.tokens, expected)  # the tokens pass the final norm, as the pooled feature does
+    torch.testing.assert_close(features.pooled, model.encode_image(images, normalize=False))
+
+
+def test_compact_base_and_sentence_encoders_keep_their_context_length() -> None:
+    from domainclip.core.backbones.families.dual_encoder.backbone import default_context_length
+    from transformers import AutoTokenizer
+
+    from ..tiny_models import minilm_path, tiny_dual
+
+    assert create_backbone(ModelConfig(kind="compact_base", context_length=128)).context_length == 128
+    # all-MiniLM-L6-v2 truncates at its sentence_bert_config.json max_seq_length (256), not the tokenizer's 512
+    assert default_context_length(minilm_path(), AutoTokenizer.from_pretrained(minilm_path())) == 256
+    assert tiny_dual().context_length == 256
+
+
+@pytest.mark.parametrize("pool_type", ["last", "first"])
+def test_open_clip_text_tokens_pool_where_the_model_pools(pool_type: str, tmp_path: Path) -> None:
+    import open_clip
+
+    name = f"tiny-text-pool-{pool_type}"
+    (tmp_path / f"{name}.json").write_text(json.dumps({
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                     "pool_type": pool_type, "no_causal_mask": True}}))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    model = create_backbone(ModelConfig(kind="open_clip", name=name)).eval()
+    tokens = model.tokenize(["a cat", "a photo of a big dog"])
+    with torch.no_grad():
+        features = model.encode_text_tokens(tokens)
+        torch.testing.assert_close(features.pooled, model.encode_text(tokens, normalize=False))
+    assert features.pool_index.tolist() == ([15, 15] if pool_type == "last" else [0, 0])
+    assert features.mask.sum(1).tolist() == [4, 8]  # start, words, end-of-text: the padding is still marked

@@ -33,6 +33,21 @@ BERT_LAYER = TowerPreset("bert", ("attention.self.query", "attention.self.key", 
                                   "attention.output.dense"), ("intermediate.dense", "output.dense"))
 
 
+def default_context_length(text_path: str, tokenizer: Any) -> int:
+    """Tokens kept per caption when ``model.context_length`` is not set: a sentence-transformers
+    model's own ``max_seq_length`` (``sentence_bert_config.json``: 256 for all-MiniLM-L6-v2, which it
+    was trained and is used with), else the tokenizer's limit, at most 512."""
+    sentence_config = Path(text_path) / "sentence_bert_config.json"
+    if sentence_config.is_file():
+        try:
+            length = json.loads(sentence_config.read_text()).get("max_seq_length")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{sentence_config}: not valid JSON ({error})") from None
+        if isinstance(length, int) and length > 0:
+            return length
+    return min(int(tokenizer.model_max_length), 512)
+
+
 def resolve_text_path(spec: str) -> str:
     """``pkg:<package>`` -> the model folder shipped inside that installed package."""
     if not spec.startswith("pkg:"):
@@ -127,7 +142,7 @@ class DualEncoder(Backbone):
         if getattr(self.text, "pooler", None) is not None:
             self.text.pooler = None  # pooling is ours; an unused pooler would idle in DDP
         tokenizer = AutoTokenizer.from_pretrained(text_path)
-        self.context_length = cfg.context_length or min(int(tokenizer.model_max_length), 512)
+        self.context_length = cfg.context_length or default_context_length(text_path, tokenizer)
         self.text_tokenizer = HFTokenize(tokenizer, self.context_length)
         self.image_projection = build_projection(cfg.projection, self.vision.output_dim, cfg.embed_dim)
         self.text_projection = build_projection(cfg.text_projection or cfg.projection, int(self.text.config.hidden_size),
@@ -167,7 +182,11 @@ class DualEncoder(Backbone):
             tokens, pooled, pooling = inner.tokens, inner.pooled, inner.pooling
         else:  # timm: forward_features ends with the final norm; forward_head pools (and may norm again)
             hidden = trunk.forward_features(images)
-            tokens, pooled = hidden, trunk.forward_head(hidden, pre_logits=True)
+            pooled = trunk.forward_head(hidden, pre_logits=True)
+            fc_norm = getattr(trunk, "fc_norm", None)
+            if isinstance(getattr(trunk, "norm", None), nn.Identity) and fc_norm is not None:
+                hidden = fc_norm(hidden)  # average-pooled towers normalise after pooling, in fc_norm: tokens too
+            tokens = hidden
             pooling = "first" if getattr(trunk, "global_pool", "") == "token" and isinstance(
                 getattr(trunk, "fc_norm", None), nn.Identity) else "head"
         projected = self.image_projection(tokens)

@@ -50,7 +50,7 @@ class CompactBase(DualEncoder):
         if cfg.text:  # another text encoder (any width): the text projection is then built fresh
             spec.text, spec.text_pooling = cfg.text, cfg.text_pooling
             spec.text_projection = cfg.text_projection or "linear"
-            spec.context_length = cfg.context_length or spec.context_length
+        spec.context_length = cfg.context_length or spec.context_length
         super().__init__(spec)
         self.folder = folder
         weights = folder / WEIGHTS_FILE

@@ -18,7 +18,7 @@ from ...base import (Backbone, PreprocessConfig, TokenFeatures, Tokens, TowerPre
 from ...factory import ModelConfig, register_backbone
 from .export import write_open_clip
 from .prompts import OpenClipTextEncoder, OpenClipVisionEncoder
-from .text_trim import encode_text_trimmed, eos_positions, project_text, text_tokens_trimmed
+from .text_trim import encode_text_trimmed, end_of_text_positions, eos_positions, project_text, text_tokens_trimmed
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "model_configs"
 OPEN_CLIP_BLOCK = TowerPreset("open_clip", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
@@ -108,9 +108,10 @@ class OpenClipBackbone(WrappedModelTemperature, Backbone):
             raise NotImplementedError(f"text tokens need an open_clip CLIP text transformer; {self._cfg.name!r} is a "
                                       f"{type(clip).__name__} with a separate text module")
         hidden = project_text(clip, text_tokens_trimmed(clip, ids))
-        index = eos_positions(clip, ids)
+        ids = ids[:, :hidden.shape[1]]  # the kept (trimmed) positions
+        index = eos_positions(clip, ids)  # where the model pools (text_pool_type)
         positions = torch.arange(hidden.shape[1], device=hidden.device)
-        mask = positions.unsqueeze(0) <= index.unsqueeze(1)  # causal: tokens after end-of-text are padding
+        mask = positions.unsqueeze(0) <= end_of_text_positions(clip, ids).unsqueeze(1)  # after end-of-text: padding
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
         return TokenFeatures(hidden, mask, pooled, "eos", index)
 

@@ -112,11 +112,23 @@ def project_text(clip_model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
-def eos_positions(clip_model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
-    """The position each row of ``text`` is pooled at (end-of-text: highest id, or the eos id)."""
+def end_of_text_positions(clip_model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """Each row's end-of-text position (the eos id where the model names one, else the highest id):
+    the positions after it are padding."""
     if clip_model.text_pool_type == "eos":
         return (text == clip_model.text_eos_id).int().argmax(dim=-1)
     return text.argmax(dim=-1)
+
+
+def eos_positions(clip_model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """The position each row of ``text`` is pooled at, as open_clip's ``text_global_pool``: the
+    end-of-text (``argmax`` / ``eos``), or the ``first`` / ``last`` position."""
+    pool_type = clip_model.text_pool_type
+    if pool_type == "first":
+        return torch.zeros(text.shape[0], dtype=torch.long, device=text.device)
+    if pool_type == "last":
+        return torch.full((text.shape[0],), text.shape[1] - 1, dtype=torch.long, device=text.device)
+    return end_of_text_positions(clip_model, text)
 
 
 def encode_text_trimmed(clip_model: torch.nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
