@@ -95,8 +95,10 @@ class TrainConfig:
         progress: show a progress bar (loss, samples/s, ETA) on the main process.
         eval_every: run the ``eval`` tasks every N steps as well as at the end (0 = end only).
         cache_text_features: when the text tower is frozen (and the method keeps the contrastive
-            objective), encode each distinct caption once and reuse its features (exact: frozen
-            towers run in eval mode).
+            objective), encode each distinct caption once and reuse its features (frozen towers run
+            in eval mode; a caption is encoded in the batch it first appears in, so a resumed run
+            may differ from an uninterrupted one in the last bits, about 1e-7: turn it off for
+            bit-exact resume).
     """
 
     epochs: int = 1

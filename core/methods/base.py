@@ -106,9 +106,17 @@ class AdaptationMethod:
 
     config_class: ClassVar[type[MethodConfig]]
     fits_in_closed_form: ClassVar[bool] = False
+    # WiSE-FT: whether the trained state has a counterpart in the untrained base to interpolate
+    # with (a probe or cache fitted from data has none)
+    interpolates_with_base: ClassVar[bool] = True
+    # parameters used only while training (left out of WiSE-FT's interpolation)
+    training_only_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+        # the training epoch of the batch being passed to compute_loss, set by the loop (restored on
+        # resume): per-item randomness seeded from (epoch, dataset index) resumes exactly
+        self.epoch = 0
 
     def apply(self, model: Backbone, task: TaskInfo | None = None) -> Backbone:
         """Prepare ``model`` for training (freeze, wrap, inject) and return it."""

@@ -198,7 +198,6 @@ class OneToK(FullFineTune):
         super().__init__(cfg)
         self.parallel: list[list[list[str]]] = []  # per record, per extra language: its captions
         self.loss = OneToKLoss()
-        self.steps = 0
 
     def prepare_data(self, model: Backbone, loader: Any) -> list[tuple[str, str]]:
         if not self.cfg.parallel_data:
@@ -227,9 +226,10 @@ class OneToK(FullFineTune):
             raise ValueError(f"method one_to_k brings its own loss (1-to-K InfoNCE); the recipe's loss section "
                              f"asks for {type(loss_fn).__name__}(label_aware={getattr(loss_fn, 'label_aware', None)}), "
                              f"which it would ignore: use loss: {{name: clip}}")
-        self.steps += 1
         rows = batch["indices"].tolist()
-        texts = [[caption] + [random.Random(derive_seed(self.steps, i, k)).choice(options)
+        # the extra languages' captions drawn per (epoch, dataset index, language), as the dataset
+        # draws data.train's: a resumed run draws the same ones
+        texts = [[caption] + [random.Random(derive_seed(self.epoch, i, k)).choice(options)
                               for k, options in enumerate(self.parallel[i])]
                  for i, caption in zip(rows, batch["captions"])]
         count = len(texts[0])

@@ -359,6 +359,11 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
     while state.global_step < total_steps:
         for batch in waits.timed(data.epoch(state.epoch, state.batches_in_epoch)):
             state.batches_in_epoch += 1
+            if state.batches_in_epoch > steps_per_epoch * cfg.train.grad_accum:
+                # fewer than grad_accum batches left: no full step (Accelerate would step on them at
+                # the loader's end with 1/grad_accum weight each, and the epochs would run short);
+                # left out this epoch, as a loader drops its last partial batch
+                continue
             bad.add_batch(batch)
             bad.check(cfg.data.max_bad_fraction, total=data.size)
             if len(batch["indices"]) == 0 and accelerator.num_processes == 1:
@@ -367,6 +372,7 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
                 batch["text_features"] = text_cache(batch["captions"], accelerator.device)
             with accelerator.accumulate(model):
                 with cpu_training_kernels(cpu_kernels):
+                    method.epoch = state.epoch
                     loss = method.compute_loss(model, batch, loss_fn)
                     accelerator.backward(loss)
                 if masters is not None and accelerator.sync_gradients:
@@ -382,8 +388,9 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
             samples += len(batch["indices"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, math.log(100))
+            if unwrapped.logit_scale.requires_grad:  # a frozen temperature (e.g. SigLIP's 117) stays as it is
+                with torch.no_grad():
+                    unwrapped.logit_scale.clamp_(0, math.log(100))
             state.global_step += 1
             log_now = state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps
             progress.update(1)

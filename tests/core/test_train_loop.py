@@ -268,3 +268,35 @@ def test_evaluations_during_training_are_kept_with_their_step(colour_squares: Pa
     final = json.loads((run_dir / "metrics.json").read_text())
     assert [record["step"] for record in final] == [4]
     assert "eval at step 2: squares (zeroshot_classification)" in (run_dir / "logs" / "train.log").read_text()
+
+
+def test_a_frozen_temperature_above_100_is_left_as_it_is(colour_squares: Path, tmp_path: Path) -> None:
+    """The clamp to 100 is for a learned temperature; SigLIP's frozen 117.33 must reach training and eval alike."""
+    from transformers import SiglipModel
+
+    from ..tiny_models import save_tiny_hf
+
+    folder = save_tiny_hf(tmp_path / "siglip", "siglip")
+    hf = SiglipModel.from_pretrained(folder)
+    with torch.no_grad():
+        hf.logit_scale.fill_(math.log(117.33))  # google/siglip-base-patch16-224's value
+    hf.save_pretrained(folder)
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2)
+    recipe["model"], recipe["loss"] = {"kind": "hf", "name": str(folder)}, {"name": "siglip"}
+    recipe["method"] = {"name": "lora", "towers": ["image"]}  # the temperature is not trained
+    result = train(config_lib.load(RunConfig, None, (), base=recipe))
+    logged = [json.loads(line)["train/logit_scale"] for line in (result.run_dir / "logs" / "train_metrics.jsonl").open()]
+    assert logged == pytest.approx([117.33, 117.33], rel=1e-5)
+    model, _, _ = load_trained(result.run_dir)
+    assert model.logit_scale.exp().item() == pytest.approx(117.33, rel=1e-5)
+
+
+def test_grad_accum_steps_whole_groups_and_runs_whole_epochs(colour_squares: Path, tmp_path: Path) -> None:
+    """24 images in batches of 8 = 3 batches per epoch; with grad_accum 2 an epoch is one step of 2
+    batches and the third is left out (a partial group stepped at half weight and cut epochs short)."""
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=0, epochs=3, grad_accum=2, save_every=0)
+    result = train(config_lib.load(RunConfig, None, (), base=recipe))
+    assert result.global_step == 3
+    state = json.loads(sorted((result.run_dir / "checkpoints").glob("step_*/trainer_state.json"))[-1].read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (2, 2)  # the third epoch's step took its batches 1 and 2
+    assert state["bad_inputs"]["seen"] == 3 * 2 * 8  # 3 steps of 2 x 8 images; the left-out batches are not counted
