@@ -154,6 +154,10 @@ def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, 
         alphas = alphas if 0.0 in alphas else [0.0, *alphas]  # the base's own score
     alphas = sorted(alphas)  # ascending, so ties keep the smaller alpha
     finetuned, method, cfg = load_trained(run_dir)
+    if not method.interpolates_with_base:
+        raise ValueError(f"{run_dir}: method {cfg.method.name!r} fits its weights from the training data, so the "
+                         "untrained base has nothing to interpolate them with; WiSE-FT applies to methods that "
+                         "fine-tune weights (full, lora, prompt learning, projector, distill...)")
     task_names = [task.name or task.data.path for task in cfg.eval]
     if not task_names:
         raise ValueError(f"{run_dir / 'config.yaml'} has no eval tasks; WiSE-FT picks alpha on a validation eval task")
@@ -170,6 +174,9 @@ def wise_ft_sweep(run_dir: str | Path, alphas: Sequence[float], select_on: str, 
     set_seed(cfg.train.seed)  # the same base the run started from, also for randomly initialised weights
     base_model, base_method = build_model(cfg, TaskInfo(**info.get("task", {})))
     base_state = weight_space(base_model, base_method).state
+    if method.training_only_prefixes:  # e.g. distill's projection to the teacher: not part of the model
+        tuned.state = {k: v for k, v in tuned.state.items() if not k.startswith(method.training_only_prefixes)}
+        base_state = {k: v for k, v in base_state.items() if not k.startswith(method.training_only_prefixes)}
     del base_model
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tuned.model.to(device)

@@ -152,6 +152,7 @@ class TeacherTargets:
 @register_method("distill", DistillConfig)
 class Distill(FullFineTune):
     cfg: DistillConfig
+    training_only_prefixes = (f"{PROJECTION}.",)  # the student -> teacher maps
 
     def __init__(self, cfg: DistillConfig):
         super().__init__(cfg)

@@ -33,9 +33,12 @@ class FullConfig(MethodConfig):
     def __post_init__(self) -> None:
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"method.layer_decay must be in (0, 1], got {self.layer_decay}")
-        for key in ("unlocked_image_blocks", "unlocked_text_blocks"):
+        for key, lock in (("unlocked_image_blocks", "lock_image"), ("unlocked_text_blocks", "lock_text")):
             if getattr(self, key) < 0:
                 raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+            if getattr(self, key) and not getattr(self, lock):  # an unlocked tower trains all its blocks anyway
+                raise ValueError(f"method.{key}={getattr(self, key)} unlocks blocks of a locked tower: set "
+                                 f"method.{lock}: true (without it the whole tower trains)")
 
 
 @register_method("full", FullConfig)

@@ -143,6 +143,7 @@ class LinearProbe(AdaptationMethod):
 
     cfg: LinearProbeConfig
     fits_in_closed_form = True
+    interpolates_with_base = False  # the probe is fitted from data: the base has none
 
     def __init__(self, cfg: LinearProbeConfig):
         super().__init__(cfg)

@@ -147,6 +147,7 @@ class TipAdapter(AdaptationMethod):
     """Training-free Tip-Adapter (closed-form fit) or Tip-Adapter-F (cache keys trained in the loop)."""
 
     cfg: TipAdapterConfig
+    interpolates_with_base = False  # the cache is built from the training data: the base has none
 
     def __init__(self, cfg: TipAdapterConfig):
         super().__init__(cfg)

@@ -48,6 +48,9 @@ def test_lit_locks_the_whole_tower_and_optionally_the_temperature() -> None:
 def test_too_many_unlocked_blocks_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"method.unlocked_text_blocks=5 but the text tower has 2 blocks"):
         build_method(FullConfig(lock_text=True, unlocked_text_blocks=5)).apply(tiny())
+    with pytest.raises(ValueError, match=r"method.unlocked_image_blocks=1 unlocks blocks of a locked tower: set "
+                                         r"method.lock_image: true"):
+        FullConfig(unlocked_image_blocks=1)
 
 
 def test_no_weight_decay_on_norms_biases_and_logit_scale() -> None:

@@ -221,3 +221,29 @@ def test_sweep_with_min_retention_writes_the_curve(colour_squares: Path, tmp_pat
     assert (run_dir / "wise_ft" / "wise_ft.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match=r"min_retention must be in \(0, 1\]"):
         wise_ft_sweep(run_dir, alphas=[0.5], select_on="val", min_retention=95)
+
+
+def test_distill_runs_are_swept_and_fitted_methods_refused(colour_squares: Path, tmp_path: Path) -> None:
+    """distill's training-only projection to the teacher is left out of the interpolation; a probe or a
+    Tip-Adapter cache fitted from data has no base counterpart, which is said up front."""
+    from ..tiny_models import save_tiny_hf
+
+    def run(name: str, method: dict, model: dict | None = None) -> Path:
+        recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=1)
+        recipe.update(name=name, eval=[zeroshot_task("squares", colour_squares)], method=method)
+        if model:
+            recipe["model"] = model
+        return train(config_lib.load(RunConfig, None, (), base=recipe)).run_dir
+
+    teacher = run("teacher", {"name": "full"})
+    student = {"kind": "hf", "name": str(save_tiny_hf(tmp_path / "hf", "clip"))}  # another width than the teacher
+    distilled = run("distill", {"name": "distill", "teacher": {"run": str(teacher)},
+                                "cache_dir": str(tmp_path / "cache")}, student)
+    summary = wise_ft_sweep(distilled, [0.0, 1.0], "squares")
+    assert summary["weights_kind"] == "trainable" and [row["alpha"] for row in summary["results"]] == [0.0, 1.0]
+    saved = load_file(str(distilled / "wise_ft" / "trainable.safetensors"))
+    assert saved and not [name for name in saved if name.startswith("distill_projection.")]
+    for name, method in (("probe", {"name": "linear_probe", "c_values": [1.0], "cache_dir": str(tmp_path / "cache")}),
+                         ("tip", {"name": "tip_adapter", "cache_dir": str(tmp_path / "cache")})):
+        with pytest.raises(ValueError, match=rf"method '{method['name']}' fits its weights from the training data"):
+            wise_ft_sweep(run(name, method), [0.0, 1.0], "squares")
