@@ -55,6 +55,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# what evaluating a trained run folder may change: the tasks, their loading, the merge setting
+RUN_EVAL_OVERRIDABLE = ("eval", "data.num_workers", "token_merging")
+
+
 def _eval_target(target_arg: str, overrides: list[str], run_file: str, base_file: str):
     """(model, method, config, default output file) of a run folder or a recipe's base model."""
     from .run_config import RunConfig
@@ -62,6 +66,11 @@ def _eval_target(target_arg: str, overrides: list[str], run_file: str, base_file
 
     target = Path(target_arg)
     if target.is_dir():
+        fixed = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(RUN_EVAL_OVERRIDABLE)]
+        if fixed:  # the run's weights are loaded as trained: such an override would only be recorded
+            raise SystemExit(f"{target_arg}: override {fixed[0]!r} cannot apply to a trained run (its model, "
+                             f"method and training are fixed); a run folder takes overrides of "
+                             f"{', '.join(k + '*' for k in RUN_EVAL_OVERRIDABLE)} only")
         model, method, cfg = load_trained(target)
         if overrides:
             cfg = config_lib.load(RunConfig, None, overrides, base=config_lib.to_dict(cfg))

@@ -212,11 +212,46 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r}: the key before '=' is empty")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), _override_value(raw, text)
+
+
+YAML_NULLS = ("null", "Null", "NULL", "~", "''", '""')
+
+
+def _override_value(raw: str, text: str) -> Any:
+    """``raw`` read as YAML (numbers, lists, booleans), except where YAML would change a plain
+    string: ``|`` and ``>`` start block scalars (read as ''), and `` #`` starts a comment
+    (``name=my run #2`` would become ``my run``); those are kept as written."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error}); quote it") from None
+    if value in (None, "") and raw.strip() not in YAML_NULLS:
+        return raw
+    if isinstance(value, str) and "#" in raw and value != raw.strip().strip("'\""):
+        return raw
+    return value
+
+
+# sections whose `name` picks a registered class with its own keys: switching it drops the old keys
+SWITCHED_SECTIONS = ("method", "loss")
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` overrides in a raw mapping (list items by index: ``eval.0.name=x``)."""
+    """Set ``a.b.c=value`` overrides in a raw mapping (list items by index: ``eval.0.name=x``).
+
+    An override of ``method.name`` or ``loss.name`` that switches to another method or loss first
+    empties that section (the old one's keys belong to it), wherever it stands among the overrides.
+    """
+    overrides = list(overrides)
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 2 and path[0] in SWITCHED_SECTIONS and path[1] == "name":
+            section = data.get(path[0])
+            if isinstance(section, dict) and section.get("name", value) != value:
+                data[path[0]] = {"name": value}
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ..checkpoint import load_safetensors_into
 from ..plugins import require_registered
-from .base import Backbone
+from .base import Backbone, PreprocessConfig
 
 
 @dataclass
@@ -68,6 +68,28 @@ class ModelConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     context_length: int = 0
     input: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_preprocess_overrides(self.preprocess)
+
+
+def check_preprocess_overrides(overrides: dict[str, Any]) -> None:
+    """``model.preprocess``: every key a :class:`PreprocessConfig` field (an unknown one is an error
+    naming the closest), every value one it accepts; checked when the recipe loads, not at first use."""
+    valid = [f.name for f in dataclasses.fields(PreprocessConfig)]
+    for key in overrides:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"model.preprocess: unknown key {key!r}{hint} (valid: {valid})")
+    values = dict(overrides)
+    for one, other in (("mean", "std"), ("std", "mean")):  # the other comes from the weights: any length
+        if one in values and other not in values and isinstance(values[one], (list, tuple)):
+            values[other] = [1.0] * len(values[one])
+    try:
+        PreprocessConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.preprocess: {error}") from None
 
 
 BACKBONES: dict[str, type[Backbone]] = {}

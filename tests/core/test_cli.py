@@ -62,6 +62,13 @@ def test_train_then_eval_run_and_base(colour_squares: Path, tmp_path: Path, caps
     capsys.readouterr()
     again = json.loads((run_dir / "metrics_eval.json").read_text())[0]["metrics"]["acc1"]
     assert again == pytest.approx(trained)  # the saved weights reproduce the run's own numbers
+    # a run's model cannot be changed by an override (it was only recorded); its eval tasks can
+    with pytest.raises(SystemExit, match=r"override 'model.name=ViT-B-32' cannot apply to a trained run .* "
+                                         r"overrides of eval\*, data.num_workers\*, token_merging\* only"):
+        main(["eval", str(run_dir), "model.name=ViT-B-32"])
+    assert main(["eval", str(run_dir), "eval.0.name=renamed"]) == 0
+    capsys.readouterr()
+    assert json.loads((run_dir / "metrics_eval.json").read_text())[0]["dataset"] == "renamed"
 
     assert main(["eval", str(path), "--out", str(tmp_path / "base.json")]) == 0
     base = json.loads((tmp_path / "base.json").read_text())

@@ -71,6 +71,8 @@ def test_value_checks_name_the_key(tmp_path: Path) -> None:
     ("data.num_workers=-2", "data.num_workers must be >= 0"),
     ("eval.1.name=x", r"override 'eval.1.name=x': eval has 1 item\(s\); index 1 is not one of them"),
     ("eval.first.name=x", r"override 'eval.first.name=x': eval is a list; index it with a number \(0 to 0\)"),
+    ("model.preprocess.imagesize=64", r"model.preprocess: unknown key 'imagesize'; did you mean 'image_size'\?"),
+    ("model.preprocess.interpolation=nearest", r"model.preprocess: .*interpolation must be 'bicubic' or 'bilinear'"),
 ])
 def test_values_that_would_crash_or_train_nothing_are_refused_up_front(tmp_path: Path, override: str,
                                                                          message: str) -> None:
@@ -116,3 +118,19 @@ def test_bundled_recipes_find_the_shared_data_through_one_variable(monkeypatch: 
     assert cfg.data.train.path.startswith(str(tmp_path / "elsewhere") + "/")
     monkeypatch.delenv("DOMAINCLIP_SHARED_DATA")
     assert shared_data_dir() == recipes.parent.parent / "shared" / "data"
+
+
+def test_override_values_yaml_would_change_are_kept_as_written(tmp_path: Path) -> None:
+    path = write(tmp_path, {"data": {"train": {"format": "csv", "path": "x.csv"}}})
+    cfg = config_lib.load(RunConfig, path, ["data.train.caption_separator=|", "name=my run #2", "train.max_steps=3"])
+    assert (cfg.data.train.caption_separator, cfg.name, cfg.train.max_steps) == ("|", "my run #2", 3)
+    with pytest.raises(ConfigError, match=r"override 'eval=\[unclosed': the value is not valid YAML"):
+        config_lib.load(RunConfig, path, ["eval=[unclosed"])
+
+
+def test_switching_the_method_by_override_drops_the_old_methods_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, {"method": {"name": "full", "lock_image": True}, "loss": {"name": "clip", "label_aware": True}})
+    cfg = config_lib.load(RunConfig, path, ["method.rank=8", "method.name=lora", "loss.name=siglip"])
+    assert (cfg.method.name, cfg.method.rank, cfg.loss.name) == ("lora", 8, "siglip")
+    same = config_lib.load(RunConfig, path, ["method.name=full", "method.layer_decay=0.5"])  # no switch: keys kept
+    assert same.method.lock_image and same.method.layer_decay == 0.5
