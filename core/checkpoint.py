@@ -283,7 +283,9 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    # by device number: sorted as text, torch_cuda_10 would come before torch_cuda_2
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")),
+                                       key=lambda k: int(k[len("torch_cuda_"):]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     kind, keys, *rest = meta["numpy"]

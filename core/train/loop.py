@@ -399,7 +399,7 @@ def _sgd(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, model: Backbo
                 # each process holds its share of the global loss; the mean over processes is the loss
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
                 progress.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{throughput:.1f}")
-                values = {"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
+                values = {"train/loss": global_loss, "train/lr": cfg.train.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
                           "train/logit_scale": unwrapped.logit_scale.exp().item(), "train/samples_per_s": throughput,
                           "train/data_wait_s": waits.since_last_read()}
                 accelerator.log(values, step=state.global_step)

@@ -300,3 +300,13 @@ def test_grad_accum_steps_whole_groups_and_runs_whole_epochs(colour_squares: Pat
     state = json.loads(sorted((result.run_dir / "checkpoints").glob("step_*/trainer_state.json"))[-1].read_text())
     assert (state["epoch"], state["batches_in_epoch"]) == (2, 2)  # the third epoch's step took its batches 1 and 2
     assert state["bad_inputs"]["seen"] == 3 * 2 * 8  # 3 steps of 2 x 8 images; the left-out batches are not counted
+
+
+def test_logged_lr_is_train_lr_on_its_schedule_whatever_the_layer_decay(colour_squares: Path, tmp_path: Path) -> None:
+    logged = {}
+    for decay in (1.0, 0.5):
+        recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=3)
+        recipe.update(name=f"decay{decay}", method={"name": "full", "layer_decay": decay})
+        result = train(config_lib.load(RunConfig, None, (), base=recipe))
+        logged[decay] = [json.loads(line)["train/lr"] for line in (result.run_dir / "logs" / "train_metrics.jsonl").open()]
+    assert logged[0.5] == pytest.approx(logged[1.0]) and logged[1.0][0] < 1e-3  # the most-decayed group's was logged

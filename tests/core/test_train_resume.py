@@ -192,3 +192,14 @@ def test_a_weights_file_written_again_is_never_left_half_written(tmp_path: Path,
     monkeypatch.undo()
     assert torch.equal(load_file(str(path))["w"], torch.ones(4))
     assert [p.name for p in tmp_path.iterdir()] == ["trainable.safetensors"]
+
+
+def test_rng_states_of_more_than_ten_gpus_go_back_to_their_own_device(monkeypatch) -> None:
+    restored: list[torch.Tensor] = []
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(12)]
+    monkeypatch.setattr(checkpoint_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(checkpoint_module.torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(checkpoint_module.torch.cuda, "set_rng_state_all", restored.extend)
+    tensors, meta = checkpoint_module.capture_rng()
+    checkpoint_module.restore_rng(dict(sorted(tensors.items())), meta)  # saved files list keys as text
+    assert [int(state[0]) for state in restored] == list(range(12))
