@@ -27,7 +27,9 @@ class ModelConfig:
             file (a downloaded ``.pt`` is refused: ``domainclip convert-weights`` it), or empty for
             random init. hf: unused (``name`` says it).
         revision: hf: git revision of a hub id (pin it for reproducible runs).
-        vision: dual_encoder: ``timm:<model>`` or ``open_clip:<arch>`` for the image tower.
+        vision: dual_encoder: ``timm:<model>`` or ``open_clip:<arch>`` for the image tower. A timm
+            tower brings its weights' size, mean, std and interpolation; timm's ``crop_pct`` is not
+            applied (images are resized to the size and centre-cropped, with no margin cropped away).
         vision_pretrained: dual_encoder: ``true``/tag to load the vision tower's pretrained weights.
         vision_kwargs: dual_encoder: extra keyword arguments for the vision tower's constructor
             (for timm e.g. ``img_size``, ``depth``, ``embed_dim``).
