@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+import domainclip.model_cards as bundled_cards
+
 from . import config as config_lib
 from .checkpoint import atomic_write_text
 from .backbones.factory import INPUT_ADAPTERS
@@ -92,9 +94,7 @@ def card_domain(name: str) -> CardDomain:
 
 
 def _generic_template() -> Path:
-    import domainclip.model_cards as bundled
-
-    return Path(next(iter(bundled.__path__))) / "templates" / f"{GENERIC}.md"
+    return Path(next(iter(bundled_cards.__path__))) / "templates" / f"{GENERIC}.md"
 
 
 register_card_domain(CardDomain(GENERIC, _generic_template()))
@@ -245,6 +245,29 @@ def load_card_config(run_dir: str | Path, card: CardConfig | str | Path | None =
     return config_lib.load(CardConfig, default) if default.is_file() else CardConfig()
 
 
+# the command-line options that override card-config fields (``publish``), named in errors
+OVERRIDE_OPTIONS = {"domain": "--domain", "license": "--license", "name": "name (the repo name)"}
+
+
+def card_config(run_dir: str | Path, card: CardConfig | str | Path | None = None, **overrides: Any) -> CardConfig:
+    """The card config a card is written from: :func:`load_card_config` with the non-empty
+    ``overrides`` (``name``, ``domain``, ``license``) replacing its fields. An unknown override
+    domain is a ``ValueError`` naming ``--domain``, the closest and the valid card domains."""
+    cfg = load_card_config(run_dir, card)
+    given = {k: v for k, v in overrides.items() if v}
+    unknown = sorted(set(given) - set(OVERRIDE_OPTIONS))
+    if unknown:
+        raise ValueError(f"card overrides {unknown} are not card-config fields that can be overridden "
+                         f"(valid: {', '.join(OVERRIDE_OPTIONS)})")
+    if "domain" in given:
+        require_registered(given["domain"], CARD_DOMAINS, f"--domain {given['domain']!r} has no card template",
+                           valid="valid card domains")
+    if given:
+        options = ", ".join(OVERRIDE_OPTIONS[k] for k in given)
+        cfg = config_lib.from_dict(CardConfig, {**config_lib.to_dict(cfg), **given}, source=f"card options {options}")
+    return cfg
+
+
 # --- scrubber: nothing that looks like a path or an identifier reaches a card ----------------
 
 FILE_EXTENSIONS = ("png", "jpg", "jpeg", "dcm", "dicom", "ima", "nii", "nii.gz", "nrrd", "mha", "mhd", "tif",
@@ -364,16 +387,35 @@ def base_hub_id(cfg: RunConfig) -> str:
 
 
 GENERIC_LAYOUTS = ("csv", "jsonl", "parquet", "karpathy", "folders", "label_csv", "webdataset")
+# data formats that are layouts of the user's own files, not named data sets: core's, plus those a
+# domain package declares with :func:`register_data_layout` (e.g. a class-folder reader with the
+# domain's prompts); a card lists none of them under ``datasets:``
+DATA_LAYOUTS: set[str] = set(GENERIC_LAYOUTS)
+
+
+def register_data_layout(*formats: str) -> None:
+    """Declare data ``formats`` (registered with ``core.data.sources.register_format``) to be
+    layouts of the user's own files rather than named data sets: a card never lists them under
+    ``datasets:`` (one line beside the domain's ``@register_format``)."""
+    DATA_LAYOUTS.update(formats)
+
+
+def is_data_layout(fmt: str) -> bool:
+    """True when format ``fmt`` is a layout (core's or a domain's), not a named data set."""
+    if fmt not in DATA_LAYOUTS:
+        load_domain_plugins()  # a domain's layouts are declared when its package is imported
+    return fmt in DATA_LAYOUTS
 
 
 def _dataset_ids(cfg: RunConfig, card: CardConfig) -> list[str]:
     """What the card's ``datasets:`` lists: the stated hub id or name of each training source, else
-    the named data set the recipe's format stands for (``rsicd``, ``plantvillage``); a generic layout
-    (csv, folders...) names no data set, and a folder name is never used."""
+    the named data set the recipe's format stands for (``rsicd``, ``plantvillage``); a layout of the
+    user's own files (core's csv, folders..., or a domain's :func:`register_data_layout`) names no
+    data set, and a folder name is never used."""
     out = []
     for i, source in enumerate([cfg.data.train, *cfg.data.train_extra]):
         stated = card.training_data[i] if i < len(card.training_data) else DataProvenance()
-        name = stated.hub_id or stated.name or ("" if source.format in GENERIC_LAYOUTS else source.format)
+        name = stated.hub_id or stated.name or ("" if is_data_layout(source.format) else source.format)
         if name and not is_identifier(name):
             out.append(name)
     return list(dict.fromkeys(out))
@@ -683,6 +725,16 @@ def render_card(meta: dict[str, Any], domain_text: str = "", usage: str = "", te
     return f"---\n{header}\n---\n{body}\n"
 
 
+def card_text(run_dir: str | Path, card: CardConfig | str | Path | None = None, domain_text: str = "",
+              usage: str = "", pipeline_tag: str = "", **overrides: Any) -> tuple[dict[str, Any], str]:
+    """``metadata.json``'s content and the card's text, written nowhere (``publish`` calls it to
+    refuse a bad card config, domain or template before anything is exported)."""
+    cfg = card_config(run_dir, card, **overrides)
+    meta = run_metadata(run_dir, cfg)
+    meta["pipeline_tag"] = pipeline_tag
+    return meta, render_card(meta, domain_text, usage, cfg.template)
+
+
 def write_card(run_dir: str | Path, out: str | Path, card: CardConfig | str | Path | None = None,
                domain_text: str = "", usage: str = "", pipeline_tag: str = "", **overrides: Any) -> Path:
     """Write ``OUT/README.md`` and ``OUT/metadata.json`` for a run; returns the card's path.
@@ -692,13 +744,7 @@ def write_card(run_dir: str | Path, out: str | Path, card: CardConfig | str | Pa
     transformers pipeline (``publish``).
     """
     run_dir, out = Path(run_dir), Path(out)
-    cfg = load_card_config(run_dir, card)
-    given = {k: v for k, v in overrides.items() if v}
-    if given:
-        cfg = config_lib.from_dict(CardConfig, {**config_lib.to_dict(cfg), **given}, source="card overrides")
-    meta = run_metadata(run_dir, cfg)
-    meta["pipeline_tag"] = pipeline_tag
-    text = render_card(meta, domain_text, usage, cfg.template)
+    meta, text = card_text(run_dir, card, domain_text, usage, pipeline_tag, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "README.md", text)

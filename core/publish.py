@@ -8,7 +8,14 @@ Nothing local leaves the machine: before anything is uploaded, every string valu
 JSON files that is a local path (the adapter manifest's local base weights, a method's teacher
 data, parallel captions or cache folder) becomes ``[local path withheld]``, the text files lose any
 of this machine's paths, and the folder is refused when a file still holds one (home, working
-directory, temp folder, the kit's folder, the run folder, or an absolute path of the recipe).
+directory, temp folder, the kit's folder, the run folder, or an absolute path of the recipe). A
+tokenizer's vocabulary files (``tokenizer.json``, ``vocab.json``, ``merges.txt``, SentencePiece
+models) are never changed, only checked: their tokens (``/</w>``) and regular expressions are no
+paths, and withholding them would break the published tokenizer.
+
+The folder is all or nothing: the card (config, ``--domain``, template) is rendered before the
+export starts, and the folder is written under a hidden sibling name and renamed into place only
+when complete, so a failed ``--dry-run`` leaves its folder as it was.
 ``pipeline_tag: zero-shot-image-classification`` is set only when transformers' pipeline loads
 the staged folder.
 
@@ -22,14 +29,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .cards import CardConfig, looks_like_path, scrub_text, write_card
+from .cards import CardConfig, card_config, card_text, looks_like_path, scrub_text, write_card
 from .export import export_run, formats_for_kind
 from .export.adapter_format import WITHHELD
 from .export.common import read_run, require_new_folder
@@ -37,6 +46,14 @@ from .export.common import read_run, require_new_folder
 LOCAL_PATH_WITHHELD = WITHHELD
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jinja", ".py")
 PIPELINE_TAG = "zero-shot-image-classification"
+
+KIT_FOLDER = Path(__file__).resolve().parents[1]  # the installed domainclip package (or its checkout)
+# a tokenizer's vocabulary files: their strings are tokens, merges ("/</w>", "//</w>", "▁./") and
+# pre-tokenizer regular expressions, never machine data, so nothing in them is withheld (they are
+# still checked for this machine's paths); ``tokenizer_config.json`` is scrubbed as any JSON file
+VOCABULARY_FILES = ("vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model", "bpe_simple_vocab_16e6.txt.gz")
+TOKENIZER_JSON = "tokenizer.json"
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -87,11 +104,8 @@ def usage_text(fmt: str, repo_id: str) -> str:
 def machine_paths(run_dir: str | Path) -> list[str]:
     """This machine's paths that must not leave it: home, working directory, temp folder, the kit's
     folder, the run folder, and every absolute path in the run's resolved recipe (data, caches)."""
-    import domainclip
-
     run_dir = Path(run_dir)
-    paths = {str(Path.home()), os.getcwd(), tempfile.gettempdir(), str(run_dir.resolve()),
-             str(Path(next(iter(domainclip.__path__))).resolve().parent)}
+    paths = {str(Path.home()), os.getcwd(), tempfile.gettempdir(), str(run_dir.resolve()), str(KIT_FOLDER)}
     for path in list(paths):
         paths.add(os.path.realpath(path))
     config = run_dir / "config.yaml"
@@ -113,15 +127,39 @@ def _strings(value: Any) -> Iterable[str]:
             yield from _strings(item)
 
 
+# characters no real file path is written with (a tokenizer's "/</w>", a regex's "[^\\s]|...")
+NOT_IN_PATHS = set('<>|*?"\n\r\t')
+WINDOWS_PATH = re.compile(r"^([a-z]:[\\/]|\\\\[^\\]+\\)", re.IGNORECASE)
+
+
 def is_local_path(value: str, forbidden: Iterable[str] = ()) -> bool:
-    """A string that names a file or folder on this machine (not a hub id, URL or model name)."""
+    """A string that names a file or folder on this machine: one holding a ``forbidden`` path, an
+    absolute path (``/...``, ``C:\\...``, ``\\\\server\\...``), a home path (``~/...``), a relative
+    path of several folders, or one that exists here; not a hub id, URL, model name, token
+    (``/</w>``) or regular expression."""
     if any(p in value for p in forbidden):
         return True
-    if not value or any(c.isspace() for c in value) or len(value) > 4096:
+    if not value or len(value) > 4096 or any(c.isspace() or c in NOT_IN_PATHS for c in value):
         return False
-    if looks_like_path(value):
+    if not looks_like_path(value) and "/" not in value:
+        return False
+    if re.match(r"^[a-z][a-z0-9+.-]*://", value, re.IGNORECASE):
+        return False  # a URL
+    if WINDOWS_PATH.match(value) or value == "~" or value.startswith("~/"):
         return True
-    return ("/" in value or "\\" in value) and Path(value).expanduser().exists()
+    if value.startswith("/"):
+        return any(part.strip(".") for part in value.split("/"))  # "/" and "//" alone are no paths
+    if "\\" in value:
+        return False  # a backslash outside a Windows path: an escape, not a folder separator
+    # a relative path of several folders names local data even where it does not resolve from here
+    # (``train/patient00042/view1.jpg``); one folder deep (a hub id, ``org/name``) only if it exists
+    return value.count("/") >= 2 or Path(value).exists()
+
+
+def is_vocabulary(name: str) -> bool:
+    """A tokenizer's vocabulary file (``tokenizer.json``, ``vocab.json``, ``merges.txt``...): its
+    strings are tokens, merges and regular expressions, which no path withholding may touch."""
+    return Path(name).name in (TOKENIZER_JSON, *VOCABULARY_FILES)
 
 
 def _withhold(value: Any, forbidden: list[str]) -> tuple[Any, int]:
@@ -142,15 +180,34 @@ def _safetensors_header(path: Path) -> bytes:
         return handle.read(min(size, 100_000_000))
 
 
+def _left_paths(content: bytes, forbidden: list[str], vocabulary: bool) -> list[str]:
+    """The ``forbidden`` paths ``content`` still holds. In a vocabulary only a path *inside* one of
+    them counts (``/tmp/x``): a token that merely spells a folder's name (``/tmp``) is no leak."""
+    if not vocabulary:
+        return [p for p in forbidden if p.encode() in content]
+    return [p for p in forbidden if re.search(re.escape(p.encode()) + rb"[/\\][\w.~-]", content)]
+
+
 def scrub_staged(folder: str | Path, forbidden: list[str]) -> dict[str, int]:
     """Withhold local paths in every staged file; refuse (``ValueError`` naming the file and the
-    path) when one remains. Returns the number of values withheld per file."""
+    path) when one remains. Returns the number of values withheld per file.
+
+    A tokenizer's vocabulary files (:func:`is_vocabulary`) are never changed (a withheld token or
+    merge breaks the tokenizer), only checked for this machine's paths."""
     folder = Path(folder)
     withheld: dict[str, int] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
-        if path.suffix == ".json":
-            data, hits = _withhold(json.loads(path.read_text()), forbidden)
+        vocabulary = is_vocabulary(name)
+        if vocabulary:
+            pass
+        elif path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"publish: staged file {name} is not valid JSON ({error}); refusing to upload "
+                                 f"a file whose local paths cannot be checked") from None
+            data, hits = _withhold(data, forbidden)
             if hits:
                 path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
                 withheld[name] = hits
@@ -163,7 +220,7 @@ def scrub_staged(folder: str | Path, forbidden: list[str]) -> dict[str, int]:
                 path.write_text(text)
                 withheld[name] = hits
         content = _safetensors_header(path) if path.suffix == ".safetensors" else path.read_bytes()
-        left = [p for p in forbidden if p.encode() in content]
+        left = _left_paths(content, forbidden, vocabulary)
         if left:
             raise ValueError(f"publish: staged file {name} still holds the local path {left[0]!r}; refusing to "
                              f"upload it (remove the path from the run's config or metadata and publish again)")
@@ -194,14 +251,27 @@ def stage_folder(run_dir: str | Path, out: str | Path, fmt: str, repo_id: str,
                  card: CardConfig | str | Path | None = None, domain: str = "", license_id: str = "") -> Path:
     """Write the folder that ``publish`` uploads: export + ``README.md`` + ``metadata.json``.
 
-    ``out`` must not exist or be empty (a stale file would be uploaded too).
+    ``out`` must not exist or be empty (a stale file would be uploaded too). The card config,
+    ``domain`` and template are checked before anything is exported, and the folder is written in a
+    hidden sibling that becomes ``out`` only when complete: a failure leaves ``out`` as it was.
     """
-    out = Path(out)
-    export_run(run_dir, fmt, out)
-    tag = PIPELINE_TAG if pipeline_loads(out) else ""
-    write_card(run_dir, out, card, usage=usage_text(fmt, repo_id), name=repo_id.split("/")[1],
-               domain=domain, license=license_id, pipeline_tag=tag)
-    scrub_staged(out, machine_paths(run_dir))
+    out = require_new_folder(out)
+    name = repo_id.split("/")[1]
+    card_cfg = card_config(run_dir, card, name=name, domain=domain, license=license_id)
+    card_text(run_dir, card_cfg, usage=usage_text(fmt, repo_id))  # a card error, before the export
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
+    try:
+        export_run(run_dir, fmt, tmp)
+        tag = PIPELINE_TAG if pipeline_loads(tmp) else ""
+        write_card(run_dir, tmp, card_cfg, usage=usage_text(fmt, repo_id), pipeline_tag=tag)
+        scrub_staged(tmp, machine_paths(run_dir))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -244,7 +314,7 @@ def publish_run(run_dir: str | Path, repo_id: str, fmt: str = "", private: bool 
         except FileExistsError:
             raise ValueError(f"--dry-run folder {dry_run} exists and is not empty; give a new or empty folder "
                              f"(it must hold exactly what would be uploaded)") from None
-        folder = stage_folder(run_dir, dry_run, fmt, repo_id, card, domain, license_id)
+        folder = stage_folder(run_dir, dry_run, fmt, repo_id, card, domain, license_id)  # all or nothing
         return {**result, "dry_run": True, "folder": str(folder), "files": folder_files(folder)}
     with tempfile.TemporaryDirectory(prefix="domainclip-publish-") as tmp:
         folder = stage_folder(run_dir, Path(tmp) / "upload", fmt, repo_id, card, domain, license_id)

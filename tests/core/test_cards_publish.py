@@ -337,3 +337,58 @@ def test_input_section_of_a_multispectral_model_states_its_reader_not_8_bit_rgb(
     assert "Value range after decoding: not stated" in text and "/ 255" not in text
     rgb = _input({**preprocess, "mean": [0.5] * 3, "std": [0.5] * 3, "reader": {}}, CardConfig())
     assert rgb["value_range"] == [0, 255] and rgb["bands"] == ["red", "green", "blue"]
+
+
+def test_a_failed_dry_run_leaves_nothing_and_names_the_bad_option(tiny_run, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    dry = tmp_path / "dry"
+    # a card error is found before anything is exported, and names --domain, not "card overrides"
+    with pytest.raises(ValueError, match=r"--domain 'medicl' has no card template; did you mean 'medical'\? "
+                                         r"\(valid card domains: .*medical"):
+        publish_run(tiny_run.run_dir, "my-lab/squares-clip", "adapter", dry_run=dry, domain="medicl")
+    assert not dry.exists() and list(tmp_path.iterdir()) == []
+    # a failure after the export (here: the path check) leaves an empty folder as it was, no staging folder
+    dry.mkdir()
+
+    def refuse(folder, forbidden):
+        raise ValueError("publish: staged file x still holds the local path '/somewhere'")
+
+    monkeypatch.setattr("domainclip.core.publish.scrub_staged", refuse)
+    with pytest.raises(ValueError, match=r"still holds the local path"):
+        publish_run(tiny_run.run_dir, "my-lab/squares-clip", "adapter", dry_run=dry, domain="medical")
+    assert list(tmp_path.iterdir()) == [dry] and list(dry.iterdir()) == []
+    monkeypatch.undo()
+    # the corrected retry into the same folder works
+    out = publish_run(tiny_run.run_dir, "my-lab/squares-clip", "adapter", dry_run=dry, domain="medical")
+    assert {"adapter.json", "README.md", "metadata.json"} <= set(out["files"]) and list(tmp_path.iterdir()) == [dry]
+    header, body = front(dry / "README.md")
+    assert "medical" in header["tags"] and "**Not for clinical use.**" in body
+
+
+def test_a_domains_data_layout_is_no_dataset_on_the_card(tiny_run, tmp_path: Path) -> None:
+    from domainclip.core.cards import DATA_LAYOUTS, DataProvenance, register_data_layout
+    from domainclip.core.data.sources import FORMAT_LOADERS, load_label_csv, register_format
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("checkpoints"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    register_format("toy_scene_folders")(load_label_csv)
+    register_format("toy_leaf_set")(load_label_csv)
+    try:
+        cfg["data"]["train"]["format"] = "toy_leaf_set"
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert front(write_card(run, tmp_path / "named"))[0]["datasets"] == ["toy_leaf_set"]  # a named data set
+        cfg["data"]["train"]["format"] = "toy_scene_folders"
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert front(write_card(run, tmp_path / "before"))[0]["datasets"] == ["toy_scene_folders"]
+        register_data_layout("toy_scene_folders")  # what a domain declares beside its @register_format
+        header, _ = front(write_card(run, tmp_path / "layout"))
+        assert "datasets" not in header
+        meta = json.loads((tmp_path / "layout" / "metadata.json").read_text())
+        assert meta["datasets"] == [] and meta["training_data"][0]["format"] == "toy_scene_folders"
+        # a data set the card config names is still listed
+        card = CardConfig(training_data=[DataProvenance(name="EuroSAT", hub_id="org/eurosat")])
+        assert front(write_card(run, tmp_path / "stated", card))[0]["datasets"] == ["org/eurosat"]
+    finally:
+        DATA_LAYOUTS.discard("toy_scene_folders")
+        del FORMAT_LOADERS["toy_scene_folders"], FORMAT_LOADERS["toy_leaf_set"]

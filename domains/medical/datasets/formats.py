@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from domainclip.core.cards import register_data_layout
 from domainclip.core.data.records import ImageTextRecord, RecordSet, build_class_index
 from domainclip.core.data.sources import (
     FORMAT_LOADERS,
@@ -126,3 +127,4 @@ for _name, _views in VIEW_FORMATS.items():
     _register_view_format(_name, _views)
 for _name, _policy in UNCERTAINTY_FORMATS.items():
     _register_chexpert_format(_name, _policy)
+register_data_layout(*VIEW_FORMATS, "ct_slices", "ct_slices_25d")  # the user's own files, not named data sets

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from domainclip.core.cards import register_data_layout
 from domainclip.core.data.records import RecordSet
 from domainclip.core.data.sources import DataSourceConfig, FORMAT_LOADERS, register_format
 
@@ -39,3 +40,6 @@ def load_scene_folders(cfg: DataSourceConfig) -> RecordSet:
 def load_scene_label_csv(cfg: DataSourceConfig) -> RecordSet:
     """``path,label`` CSV with normalised class names and overhead prompts."""
     return load_scenes(cfg, "label_csv")
+
+
+register_data_layout("scene_folders", "scene_label_csv")  # the user's own files, not a named data set
