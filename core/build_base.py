@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,17 @@ def export_compact_base(run_dir: str | Path, out: str | Path | None = None) -> P
     kept = {k: v for k, v in state.items() if k.startswith(KEPT_PREFIXES)}
     if set(state) - set(kept):
         raise ValueError(f"{run_dir} trained more than the image tower: {sorted(set(state) - set(kept))[:3]}")
-    out.mkdir(parents=True, exist_ok=True)
     # the exact preprocessing values the run trained with
     preprocess = json.loads((run_dir / "model" / "model.json").read_text())["backbone"]["preprocess"]
-    spec = write_compact_folder(out, kept, config_lib.to_dict(cfg.model), preprocess,
-                                {"format": "pt", "source_run": cfg.name})
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    metadata = base_metadata(cfg, metrics, summary, kept, spec["preprocess"])
+    summary = {**summary, "device": training_device(run_dir, cfg, summary)}
+    metadata = base_metadata(cfg, metrics, summary, kept, preprocess)  # a bad run fails before anything is written
+    card = base_card(metadata)
+    out.mkdir(parents=True, exist_ok=True)
+    write_compact_folder(out, kept, config_lib.to_dict(cfg.model), preprocess, {"format": "pt", "source_run": cfg.name})
     atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2) + "\n")
-    atomic_write_text(out / "README.md", base_card(metadata))
+    atomic_write_text(out / "README.md", card)
     return out
 
 
@@ -54,8 +56,46 @@ def _base_card_metrics(metrics: list[dict[str, Any]]) -> dict[str, dict[str, flo
     return {m["dataset"]: {k: round(float(m["metrics"][k]), 4) for k in keys if k in m["metrics"]} for m in metrics}
 
 
+# accelerate's mixed_precision (``train_summary.json``'s ``precision``) as the card states it
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision",
+                   "fp8": "fp8 mixed precision"}
+PRECISION_LOG = re.compile(r"train\.precision=auto: \S+ on this (CPU|GPU)")
+
+
+def device_name(device: Any) -> str:
+    """``CPU`` or ``GPU`` for a torch device string (``cpu``, ``cuda:0``, or already a name); ``""`` for none."""
+    device = str(device or "")
+    if not device:
+        return ""
+    return "CPU" if device.lower().startswith("cpu") else "GPU"
+
+
+def training_device(run_dir: Path, cfg: RunConfig, summary: dict[str, Any]) -> str:
+    """Where the run trained, ``CPU`` or ``GPU``: ``train_summary.json``'s ``device`` when recorded,
+    else ``train.cpu``, else the run log's ``train.precision=auto`` line; ``""`` when unknown."""
+    device = device_name(summary.get("device"))
+    if device:
+        return device
+    if cfg.train.cpu:
+        return "CPU"
+    log = run_dir / "logs" / "train.log"
+    found = PRECISION_LOG.findall(log.read_text(errors="replace")) if log.is_file() else []
+    return found[-1] if found else ""
+
+
+def training_precision(summary: dict[str, Any]) -> str:
+    """The precision the run trained in, from ``train_summary.json`` (not the recipe's ``auto``)."""
+    precision = summary.get("precision")
+    if not precision:
+        raise ValueError("train_summary.json has no 'precision': the run did not finish training "
+                         "(expected accelerate's mixed precision: no, bf16 or fp16)")
+    return PRECISION_NAMES.get(str(precision), str(precision))
+
+
 def base_metadata(cfg: RunConfig, metrics: list[dict[str, Any]], summary: dict[str, Any],
                   kept: dict[str, torch.Tensor], preprocess: dict[str, Any]) -> dict[str, Any]:
+    """``metadata.json`` of the compact base; training facts come from the run's ``summary``
+    (``train_summary.json``, plus ``device``), not from the recipe."""
     return {
         "name": "domainclip compact base",
         "input": {"modality": "RGB photograph or aerial image", "channels": 3, "value_range": [0, 255],
@@ -66,7 +106,8 @@ def base_metadata(cfg: RunConfig, metrics: list[dict[str, Any]], summary: dict[s
                          "image_tower_parameters": int(sum(v.numel() for v in kept.values()))},
         "training": {"recipe": "recipes/base/compact_base.yaml", "method": config_lib.to_dict(cfg.method),
                      "steps": summary.get("global_step"), "seconds": round(summary.get("train_seconds", 0)),
-                     "precision": cfg.train.precision, "batch_size": cfg.data.batch_size, "lr": cfg.train.lr,
+                     "precision": training_precision(summary), "device": device_name(summary.get("device")),
+                     "batch_size": cfg.data.batch_size, "lr": cfg.train.lr,
                      "data": [
                          {"name": "RSICD", "split": "train", "images": 8734, "captions_per_image": 5,
                           "licence": "none stated by the authors; research use"},
@@ -78,12 +119,14 @@ def base_metadata(cfg: RunConfig, metrics: list[dict[str, Any]], summary: dict[s
 
 
 def base_card(meta: dict[str, Any]) -> str:
+    """The compact base's ``README.md`` from its :func:`base_metadata`."""
     rows = []
     for dataset, values in meta["evaluation"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
         rows.append(f"| {dataset} | {shown} |")
     arch = meta["architecture"]
     training = meta["training"]
+    where = f" on the {training['device']}" if training.get("device") else ""
     return f"""---
 license: other
 library_name: domainclip
@@ -102,7 +145,7 @@ Hugging Face checkpoint for real work.
 - Image tower: `{arch['image_tower']}` with {arch['image_tower_kwargs']}, trained from scratch
   ({arch['image_tower_parameters']:,} parameters incl. projection), LiT-style against the locked text tower.
 - Training: {training['steps']} steps of batch {training['batch_size']} in {training['precision']},
-  lr {training['lr']}, {training['seconds']} s on the CPU; recipe `{training['recipe']}`.
+  lr {training['lr']}, {training['seconds']} s{where}; recipe `{training['recipe']}`.
 - Data: RSICD train (8,734 aerial images, 5 captions each) and Flickr8k English captions (the
   images outside a 20 % file-name-hash hold-out). RSICD states no licence (research use);
   Flickr8k follows Flickr's terms (non-commercial research): these weights inherit those limits.

@@ -272,6 +272,7 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
     run.write_metrics(metrics, extra={"method": cfg.method.name, "trainable_parameters": trainable,
                                       "train_seconds": train_seconds, "samples_per_second": throughput,
                                       "precision": accelerator.mixed_precision,
+                                      "device": accelerator.device.type,
                                       "global_step": state.global_step})
     accelerator.end_training()
     return TrainResult(run.path, state.global_step, metrics, trainable, train_seconds, throughput)

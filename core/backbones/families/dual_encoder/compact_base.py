@@ -7,6 +7,7 @@ downloaded. ``name`` may point at another folder of the same layout (e.g. a rebu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -38,6 +39,35 @@ def dual_encoder_config(folder: Path) -> ModelConfig:
     return ModelConfig(kind="dual_encoder", **spec)
 
 
+# ModelConfig fields a compact base honours: the rest are fixed by its folder (its image tower and
+# heads were trained with them), so another value is refused rather than silently ignored
+HONOURED_FIELDS = ("kind", "name", "text", "text_pooling", "text_projection", "preprocess", "context_length",
+                   "weights", "input")
+
+
+def _default(key: str) -> Any:
+    """``ModelConfig``'s default value of field ``key``."""
+    spec = next(f for f in dataclasses.fields(ModelConfig) if f.name == key)
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def refuse_fixed_settings(cfg: ModelConfig, spec: ModelConfig, folder: Path) -> None:
+    """``ValueError`` naming every ``model`` key the compact base cannot honour whose value is
+    neither ``ModelConfig``'s default nor the one the folder's ``config.json`` stores (a config
+    written back from :meth:`CompactBase.config_dict` repeats those, and passes)."""
+    wrong = []
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(cfg, f.name)
+        if f.name in HONOURED_FIELDS or value == _default(f.name) or value == getattr(spec, f.name):
+            continue
+        wrong.append(f"model.{f.name}={value!r} (the base's is {getattr(spec, f.name)!r})")
+    if wrong:
+        raise ValueError(f"model.kind 'compact_base' cannot change {'; '.join(wrong)}: its image tower and heads "
+                         f"were trained with the settings in {folder / CONFIG_FILE}. Remove these keys, or use "
+                         f"kind 'dual_encoder' to build a new dual encoder (honoured here: "
+                         f"{', '.join(HONOURED_FIELDS[1:])})")
+
+
 @register_backbone("compact_base")
 class CompactBase(DualEncoder):
     """A :class:`DualEncoder` whose settings and image-tower weights live in one folder."""
@@ -45,11 +75,16 @@ class CompactBase(DualEncoder):
     def __init__(self, cfg: ModelConfig):
         folder = Path(cfg.name) if cfg.name else default_folder()
         spec = dual_encoder_config(folder)
+        refuse_fixed_settings(cfg, spec, folder)
         if cfg.preprocess:
             spec.preprocess = {**spec.preprocess, **cfg.preprocess}
         if cfg.text:  # another text encoder (any width): the text projection is then built fresh
             spec.text, spec.text_pooling = cfg.text, cfg.text_pooling
             spec.text_projection = cfg.text_projection or "linear"
+        else:  # the folder's text encoder, pooled or projected otherwise when asked
+            if cfg.text_pooling != _default("text_pooling"):
+                spec.text_pooling = cfg.text_pooling
+            spec.text_projection = cfg.text_projection or spec.text_projection
         spec.context_length = cfg.context_length or spec.context_length
         super().__init__(spec)
         self.folder = folder

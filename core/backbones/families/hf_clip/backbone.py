@@ -35,10 +35,10 @@ class HFClipBackbone(WrappedModelTemperature, Backbone):
             raise ValueError(f"model.name {cfg.name!r} is a {model_type!r} model; kind 'hf' supports {SUPPORTED_MODEL_TYPES}")
         self.is_siglip = model_type.startswith("siglip")
         self.preprocess = preprocess_from_image_processor(AutoImageProcessor.from_pretrained(cfg.name, **revision), cfg.preprocess)
-        self.context_length = cfg.context_length or self.model.config.text_config.max_position_embeddings
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **revision)
+        self.context_length = context_length_for(cfg, tokenizer, self.model.config.text_config)
         # SigLIP was trained on max-length padding without an attention mask; CLIP pads per batch.
-        self.text_tokenizer = HFTokenize(AutoTokenizer.from_pretrained(cfg.name, **revision), self.context_length,
-                                         pad_to_max=self.is_siglip)
+        self.text_tokenizer = HFTokenize(tokenizer, self.context_length, pad_to_max=self.is_siglip)
         self._cfg = cfg
         layers = "encoder.layers."
         self.tower_prefixes = {"image": ("model.vision_model.", "model.visual_projection."),
@@ -111,6 +111,19 @@ class HFClipBackbone(WrappedModelTemperature, Backbone):
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self._cfg.name, "revision": self._cfg.revision,
                 "context_length": self.context_length, "preprocess": self.preprocess.to_dict()}
+
+
+def context_length_for(cfg: ModelConfig, tokenizer: Any, text_config: Any) -> int:
+    """The text context length: ``model.context_length`` when set, else the tokenizer's
+    ``model_max_length`` (an ``hf`` export stores the run's context length there), capped at the
+    text tower's ``max_position_embeddings``."""
+    if cfg.context_length:
+        return int(cfg.context_length)
+    positions = int(text_config.max_position_embeddings)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < positions:
+        return limit
+    return positions
 
 
 def hf_model_type(folder: Path) -> str:

@@ -65,10 +65,20 @@ def image_processor_for(preprocess: PreprocessConfig, source: Any) -> Any:
         if "do_center_crop" in settings:
             settings["do_center_crop"] = False
     processor = cls(**settings)
-    if preprocess_from_image_processor(processor, {}) != preprocess:
-        raise ValueError(f"transformers export: cannot express the run's preprocessing {preprocess.to_dict()} "
-                         f"with {cls.__name__}")
+    check_expressed(preprocess, preprocess_from_image_processor(processor, {}), cls.__name__)
     return processor
+
+
+def check_expressed(wanted: PreprocessConfig, expressed: PreprocessConfig, processor: str) -> None:
+    """Refuse an export whose image processor would reload other preprocessing than the run's: a
+    ``ValueError`` naming each ``model.preprocess`` key, the run's value and what ``processor`` gives."""
+    want, got = wanted.to_dict(), expressed.to_dict()
+    differ = [f"model.preprocess.{key}={want.get(key)!r} (the exported {processor} would give {got.get(key)!r})"
+              for key in sorted(want.keys() | got.keys()) if want.get(key) != got.get(key)]
+    if differ:
+        raise ValueError(f"transformers export: {processor} cannot express the run's preprocessing: "
+                         f"{'; '.join(differ)}; train with preprocessing it can express, or export with "
+                         f"--format adapter")
 
 
 def write_hf(model: Backbone, out: Path, processor_class: type | None = None,
@@ -94,9 +104,11 @@ def write_hf(model: Backbone, out: Path, processor_class: type | None = None,
 
 def tokenizer_settings(model: Backbone) -> dict[str, Any]:
     """Tokenizer settings saved with the export so that users tokenize as the kit does: truncation at
-    the run's context length, and for SigLIP no attention mask (the kit's SigLIP, like the original,
-    pads to the maximum length and attends to the padding)."""
-    settings: dict[str, Any] = {"model_max_length": int(model.context_length)}
+    the run's context length (``model_max_length``, which the kit reads back as the context length,
+    and ``max_length``, which a processor called with ``truncation=True`` uses before it), and for
+    SigLIP no attention mask (the kit's SigLIP, like the original, pads to the maximum length and
+    attends to the padding)."""
+    settings: dict[str, Any] = {"model_max_length": int(model.context_length), "max_length": int(model.context_length)}
     if model.is_siglip:
         settings["model_input_names"] = ["input_ids"]
     return settings

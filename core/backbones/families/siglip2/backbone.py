@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +19,8 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, Siglip2Im
 from ....checkpoint import require_safetensors
 from ...base import Backbone, HFTokenize, PreprocessConfig, TokenFeatures, all_tokens_mask
 from ...factory import ModelConfig, register_backbone
-from ..hf_clip.backbone import HFClipBackbone, hf_model_type
-from ..hf_clip.export import RESAMPLE, write_hf
+from ..hf_clip.backbone import HFClipBackbone, context_length_for, hf_model_type
+from ..hf_clip.export import RESAMPLE, check_expressed, write_hf
 from .prompts import Siglip2VisionEncoder
 
 
@@ -34,6 +35,17 @@ def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch
     patches = patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
     shapes = torch.tensor([[rows, cols]], dtype=torch.long, device=images.device).expand(batch, 2)
     return patches, shapes
+
+
+def preprocess_from_siglip2_processor(processor: Any, patch_size: int, overrides: dict[str, Any]) -> PreprocessConfig:
+    """The kit's preprocessing of a SigLIP 2 image processor: the largest square patch grid its
+    ``max_num_patches`` allows, its mean, std and filter, squashed to a square; then ``overrides``."""
+    side = int(math.isqrt(int(processor.max_num_patches)))
+    resample = getattr(processor, "resample", 2)
+    return PreprocessConfig(**{
+        "image_size": side * patch_size, "mean": tuple(processor.image_mean), "std": tuple(processor.image_std),
+        "interpolation": "bicubic" if int(getattr(resample, "value", resample)) == 3 else "bilinear",
+        "resize_mode": "squash", **overrides})
 
 
 @register_backbone("siglip2")
@@ -53,15 +65,10 @@ class Siglip2Backbone(HFClipBackbone):
         self.is_siglip = True
         processor = AutoImageProcessor.from_pretrained(cfg.name, **revision)
         self.patch_size = int(self.model.config.vision_config.patch_size)
-        side = int(math.isqrt(int(processor.max_num_patches)))
-        resample = getattr(processor, "resample", 2)
-        self.preprocess = PreprocessConfig(**{
-            "image_size": side * self.patch_size, "mean": tuple(processor.image_mean), "std": tuple(processor.image_std),
-            "interpolation": "bicubic" if int(getattr(resample, "value", resample)) == 3 else "bilinear",
-            "resize_mode": "squash", **cfg.preprocess})
-        self.context_length = cfg.context_length or self.model.config.text_config.max_position_embeddings
-        self.text_tokenizer = HFTokenize(AutoTokenizer.from_pretrained(cfg.name, **revision), self.context_length,
-                                         pad_to_max=True)
+        self.preprocess = preprocess_from_siglip2_processor(processor, self.patch_size, cfg.preprocess)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **revision)
+        self.context_length = context_length_for(cfg, tokenizer, self.model.config.text_config)
+        self.text_tokenizer = HFTokenize(tokenizer, self.context_length, pad_to_max=True)
         self._cfg = cfg
         self.tower_prefixes = {"image": ("model.vision_model.",), "text": ("model.text_model.",)}
         self.block_prefixes = {"image": "model.vision_model.encoder.layers.", "text": "model.text_model.encoder.layers."}
@@ -91,11 +98,18 @@ class Siglip2Backbone(HFClipBackbone):
 
     def image_processor(self) -> Siglip2ImageProcessor:
         """A SigLIP 2 processor reproducing the kit's preprocessing on square images (its NaFlex
-        resizing keeps the aspect ratio of other images, which the kit squashes to a square)."""
+        resizing keeps the aspect ratio of other images, which the kit squashes to a square).
+
+        Preprocessing it cannot express (``resize_mode: shortest``: it never centre-crops; a size
+        that is no square grid of patches) is a ``ValueError`` naming the ``model.preprocess`` key
+        and value: the exported folder would reload with other preprocessing."""
         side = self.preprocess.image_size // self.patch_size
-        return Siglip2ImageProcessor(patch_size=self.patch_size, max_num_patches=side * side,
-                                     image_mean=list(self.preprocess.mean), image_std=list(self.preprocess.std),
-                                     resample=RESAMPLE[self.preprocess.interpolation])
+        processor = Siglip2ImageProcessor(patch_size=self.patch_size, max_num_patches=side * side,
+                                          image_mean=list(self.preprocess.mean), image_std=list(self.preprocess.std),
+                                          resample=RESAMPLE[self.preprocess.interpolation])
+        check_expressed(self.preprocess, preprocess_from_siglip2_processor(processor, self.patch_size, {}),
+                        "Siglip2ImageProcessor")
+        return processor
 
     def write_export(self, fmt: str, folder: Path, trained_names: list[str]) -> None:
         write_hf(self, folder, processor_class=Siglip2Processor, image_processor=self.image_processor())
