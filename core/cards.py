@@ -466,7 +466,9 @@ def _evaluation(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in metrics:
         numbers = {k: v for k, v in m["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append({"dataset": m["dataset"], "task": m["task"], "language": m.get("language", ""),
-                     "metrics": numbers, **({"retention": m["retention"]} if "retention" in m else {})})
+                     "metrics": numbers,
+                     **({"retention": {k: v for k, v in m["retention"].items() if k != "before_metrics"}}
+                        if "retention" in m else {})})
     return rows
 
 

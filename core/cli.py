@@ -23,6 +23,7 @@ RECIPE is a YAML path or the name of a bundled recipe (``remote_sensing/full``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -100,13 +101,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_precision_guard(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_text
     from .eval.precision_guard import format_guard, run_precision_guard
+    from .token_merging import token_merging
 
     model, method, cfg, out = _eval_target(args.target, args.overrides, "precision_guard.json",
                                            "precision_guard_base.json")
     out = Path(args.out) if args.out else out
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    report = run_precision_guard(cfg.eval, model, precisions, num_workers=cfg.data.num_workers, method=method,
-                                 refine_ties=args.refine_ties)
+    # the model as it is evaluated: with the recipe's (or an override's) token merging
+    with token_merging(model, cfg.token_merging) if cfg.token_merging.active else contextlib.nullcontext():
+        report = run_precision_guard(cfg.eval, model, precisions, num_workers=cfg.data.num_workers, method=method,
+                                     refine_ties=args.refine_ties)
     report["target"] = args.target
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")

@@ -99,8 +99,19 @@ def _recipe_dict(spec: CompareConfig, spec_dir: Path) -> dict[str, Any]:
 
 
 def _scores(records: list[dict[str, Any]], spec: CompareConfig) -> dict[str, float]:
-    """Headline metric per task, then the ``also`` metrics of the first task."""
-    scores = {r["dataset"]: headline(r, spec.metric)[1] for r in records}
+    """Headline metric per task, then the ``also`` metrics of the first task.
+
+    A task is keyed by its name; ``NAME METRIC`` where its headline is another metric than
+    ``spec.metric`` (a retrieval task's ``mean_recall``), so the column says what it holds, and
+    ``NAME#2`` for a second task of the same name, so neither hides the other."""
+    scores: dict[str, float] = {}
+    for r in records:
+        metric, value = headline(r, spec.metric)
+        name = r["dataset"]
+        number = 2
+        while any(key.split(" ", 1)[0] == name for key in scores):
+            name, number = f"{r['dataset']}#{number}", number + 1
+        scores[name if metric == spec.metric else f"{name} {metric}"] = value
     for metric in spec.also:
         first = records[0]
         if metric not in first["metrics"]:
@@ -195,7 +206,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
         if spec.protocol == "base_to_novel":
             base, novel = scores[recipe["eval"][0]["name"]], scores[recipe["eval"][1]["name"]]
             scores = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
-        retention = [r["retention"]["change"] for r in result.metrics if "retention" in r]
+        retention = [retention_change(r, spec.metric) for r in result.metrics if "retention" in r]
         rows.append({"method": label, "shots": k, "seed": seed, "scores": scores,
                      "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
                      "retention_change": retention[0] if retention else None})
@@ -247,6 +258,16 @@ def render_markdown(spec: CompareConfig, zero: dict[str, float], table: list[dic
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def retention_change(record: dict[str, Any], metric: str) -> float:
+    """The change of the comparison's own ``metric`` against the base (the record's retention is
+    in the task's headline metric, acc1 for classification)."""
+    retention = record["retention"]
+    before = retention.get("before_metrics")
+    if not before:  # a run from before the per-metric record
+        return float(retention["change"])
+    return headline(record, metric)[1] - headline({**record, "metrics": before}, metric)[1]
 
 
 def metric_label(spec: CompareConfig, key: str) -> str:

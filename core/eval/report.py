@@ -19,7 +19,7 @@ import torch
 __all__ = ["RECORD_KEYS", "benchmark_json", "read_metrics", "to_json_value", "write_metrics"]
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
-OPTIONAL_KEYS = ("retention", "classifier", "step", "precision")
+OPTIONAL_KEYS = ("retention", "classifier", "step", "precision", "token_merging")
 """Kept when present: the change against the base model, a note on the classifier used, the step,
 the precision the weights were held in while encoding (``fp32`` / ``bf16`` / ``fp16``)."""
 

@@ -58,6 +58,9 @@ def zeroshot_classifier(task: EvalTaskConfig, model: Backbone, method: Adaptatio
     return (method.logits_fn(model, class_names, templates) if own else None), own
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerator | None = None,
                   num_workers: int = 0, model_name: str = "", pretrained: str = "",
                   method: AdaptationMethod | None = None) -> dict[str, Any]:
@@ -90,6 +93,8 @@ def run_eval_task(task: EvalTaskConfig, model: Backbone, accelerator: Accelerato
             notes = "prompt ensemble: the method's classifier covers only its training classes"
     elif task.task == "robustness":
         metrics, kind = _robustness(task, name, model, records, loader, accelerator)
+        # attacks run on the model as it is (gradients through its own weights), not on the encode path
+        precision = DTYPE_NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype))
         if method is not None and type(method).logits_fn is not AdaptationMethod.logits_fn:
             notes = "prompt ensemble: attacks and scores use the towers' prompt-ensemble head"
     else:
@@ -124,14 +129,21 @@ def _robustness(task: EvalTaskConfig, name: str, model: Backbone, records, loade
     return robust_retrieval(model, loader, captions, text_to_image, cfg), "zeroshot_retrieval_robustness"
 
 
-def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
-    """Attach ``retention: {metric, before, after, change}`` to the tasks measured before training."""
-    earlier = {record["dataset"]: record for record in before}
-    for record in results:
-        if record["dataset"] in earlier:
-            (metric, old), (_, new) = headline(earlier[record["dataset"]]), headline(record)
-            record["retention"] = {"metric": metric, "before": old, "after": new,
-                                   "change": new - old}
+def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]],
+                  tasks: list[EvalTaskConfig]) -> None:
+    """Attach ``retention: {metric, before, after, change}`` to the tasks measured before training.
+
+    ``results`` holds every task of ``tasks`` in order, ``before`` the ``retention: true`` ones:
+    they are matched by position, since task names may repeat (two tasks on one unnamed CSV)."""
+    if len(results) != len(tasks):
+        raise ValueError(f"add_retention: {len(results)} results for {len(tasks)} eval tasks")
+    positions = [i for i, task in enumerate(tasks) if task.retention]
+    for position, earlier in zip(positions, before):
+        record = results[position]
+        (metric, old), (_, new) = headline(earlier), headline(record)
+        numbers = {k: v for k, v in earlier["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        record["retention"] = {"metric": metric, "before": old, "after": new, "change": new - old,
+                               "before_metrics": numbers}  # the change in any other metric (compare's)
 
 
 def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,

@@ -267,7 +267,7 @@ def _train_in(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, records:
     run.save_model(unwrapped, method, cfg, task, state.global_step)
     run.write_bad_inputs(bad, skipped_records=records.skipped if records is not None else [])
     metrics = run_eval_tasks(cfg, unwrapped, accelerator, step=state.global_step, method=method)
-    add_retention(metrics, before)
+    add_retention(metrics, before, cfg.eval)
     throughput = samples / max(train_seconds, 1e-9)
     run.write_metrics(metrics, extra={"method": cfg.method.name, "trainable_parameters": trainable,
                                       "train_seconds": train_seconds, "samples_per_second": throughput,

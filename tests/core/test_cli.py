@@ -46,7 +46,8 @@ def test_errors_exit_2_with_the_key(capsys: pytest.CaptureFixture) -> None:
     assert "unknown key 'lrr'; did you mean 'lr'?" in capsys.readouterr().err
 
 
-def test_train_then_eval_run_and_base(colour_squares: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_then_eval_run_and_base(colour_squares: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = tiny_recipe(colour_squares, tmp_path / "runs", max_steps=2)
     recipe["eval"] = [{"name": "squares", "task": "zeroshot", "templates": ["a {} square"],
                        "data": {"format": "csv", "path": str(colour_squares), "label_key": "label"}}]
@@ -69,6 +70,20 @@ def test_train_then_eval_run_and_base(colour_squares: Path, tmp_path: Path, caps
     assert main(["eval", str(run_dir), "eval.0.name=renamed"]) == 0
     capsys.readouterr()
     assert json.loads((run_dir / "metrics_eval.json").read_text())[0]["dataset"] == "renamed"
+    # the precision guard checks the model as it is evaluated: with a token_merging override too
+    from domainclip.core.eval import precision_guard
+    from domainclip.core.token_merging import token_merging_key
+
+    seen = []
+
+    def spy(tasks, model, precisions, **kwargs):  # noqa: ANN001, ANN003
+        seen.append(token_merging_key(model))
+        return {"passed": True, "tasks": [], "precisions": precisions}
+
+    monkeypatch.setattr(precision_guard, "run_precision_guard", spy)
+    monkeypatch.setattr(precision_guard, "format_guard", lambda report: "ok")
+    assert main(["precision-guard", str(run_dir), "token_merging.r=2", "--out", str(tmp_path / "guard.json")]) == 0
+    assert seen and seen[0] is not None and seen[0]["r"] == 2
 
     assert main(["eval", str(path), "--out", str(tmp_path / "base.json")]) == 0
     base = json.loads((tmp_path / "base.json").read_text())

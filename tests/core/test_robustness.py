@@ -212,6 +212,7 @@ def test_adversarial_methods_train_resume_and_evaluate(colour_squares: Path, tmp
         assert set(weights) == image
     (record,) = json.loads((run_dir / "metrics.json").read_text())
     assert record["task"] == "zeroshot_classification_robustness"
+    assert record["precision"] == "fp32"  # attacks run on the model's own (fp32) weights, whatever auto resolves to
     metrics = record["metrics"]
     assert {"acc1_clean", "acc1_pgd_eps1", "acc1_gaussian_noise", "acc1_jpeg"} <= set(metrics)
     assert "acc1_hflip" not in metrics

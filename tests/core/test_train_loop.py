@@ -173,6 +173,9 @@ def test_retention_reports_the_change_on_a_reference_task(colour_squares: Path, 
     assert retention["metric"] == "acc1" and retention["after"] == reference["metrics"]["acc1"]
     assert retention["change"] == pytest.approx(retention["after"] - retention["before"])
     saved = json.loads((result.run_dir / "metrics.json").read_text())
+    before = retention.pop("before_metrics")
+    assert before["acc1"] == retention["before"] and "balanced_accuracy" in before  # for another metric's change
+    assert saved[0]["retention"].pop("before_metrics") == pytest.approx(before)
     assert saved[0]["retention"] == pytest.approx(retention) and "retention" not in saved[1]
     # "before" is the untrained base: evaluating a freshly built base gives the same number
     from domainclip.core.backbones import create_backbone
