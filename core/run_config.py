@@ -32,7 +32,7 @@ class DataConfig:
         max_bad_fraction: stop with an error once more than this fraction of the training items
             were unreadable (they are skipped, counted and listed in ``bad_inputs.json``).
         crop_scale: area range of the random resized crop used for training augmentation;
-            ``[1.0, 1.0]`` disables it.
+            ``[1.0, 1.0]`` disables it: training images are resized and cropped as for evaluation.
         augment: a named training augmentation registered by a domain (``{name: overhead,
             ...options}``, see docs/remote_sensing.md); empty = the default crop of ``crop_scale``.
     """

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .records import ImageTextRecord, RecordSet
 
@@ -82,11 +82,14 @@ def open_rgb_image(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
     """Open and fully decode an image as RGB, or raise ``BadImageError`` with the reason.
 
     ``load()`` runs inside the try so truncated files fail here, not later in a worker's
-    transform; truncated images are never accepted (LOAD_TRUNCATED_IMAGES stays off).
+    transform; truncated images are never accepted (LOAD_TRUNCATED_IMAGES stays off). An EXIF
+    orientation (phone photos) is applied, so the model sees the image upright, as it is shown
+    (and as transformers' ``load_image`` reads it).
     """
     try:
         with Image.open(source) as image:
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
             return to_rgb(image)
     except BadImageError:
         raise

@@ -43,9 +43,9 @@ def build_image_transform(
         raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
     interpolation = INTERPOLATIONS[preprocess.interpolation]
     steps: list[Callable] = []
-    if train:
+    if train and tuple(scale) != (1.0, 1.0):
         steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True))
-    elif preprocess.resize_mode == "squash":
+    elif preprocess.resize_mode == "squash":  # also training with crop_scale (1, 1): the evaluation geometry
         steps.append(v2.Resize((size, size), interpolation=interpolation, antialias=True))
     else:
         steps += [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]

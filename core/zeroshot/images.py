@@ -271,7 +271,7 @@ class ImagePreparer:
                 # they work unchanged until then (the note is repeated at every call)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pixels = decode_jpeg([torch.frombuffer(item.contents, dtype=torch.uint8) for item in jpegs],
-                                     mode=ImageReadMode.RGB, device=self.decode_on)
+                                     mode=ImageReadMode.RGB, device=self.decode_on, apply_exif_orientation=True)
         except RuntimeError:
             return [self._prepare_file(item.path, item.contents).to(self.decode_on) for item in jpegs]
         by_shape: dict[tuple[int, ...], list[int]] = {}

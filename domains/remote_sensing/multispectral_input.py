@@ -67,7 +67,7 @@ class MultispectralInput:
         mean: per-band means in the files' units (filled in by ``domainclip train``).
         std: per-band standard deviations in the files' units (filled in likewise).
         file_band_names: names of all bands of every file, in file order, for files without
-            band descriptions (EuroSAT-MS: ``[B01, B02, ..., B08, B08A, B09, B10, B11, B12]``).
+            band descriptions (EuroSAT-MS: ``[B01, B02, ..., B08, B09, B10, B11, B12, B8A]``, B8A last).
         nodata: pixel value marking missing data (default: each file's own nodata value).
     """
 

@@ -9,7 +9,7 @@ natural phrases better, so :func:`normalise_class_name` turns a raw name into on
    up after lower-casing and removing ``_``, ``-`` and spaces, so ``Dense_Residential``,
    ``dense-residential`` and ``denseresidential`` all map to "dense residential area";
 2. otherwise a readable form: ``_``/``-`` become spaces, CamelCase is split
-   (``AnnualCrop`` -> "annual crop"), lower-cased.
+   (``ParkingGarage`` -> "parking garage"), lower-cased.
 """
 from __future__ import annotations
 

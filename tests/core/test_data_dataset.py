@@ -78,6 +78,19 @@ def test_modes_convert_to_expected_rgb_pixels(data: fake.FakeData) -> None:
     assert np.asarray(open_rgb_image(special["grey"]))[3, 3].tolist() == [77, 77, 77]
 
 
+def test_an_exif_orientation_is_applied(tmp_path) -> None:
+    """A phone photo stored sideways with Orientation=6 (rotate 90 degrees) reaches the model upright."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (250, 0, 0)  # left half red, as stored
+    stored = Image.fromarray(pixels)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(open_rgb_image(tmp_path / "phone.jpg"))
+    assert shown.shape == (40, 20, 3)  # portrait, as a viewer shows it
+    assert shown[:20, :, 0].mean() > 200 and shown[20:, :, 0].mean() < 50  # the red half is now on top
+
+
 def test_float_grey_is_scaled_by_its_range_and_nan_becomes_zero() -> None:
     pixels = np.array([[-1.0, 0.0], [3.0, np.nan]], dtype=np.float32)
     rgb = np.asarray(to_rgb(Image.fromarray(pixels)))  # mode "F"

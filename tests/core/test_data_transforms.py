@@ -134,3 +134,11 @@ def test_to_normalized_tensor_refuses_a_zero_std_and_mismatched_channels() -> No
         ToNormalizedTensor(MEAN, (0.2, 0.0, 0.5))
     with pytest.raises(ValueError, match="mean has 3 channels but std has 2"):
         ToNormalizedTensor(MEAN, STD[:2])
+
+
+def test_crop_scale_one_trains_on_the_evaluation_geometry() -> None:
+    """crop_scale (1, 1) turns the random crop off; RandomResizedCrop would squash a non-square image."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    preprocess = PreprocessConfig(image_size=32)
+    train = build_image_transform(preprocess, train=True, scale=(1.0, 1.0))
+    torch.testing.assert_close(train(image), build_image_transform(preprocess, train=False)(image))

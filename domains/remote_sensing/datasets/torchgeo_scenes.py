@@ -15,7 +15,7 @@ The RGB sets also register data formats (``format: torchgeo_ucmerced`` / ``torch
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,19 +102,29 @@ class TorchGeoScenes(torch.utils.data.Dataset):
                   "path": self.dataset.samples[index][0]}
         return self.transforms(sample) if self.transforms is not None else sample
 
-    def record_set(self, templates: Sequence[str] = OVERHEAD_TEMPLATES) -> RecordSet:
-        """The split as kit records (captions = templates on the class name) for the core loop."""
-        captions = [captions_from_templates(name, list(templates)) for name in self.class_names]
+    def record_set(self, templates: Sequence[str] = OVERHEAD_TEMPLATES,
+                   class_names: Mapping[str, str] | None = None) -> RecordSet:
+        """The split as kit records (captions = templates on the class name) for the core loop.
+
+        ``class_names`` (``{raw name: phrase}``, a recipe's ``data.class_names``) replaces the
+        normalised phrase of those classes; a key that is no class of the data set is an error."""
+        overrides = dict(class_names or {})
+        unknown = sorted(set(overrides) - set(self.raw_class_names))
+        if unknown:
+            raise ValueError(f"class_names keys {unknown} are not classes of {self.name}; valid keys: "
+                             f"{self.raw_class_names}")
+        names = [overrides.get(raw, name) for raw, name in zip(self.raw_class_names, self.class_names)]
+        captions = [captions_from_templates(name, list(templates)) for name in names]
         records = [ImageTextRecord(os.fspath(path), list(captions[label]), int(label))
                    for path, label in self.dataset.samples]
-        return RecordSet(records, list(self.class_names), list(self.raw_class_names))
+        return RecordSet(records, names, list(self.raw_class_names))
 
 
 def _register_rgb_format(name: str) -> None:
     @register_format(f"torchgeo_{name}")
     def load(cfg: DataSourceConfig) -> RecordSet:
         templates = cfg.templates if cfg.templates != DataSourceConfig().templates else OVERHEAD_TEMPLATES
-        return TorchGeoScenes(name, cfg.path, cfg.split or "train").record_set(templates)
+        return TorchGeoScenes(name, cfg.path, cfg.split or "train").record_set(templates, cfg.class_names)
 
 
 for _name, _spec in TORCHGEO_SETS.items():

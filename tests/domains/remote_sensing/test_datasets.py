@@ -112,6 +112,11 @@ def test_torchgeo_ucmerced_maps_onto_kit_samples_and_records(tmp_path: Path) -> 
     records = load_records(DataSourceConfig(format="torchgeo_ucmerced", path=str(root), split="test"))
     assert len(records) == 6 and records.class_names == dataset.class_names
     assert records[0].captions[0] == "an aerial image of a agricultural land."
+    renamed = load_records(DataSourceConfig(format="torchgeo_ucmerced", path=str(root), split="test",
+                                            class_names={"agricultural": "farm fields"}))
+    assert renamed.class_names[0] == "farm fields" and renamed[0].captions[0] == "an aerial image of a farm fields."
+    with pytest.raises(ValueError, match=r"class_names keys \['farm'\] are not classes of ucmerced"):
+        load_records(DataSourceConfig(format="torchgeo_ucmerced", path=str(root), class_names={"farm": "x"}))
     with pytest.raises(FileNotFoundError, match="UCMerced not found"):
         TorchGeoScenes("ucmerced", str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="valid: \\['eurosat', 'resisc45', 'ucmerced'\\]"):
