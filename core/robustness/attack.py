@@ -7,7 +7,8 @@ import torch
 
 
 def pgd_linf(loss_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, eps: float, steps: int,
-             step_size: float, random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+             step_size: float, random_start: bool = True, generator: torch.Generator | None = None,
+             start_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Pixels within ``eps`` (L-infinity) of ``pixels`` and inside [0, 1] that raise ``loss_fn``.
 
     Args:
@@ -19,6 +20,9 @@ def pgd_linf(loss_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tens
         random_start: start at a uniform random point of the ball.
         generator: the random start's generator (CPU); None uses the global RNG, whose state a
             training checkpoint saves, so a resumed run draws the same starts.
+        start_noise: uniform [0, 1) noise of ``pixels``' shape for the random start, drawn by the
+            caller (per image, so an image's start does not depend on its batch); overrides
+            ``generator``.
 
     ``eps == 0`` or ``steps == 0`` without a random start returns ``pixels`` unchanged.
     """
@@ -28,7 +32,9 @@ def pgd_linf(loss_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tens
     if eps == 0 or (steps == 0 and not random_start):
         return pixels.clone()
     if random_start:
-        if generator is not None:
+        if start_noise is not None:
+            noise = start_noise.to(pixels.device, pixels.dtype)
+        elif generator is not None:
             noise = torch.rand(pixels.shape, generator=generator, dtype=pixels.dtype).to(pixels.device)
         else:
             noise = torch.rand_like(pixels)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.dataset import derive_seed
 from ..eval.metrics import retrieval_metrics
 from ..encode import eval_mode, model_device
 from ..eval.zeroshot import ZEROSHOT_LOGIT_SCALE, build_zeroshot_classifier, encode_texts
@@ -40,25 +41,37 @@ class Conditions:
         self.cfg = cfg
         self.space = PixelSpace(model.preprocess)
         self.corruptions = corruption_set(cfg.corruptions)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(self.space.normalise(pixels).to(self.dtype), normalize=True).float()
 
-    def each(self, pixels: torch.Tensor, loss_of_features: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Normalised image features of every condition for one batch of clean ``pixels``."""
+    def generator(self, index: int, condition: str) -> torch.Generator:
+        """The random stream of one image under one condition: seeded by ``(seed, dataset index,
+        condition)``, so an image gets the same noise whatever batch it comes in."""
+        return torch.Generator().manual_seed(derive_seed(self.cfg.seed, index, condition))
+
+    def each(self, pixels: torch.Tensor, indices: torch.Tensor,
+             loss_of_features: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normalised image features of every condition for one batch of clean ``pixels`` (the
+        images ``indices`` of the data set)."""
         out: dict[str, torch.Tensor] = {}
+        rows = [int(i) for i in indices]
         with torch.no_grad():
             out["clean"] = self.features(pixels)
         for eps in self.cfg.eps:
+            label = eps_label(eps)
+            noise = torch.stack([torch.rand(pixels.shape[1:], generator=self.generator(i, label), dtype=pixels.dtype)
+                                 for i in rows]) if self.cfg.random_start else None
             adversarial = pgd_linf(lambda p: loss_of_features(self.features(p)), pixels, eps / 255, self.cfg.steps,
-                                   self.cfg.step_of(eps) / 255, self.cfg.random_start, self.generator)
+                                   self.cfg.step_of(eps) / 255, self.cfg.random_start, start_noise=noise)
             with torch.no_grad():
-                out[eps_label(eps)] = self.features(adversarial)
+                out[label] = self.features(adversarial)
         with torch.no_grad():
             for name in self.corruptions:
-                out[name] = self.features(corrupt(name, pixels, self.cfg.severity, self.generator))
+                corrupted = torch.cat([corrupt(name, pixels[j:j + 1], self.cfg.severity, self.generator(i, name))
+                                       for j, i in enumerate(rows)])
+                out[name] = self.features(corrupted)
         return out
 
 
@@ -84,7 +97,7 @@ def robust_zeroshot(model: nn.Module, loader: Iterable[Mapping[str, Any]], class
         correct = {name: 0 for name in condition_names(cfg)}
         seen, bad = 0, []
         with torch.enable_grad():
-            for pixels, labels, _, batch_bad in _batches(loader, conditions.space, device):
+            for pixels, labels, batch_indices, batch_bad in _batches(loader, conditions.space, device):
                 bad += batch_bad
                 if pixels is None:
                     continue
@@ -92,11 +105,12 @@ def robust_zeroshot(model: nn.Module, loader: Iterable[Mapping[str, Any]], class
                 if not keep.any():
                     continue
                 pixels, labels = pixels[keep.to(pixels.device)], labels[keep].to(device)
+                batch_indices = batch_indices[keep]
 
                 def loss(features: torch.Tensor, labels: torch.Tensor = labels) -> torch.Tensor:
                     return F.cross_entropy(ZEROSHOT_LOGIT_SCALE * features @ classifier, labels, reduction="none")
 
-                for name, features in conditions.each(pixels, loss).items():
+                for name, features in conditions.each(pixels, batch_indices, loss).items():
                     correct[name] += int(((features @ classifier).argmax(-1) == labels).sum())
                 seen += int(labels.shape[0])
     if not seen:
@@ -138,7 +152,7 @@ def robust_retrieval(model: nn.Module, loader: Iterable[Mapping[str, Any]], capt
                 def loss(features: torch.Tensor, own: torch.Tensor = own) -> torch.Tensor:
                     return caption_loss(features, text, own)
 
-                for name, features in conditions.each(pixels, loss).items():
+                for name, features in conditions.each(pixels, batch_indices, loss).items():
                     parts[name].append(features.cpu())
                 indices.append(batch_indices)
     if not indices:

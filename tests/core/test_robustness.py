@@ -281,3 +281,22 @@ def test_adversarial_method_config_errors() -> None:
         config_lib.from_dict(RunConfig, {"method": {"name": "fare", "tower_method": {"name": "coop"}}})
     with pytest.raises(ValueError, match=r"method tecoa needs labelled training data"):
         build_method(config_lib.from_dict(RunConfig, {"method": {"name": "tecoa"}}).method).apply(tiny_model(), TaskInfo())
+
+
+def test_an_images_attack_start_and_noise_do_not_depend_on_its_batch(colour_squares: Path) -> None:
+    """Seeded per (seed, dataset index, condition): the same image gets the same random start and
+    the same noise whether it is evaluated in one batch of 8 or in batches of 2 and 6."""
+    from domainclip.core.robustness.evaluate import Conditions
+
+    model = tiny_model()
+    pixels, labels, head = clean_batch(model, colour_squares)
+    pixels, labels, indices = pixels[:8], labels[:8], torch.arange(8)
+    conditions = Conditions(model, RobustnessConfig(eps=[4], steps=1))  # the default set has gaussian_noise
+
+    def loss_for(rows: slice):
+        return lambda features: F.cross_entropy(100 * features @ head, labels[rows], reduction="none")
+
+    whole = conditions.each(pixels, indices, loss_for(slice(0, 8)))
+    parts = [conditions.each(pixels[rows], indices[rows], loss_for(rows)) for rows in (slice(0, 2), slice(2, 8))]
+    for name in ("pgd_eps4", "gaussian_noise"):
+        torch.testing.assert_close(torch.cat([part[name] for part in parts]), whole[name], atol=1e-5, rtol=1e-5)
