@@ -192,7 +192,7 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
     recipe["eval"] = eval_tasks_for(spec, recipe)
     base_cfg = config_lib.from_dict(RunConfig, recipe)
     baseline = run_eval_tasks(base_cfg, create_backbone(base_cfg.model))
-    rows = _finished_rows(out / "runs.json", spec)
+    rows = _finished_rows(out / "runs.json", spec, recipe)
     done = {(r["method"], r["shots"], r["seed"]) for r in rows}
     planned = run_configs(spec, recipe, out)
     for label, k, seed, data in progress(planned, total=len(planned), desc=f"compare {spec.name}", unit="run"):
@@ -210,7 +210,8 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
         rows.append({"method": label, "shots": k, "seed": seed, "scores": scores,
                      "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
                      "retention_change": retention[0] if retention else None})
-        atomic_write_text(out / "runs.json", json.dumps({"spec": config_lib.to_dict(spec), "runs": rows}, indent=2))
+        atomic_write_text(out / "runs.json", json.dumps({"spec": config_lib.to_dict(spec), "recipe": recipe,
+                                                         "runs": rows}, indent=2, default=str))
     zero = _scores(baseline, spec)
     if spec.protocol == "base_to_novel":
         b, n = zero[recipe["eval"][0]["name"]], zero[recipe["eval"][1]["name"]]
@@ -223,14 +224,17 @@ def compare(spec: CompareConfig, spec_dir: Path = Path(".")) -> Path:
     return out
 
 
-def _finished_rows(path: Path, spec: CompareConfig) -> list[dict[str, Any]]:
-    """Rows of an earlier invocation that still hold: same spec apart from ``methods``, and the
-    row's method configured exactly as now (adding a method to a spec runs only the new one)."""
+def _finished_rows(path: Path, spec: CompareConfig, recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of an earlier invocation that still hold: same spec apart from ``methods``, the same
+    base recipe (an edited recipe file trains other runs), and the row's method configured exactly
+    as now (adding a method to a spec runs only the new one)."""
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
     current = json.loads(json.dumps(config_lib.to_dict(spec)))
     if not isinstance(saved, dict) or not isinstance(saved.get("spec"), dict):
+        return []
+    if "recipe" in saved and saved["recipe"] != json.loads(json.dumps(recipe, default=str)):
         return []
     defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
                 for f in fields(CompareConfig)}

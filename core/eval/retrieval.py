@@ -216,6 +216,12 @@ def retrieval_features(
     :func:`evaluate_retrieval`'s; ``with_tokens`` also keeps the final-layer tokens of both)."""
     encoder = FrozenEncoder.of(unwrap_model(model, accelerator), precision)
     text_to_image = _check_text_to_image(text_to_image, len(captions))
+    dataset = getattr(image_loader, "dataset", None)
+    size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    if size is not None and (text_to_image >= size).any():  # a typo, not a caption whose image was skipped
+        position = int((text_to_image >= size).nonzero()[0])
+        raise ValueError(f"text_to_image[{position}] = {int(text_to_image[position])} is past the data set's "
+                         f"{size} images (indices 0 to {size - 1})")
     encoded = encode_loader_images(encoder, image_loader, accelerator, need_labels=False, with_tokens=with_tokens)
     image_indices = encoded.indices
     if image_indices is None:

@@ -70,6 +70,11 @@ class Encoder:
                  precision: str = "auto"):
         self.classifier = ZeroShotClassifier.from_loaded(loaded, device=device, batch_size=batch_size,
                                                          precision=precision)
+        reader = self.classifier.preprocess.reader
+        if reader:  # the index, search and service decode RGB images (also inside tar shards)
+            raise ValueError(f"model {loaded.source!r} reads its images with the {reader.get('name')!r} reader "
+                             f"(model.input, e.g. multispectral bands); index, search and serve take RGB models "
+                             f"only: evaluate it with domainclip eval or ZeroShotClassifier")
         self.transform = build_image_transform(self.classifier.preprocess, train=False)
         self._head_lock = threading.Lock()
         self._fingerprint: dict[str, Any] | None = None

@@ -109,6 +109,13 @@ def test_an_interrupted_comparison_continues_where_it_stopped(colour_squares: Pa
     spec_path.write_text(spec_path.read_text().replace("seeds:\n- 0", "seeds:\n- 1"))
     compare(load_spec(spec_path), spec_path.parent)
     assert trained == ["full_k2_s1", "lit_k2_s1", "lit2_k2_s1"]
+    # and so does an edit of the base recipe file, which the spec only names
+    trained.clear()
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    recipe["train"]["lr"] = 5e-4
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    compare(load_spec(spec_path), spec_path.parent)
+    assert trained == ["full_k2_s1", "lit_k2_s1", "lit2_k2_s1"]
 
 
 def test_balanced_accuracy_can_be_the_tabulated_metric(colour_squares: Path, tmp_path: Path) -> None:

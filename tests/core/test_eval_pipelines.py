@@ -496,3 +496,19 @@ def test_zeroshot_on_40_chest_xrays_matches_sklearn() -> None:
     assert metrics["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, predictions))
     assert metrics["confusion_matrix"] == confusion_matrix(labels, predictions).tolist()
     assert metrics["acc5"] == 1.0  # top-min(5, 2) of two classes
+
+
+def test_retrieval_refuses_a_caption_index_past_the_data_set(colour_squares: Path) -> None:
+    """A caption naming image 24 of a 24-image data set is a typo, not a caption whose image was skipped."""
+    from torch.utils.data import DataLoader
+
+    from domainclip.core.data import Collator, DataSourceConfig, ImageTextDataset, build_image_transform, load_records
+
+    from ..tiny_models import tiny_open_clip
+
+    model = tiny_open_clip(eval_mode=True)
+    records = load_records(DataSourceConfig(format="csv", path=str(colour_squares), caption_separator="|"))
+    loader = DataLoader(ImageTextDataset(records, build_image_transform(model.preprocess, train=False), train=False),
+                        batch_size=8, collate_fn=Collator(None))
+    with pytest.raises(ValueError, match=r"text_to_image\[2\] = 24 is past the data set's 24 images \(indices 0 to 23\)"):
+        evaluate_retrieval(model, loader, ["a red square", "a green square", "a blue square"], [0, 5, 24])

@@ -120,6 +120,11 @@ def test_train_reload_and_export_give_the_same_embeddings(scenes: Path, tmp_path
         assert torch.allclose(exported.encode_image(images), want, atol=1e-5)
     with pytest.raises(ValueError, match="4 channel"):
         export_run(result.run_dir, "open_clip", tmp_path / "open_clip")
+    # the index and the service decode RGB images: refused up front, naming the reader
+    from domainclip.core.index import Encoder
+
+    with pytest.raises(ValueError, match=r"reads its images with the 'geotiff' reader .* RGB models only"):
+        Encoder.load(str(result.run_dir), device="cpu")
 
 
 def test_eval_transform_reads_bands_and_normalises(scenes: Path) -> None:
