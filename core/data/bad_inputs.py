@@ -83,6 +83,14 @@ class BadInputReport:
         for path, reason in bad:
             self.add_bad(path, reason)
 
+    @classmethod
+    def merged(cls, reports: Iterable[Mapping[str, Any]], total: int | None = None) -> BadInputReport:
+        """One report of several ``to_dict()`` reports (one per process)."""
+        out = cls(total=total)
+        for report in reports:
+            out.merge(cls.from_dict(report))
+        return out
+
     def merge(self, other: BadInputReport) -> None:
         """Fold in another report (e.g. gathered from another process)."""
         self.seen += other.seen

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -51,6 +52,12 @@ def resolve_resume(resume: str, checkpoints: Path) -> Path | None:
     return folder
 
 
+def gather_bad_reports(bad: BadInputReport, accelerator: Accelerator) -> list[dict[str, Any]]:
+    """Every process's bad-input report (``to_dict()``), in process order. A collective: every
+    process must call it."""
+    return gather_object([bad.to_dict()]) if accelerator.num_processes > 1 else [bad.to_dict()]
+
+
 def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accelerator, model: nn.Module,
                              method: AdaptationMethod, optimizer, scheduler, bad: BadInputReport, keep: int) -> Path:
     """Write checkpoint ``state.global_step`` atomically; every process saves its RNG state."""
@@ -61,7 +68,7 @@ def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accel
     rng_tensors, rng_meta = ckpt.capture_rng()
     rank = accelerator.process_index
     # every process's own report: each resumes its own, and the end of the run merges them once
-    reports = gather_object([bad.to_dict()]) if accelerator.num_processes > 1 else [bad.to_dict()]
+    reports = gather_bad_reports(bad, accelerator)
     ckpt.save_tensors(rng_tensors, tmp / f"rng_{rank}.safetensors")
     ckpt.write_json(tmp / f"rng_{rank}.json", rng_meta)
     if accelerator.is_main_process:
@@ -75,9 +82,7 @@ def save_training_checkpoint(root: Path, state: TrainerState, accelerator: Accel
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
             ckpt.write_json(tmp / "scaler.json", scaler.state_dict())
-        merged = BadInputReport(total=bad.total)
-        for report in reports:
-            merged.merge(BadInputReport.from_dict(report))
+        merged = BadInputReport.merged(reports, bad.total)
         ckpt.write_json(tmp / "trainer_state.json", {**asdict(state), "bad_inputs": merged.to_dict(),
                                                      "bad_inputs_by_process": reports,
                                                      "num_processes": accelerator.num_processes})

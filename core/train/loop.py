@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, send_to_device, set_seed
+from accelerate.utils import send_to_device, set_seed
 from torch.utils.data import DataLoader
 
 from .. import config as config_lib
@@ -42,7 +42,8 @@ from ..data.records import ImageTextRecord, RecordSet
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
 from ..token_merging import apply_token_merging, refuse_unmergeable
-from .checkpointing import TrainerState, load_training_checkpoint, resolve_resume, save_training_checkpoint
+from .checkpointing import (TrainerState, gather_bad_reports, load_training_checkpoint, resolve_resume,
+                            save_training_checkpoint)
 from .evaluation import add_retention, run_eval_tasks
 from .master_weights import MasterWeights
 from .frozen import TextFeatureCache, frozen_towers, set_frozen_towers_eval, uses_text_cache
@@ -436,10 +437,7 @@ def _check_bad_inputs_of_all_processes(bad: BadInputReport, accelerator: Acceler
     would let N times the limit through. Every process gets the same answer, so all stop together."""
     if accelerator.num_processes == 1:
         return
-    merged = BadInputReport(total=total)
-    for report in gather_object([bad.to_dict()]):
-        merged.merge(BadInputReport.from_dict(report))
-    merged.check(max_fraction, total=total)
+    BadInputReport.merged(gather_bad_reports(bad, accelerator), total).check(max_fraction, total=total)
 
 
 class DataWaits:

@@ -27,7 +27,7 @@ from typing import Any
 import tqdm
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 
 from .. import config as config_lib
 from ..checkpoint import atomic_write_text, replace_folder, restore_folder, save_tensors
@@ -37,7 +37,7 @@ from ..eval import write_metrics
 from ..folder_lock import FolderLock, describe_holder
 from ..methods import AdaptationMethod, TaskInfo
 from ..run_config import RunConfig
-from .checkpointing import fault_point
+from .checkpointing import fault_point, gather_bad_reports
 
 # The only recipe keys that may differ between a run and its resume: they change what is evaluated,
 # logged or shown, never the weights. Any other difference would make "continue exactly" a lie.
@@ -212,12 +212,10 @@ class RunFolder:
 
     def write_bad_inputs(self, bad: BadInputReport, skipped_records: list[tuple[str, str]] = ()) -> None:
         """``bad_inputs.json``: unreadable items of all processes, plus manifest rows not loaded."""
-        reports = gather_object([bad.to_dict()]) if self.accelerator.num_processes > 1 else [bad.to_dict()]
+        reports = gather_bad_reports(bad, self.accelerator)
         if not self.is_main:
             return
-        merged = BadInputReport(total=bad.total)
-        for report in reports:
-            merged.merge(BadInputReport.from_dict(report))
+        merged = BadInputReport.merged(reports, bad.total)
         merged.write_json(self.path / "bad_inputs.json")
         if skipped_records:
             data = json.loads((self.path / "bad_inputs.json").read_text())
