@@ -40,6 +40,7 @@ from .checkpoint import atomic_write_text
 from .backbones.factory import INPUT_ADAPTERS
 from .data.sources import FORMAT_LOADERS
 from .data.transforms import IMAGE_READERS, TRAIN_TRANSFORMS
+from .eval.headline import numeric_metrics
 from .plugins import load_domain_plugins, require_registered
 from .run_config import RunConfig
 
@@ -464,9 +465,8 @@ def _input(preprocess: dict[str, Any], card: CardConfig) -> dict[str, Any]:
 def _evaluation(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for m in metrics:
-        numbers = {k: v for k, v in m["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append({"dataset": m["dataset"], "task": m["task"], "language": m.get("language", ""),
-                     "metrics": numbers,
+                     "metrics": numeric_metrics(m["metrics"]),
                      **({"retention": {k: v for k, v in m["retention"].items() if k != "before_metrics"}}
                         if "retention" in m else {})})
     return rows

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -236,8 +236,7 @@ def _finished_rows(path: Path, spec: CompareConfig, recipe: dict[str, Any]) -> l
         return []
     if "recipe" in saved and saved["recipe"] != json.loads(json.dumps(recipe, default=str)):
         return []
-    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
-                for f in fields(CompareConfig)}
+    defaults = {f.name: config_lib.field_default(f) for f in fields(CompareConfig)}
     before = {**json.loads(json.dumps(defaults)), **saved["spec"]}  # fields added since then: defaults
     old_methods, new_methods = before.pop("methods", {}), current.pop("methods")
     if before != current:

@@ -205,6 +205,13 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def field_default(field: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (its factory called), ``MISSING`` when it has none."""
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
     if "=" not in text:

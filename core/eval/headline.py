@@ -37,3 +37,8 @@ def headline(record: Mapping[str, Any], classification_metric: str = "acc1") -> 
     if value is None:
         raise ValueError(f"eval record of {record.get('dataset')!r} ({record.get('task')}) has no {name!r} value")
     return name, float(value)
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a record's ``metrics`` (not lists, matrices, flags or notes)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -17,7 +17,7 @@ from ..data.sources import load_records
 from ..data.transforms import build_image_transform
 from ..encode import model_device, resolve_precision
 from ..eval import benchmark_json, captions_from_records, evaluate_retrieval, evaluate_zeroshot
-from ..eval.headline import headline
+from ..eval.headline import headline, numeric_metrics
 from ..progress import progress
 from ..methods import AdaptationMethod
 from ..robustness import robust_retrieval, robust_zeroshot
@@ -141,9 +141,8 @@ def add_retention(results: list[dict[str, Any]], before: list[dict[str, Any]],
     for position, earlier in zip(positions, before):
         record = results[position]
         (metric, old), (_, new) = headline(earlier), headline(record)
-        numbers = {k: v for k, v in earlier["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         record["retention"] = {"metric": metric, "before": old, "after": new, "change": new - old,
-                               "before_metrics": numbers}  # the change in any other metric (compare's)
+                               "before_metrics": numeric_metrics(earlier["metrics"])}  # the change in any other metric (compare's)
 
 
 def run_eval_tasks(cfg: RunConfig, model: Backbone, accelerator: Accelerator | None = None,

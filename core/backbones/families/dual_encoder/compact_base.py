@@ -16,6 +16,7 @@ from typing import Any
 import domainclip.model_cards as cards
 
 from ....checkpoint import load_safetensors_into
+from ....config import field_default
 from ...factory import ModelConfig, register_backbone
 from .backbone import DualEncoder
 from .export import CONFIG_FILE, SPEC_FIELDS, WEIGHTS_FILE
@@ -47,8 +48,7 @@ HONOURED_FIELDS = ("kind", "name", "text", "text_pooling", "text_projection", "p
 
 def _default(key: str) -> Any:
     """``ModelConfig``'s default value of field ``key``."""
-    spec = next(f for f in dataclasses.fields(ModelConfig) if f.name == key)
-    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    return field_default(next(f for f in dataclasses.fields(ModelConfig) if f.name == key))
 
 
 def refuse_fixed_settings(cfg: ModelConfig, spec: ModelConfig, folder: Path) -> None:
