@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ def export_compact_base(run_dir: str | Path, out: str | Path | None = None) -> P
     preprocess = json.loads((run_dir / "model" / "model.json").read_text())["backbone"]["preprocess"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    summary = {**summary, "device": training_device(run_dir, cfg, summary)}
+    summary = {**summary, "device": training_device(cfg, summary)}
     metadata = base_metadata(cfg, metrics, summary, kept, preprocess)  # a bad run fails before anything is written
     card = base_card(metadata)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +58,6 @@ def _base_card_metrics(metrics: list[dict[str, Any]]) -> dict[str, dict[str, flo
 # accelerate's mixed_precision (``train_summary.json``'s ``precision``) as the card states it
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision",
                    "fp8": "fp8 mixed precision"}
-PRECISION_LOG = re.compile(r"train\.precision=auto: \S+ on this (CPU|GPU)")
 
 
 def device_name(device: Any) -> str:
@@ -70,17 +68,10 @@ def device_name(device: Any) -> str:
     return "CPU" if device.lower().startswith("cpu") else "GPU"
 
 
-def training_device(run_dir: Path, cfg: RunConfig, summary: dict[str, Any]) -> str:
-    """Where the run trained, ``CPU`` or ``GPU``: ``train_summary.json``'s ``device`` when recorded,
-    else ``train.cpu``, else the run log's ``train.precision=auto`` line; ``""`` when unknown."""
-    device = device_name(summary.get("device"))
-    if device:
-        return device
-    if cfg.train.cpu:
-        return "CPU"
-    log = run_dir / "logs" / "train.log"
-    found = PRECISION_LOG.findall(log.read_text(errors="replace")) if log.is_file() else []
-    return found[-1] if found else ""
+def training_device(cfg: RunConfig, summary: dict[str, Any]) -> str:
+    """Where the run trained, ``CPU`` or ``GPU``: ``train_summary.json``'s ``device`` (recorded since
+    2026-12-06), else ``CPU`` when the recipe forced it (``train.cpu``); ``""`` when unknown."""
+    return device_name(summary.get("device")) or ("CPU" if cfg.train.cpu else "")
 
 
 def training_precision(summary: dict[str, Any]) -> str:
