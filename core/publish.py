@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import replace_folder
 from .cards import CardConfig, card_config, card_text, looks_like_path, scrub_text, write_card
 from .export import export_run, formats_for_kind
 from .export.adapter_format import WITHHELD
@@ -266,9 +267,7 @@ def stage_folder(run_dir: str | Path, out: str | Path, fmt: str, repo_id: str,
         tag = PIPELINE_TAG if pipeline_loads(tmp) else ""
         write_card(run_dir, tmp, card_cfg, usage=usage_text(fmt, repo_id), pipeline_tag=tag)
         scrub_staged(tmp, machine_paths(run_dir))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        replace_folder(tmp, out)  # ``out`` is absent or empty (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
